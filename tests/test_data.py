@@ -1,0 +1,144 @@
+"""Corpora, the document split, context packing and the activation cache."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import activations
+import data
+import experiment
+import models
+
+WORDS = ("the cell gene protein blood heart river city king war music film game north south".split())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)] * 3, trainers.WordLevelTrainer(special_tokens=["<bos>", "<eos>", "<unk>"]))
+    folder = tmp_path_factory.mktemp("tokenizer")  # saved and reloaded, as a hub tokenizer would be
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=len(tokenizer),
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+def test_split_is_disjoint_deterministic_and_complete():
+    docs = [f"doc {i}" for i in range(100)]
+    train, held_out = data.split_documents(docs, 0.1, seed=3)
+    assert len(held_out) == 10 and not set(train) & set(held_out) and set(train) | set(held_out) == set(docs)
+    assert data.split_documents(docs, 0.1, seed=3) == (train, held_out)
+    assert data.split_documents(docs, 0.1, seed=4)[1] != held_out
+
+
+def test_pack_contexts_starts_with_bos_and_follows_the_stream(tokenizer):
+    docs = ["the cell gene", "river city king war", "music film"]
+    ctx = data.pack_contexts(tokenizer, docs, context_length=4, n_tokens=9, bos_id=tokenizer.bos_token_id)
+    stream = [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert ctx.shape == (3, 4)
+    assert (ctx[:, 0] == tokenizer.bos_token_id).all()
+    assert ctx[:, 1:].flatten().tolist() == stream[:9]
+    with pytest.raises(ValueError, match="fewer than"):
+        data.pack_contexts(tokenizer, docs, context_length=4, n_tokens=100, bos_id=tokenizer.bos_token_id)
+
+
+def test_embedded_corpora_are_real_and_large_enough():
+    """The embedded corpora hold real text, >= 300k words each, with their provenance recorded."""
+    cache = models.default_cache_dir()
+    forget, retain = data.load_corpus(data.HPO, cache), data.load_corpus(data.BIGBENCH_WIKIPEDIA, cache)
+    for corpus in (forget, retain):
+        meta = corpus.provenance()
+        assert meta["n_words"] >= 300_000 and meta["version"] and meta["licence"]
+    assert any(d.startswith("Hyperoxaluria: Increased excretion of oxalate") for d in forget.documents)
+    assert all(data._english(d) for d in retain.documents[:50])
+
+
+def test_embedded_questions_have_the_known_counts():
+    forget, retain, meta = data.load_questions("embedded")
+    assert meta["forget_subjects"] == {"college_biology": 144, "high_school_biology": 310, "virology": 166,
+                                       "medical_genetics": 100, "anatomy": 135}
+    assert meta["retain_subjects"] == {"high_school_us_history": 204, "college_computer_science": 100,
+                                       "high_school_geography": 198, "human_aging": 223}
+    q = forget["anatomy"][0]
+    assert len(q.choices) == 4 and 0 <= q.answer < 4
+
+
+def test_local_corpus_files(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "c"}) + "\n")
+    (tmp_path / "c.txt").write_text("one doc\n\nanother doc\n")
+    assert data.load_corpus(str(tmp_path / "c.jsonl"), tmp_path).documents == ["a b", "c"]
+    assert data.load_corpus(str(tmp_path / "c.txt"), tmp_path).documents == ["one doc", "another doc"]
+    with pytest.raises(FileNotFoundError):
+        data.load_corpus(str(tmp_path / "missing.jsonl"), tmp_path)
+
+
+def corpus(name, words, n_docs=60):
+    rng = np.random.default_rng(len(name))
+    docs = [" ".join(rng.choice(words, 12)) for _ in range(n_docs)]
+    return data.Corpus(name, "test", "1", "none", docs)
+
+
+def test_activation_cache_is_read_back_and_rebuilt_on_a_new_key(tmp_path, tiny_model, monkeypatch):
+    forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
+    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=140, val_tokens=28,
+                            harvest_batch_size=4)
+    info = {"name": "tiny", "source": "local"}
+    calls = []
+    real = tiny_model.run_with_cache
+    monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    n_forward = len(calls)
+    assert n_forward > 0
+    acts, labels = activations.load_split(entry, "train")
+    assert acts.shape == (140, 16) and labels.sum() == 70  # BOS dropped; half forget, half retain
+    entry2, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    assert entry2 == entry and len(calls) == n_forward  # read back: no model forward
+    changed = experiment.dataclasses.replace(cfg, context_length=15)
+    entry3, _ = experiment.prepare_activations(changed, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    assert entry3 != entry and len(calls) > n_forward
+
+
+def test_harvested_activations_equal_the_model_and_labels_follow_contexts(tmp_path, tiny_model):
+    tokens = torch.randint(3, len(tiny_model.tokenizer), (5, 8))
+    tokens[:, 0] = tiny_model.tokenizer.bos_token_id
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    activations.harvest_split(tiny_model, "blocks.0.hook_resid_post", 0, tokens, labels, 2, tmp_path / "x_acts.npy", "t")
+    _, cache = tiny_model.run_with_cache(tokens)
+    expected = cache["blocks.0.hook_resid_post"][:, 1:].reshape(-1, 16)
+    np.testing.assert_allclose(np.load(tmp_path / "x_acts.npy"), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.load(tmp_path / "x_labels.npy").tolist() == labels.repeat_interleave(7).tolist()
+
+
+def test_corrupted_cache_file_is_refused(tmp_path, tiny_model):
+    tokens = torch.randint(3, len(tiny_model.tokenizer), (4, 8))
+    entry = tmp_path / "entry"
+    activations.build_cache(entry, {"k": 1}, tiny_model, "blocks.0.hook_resid_post", 0,
+                            {"train": (tokens, torch.tensor([1, 0, 1, 0]))}, 2)
+    activations.load_split(entry, "train")
+    with open(entry / "train_acts.npy", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(RuntimeError, match="checksum"):
+        activations.load_split(entry, "train")
+
+
+def test_shuffled_batches_cover_every_row_once_per_epoch():
+    acts = np.arange(40, dtype=np.float32).reshape(20, 2)
+    labels = (np.arange(20) % 2).astype(np.uint8)
+    stream = activations.shuffled_batches(acts, labels, 5, seed=0)
+    rows = [next(stream) for _ in range(4)]
+    firsts = torch.cat([x[:, 0] for x, _ in rows]).tolist()
+    assert sorted(firsts) == list(range(0, 40, 2))  # one epoch = every row exactly once
+    for x, lab in rows:
+        assert ((x[:, 0] / 2) % 2 == lab).all()  # labels travel with their rows
