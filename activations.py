@@ -86,16 +86,30 @@ def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray
     return arrays[0], np.asarray(arrays[1])
 
 
-def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-    """Endless stream of (x [B, d] float32, labels [B] uint8): a fresh random permutation every epoch.
+def typical_rows(acts: np.ndarray, max_norm_multiple: float, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of rows with ‖x‖ <= max_norm_multiple · median ‖x‖, all row norms [n]); 0 keeps every row.
+
+    Some models put norms ~100x the median on a few tokens (attention sinks, e.g. SmolLM2 on the token after
+    BOS); left in, they dominate the squared-error loss and the input scale. dictionary_learning filters the same way.
+    """
+    norms = np.concatenate([np.linalg.norm(acts[i:i + chunk], axis=1) for i in range(0, len(acts), chunk)])
+    if max_norm_multiple <= 0:
+        return np.arange(len(acts)), norms
+    return np.flatnonzero(norms <= max_norm_multiple * np.median(norms)), norms
+
+
+def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None):
+    """Endless stream of (x [B, d] float32, labels [B] uint8) over `rows` (default all): a fresh random
+    permutation every epoch.
 
     Rows are gathered in sorted order from the memory map (sequential-ish reads); the batch is the same set of
     rows a fully shuffled in-memory array would give.
     """
     rng = np.random.default_rng(seed)
-    n = len(acts)
+    rows = np.arange(len(acts)) if rows is None else rows
+    n = len(rows)
     while True:
-        order = rng.permutation(n)
+        order = rows[rng.permutation(n)]
         for start in range(0, n - batch_size + 1, batch_size):
             idx = np.sort(order[start:start + batch_size])
             yield torch.from_numpy(np.ascontiguousarray(acts[idx])), torch.from_numpy(labels[idx])

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import activations
+import core_eval
 import data
 import models
 
@@ -60,13 +61,14 @@ class Config:
     # SAE and trainer
     dict_size: int = _opt(0, "number of SAE latents F; 0: 8 x d_model on CPU, 32 x d_model on CUDA")
     k: int = _opt(32, "active latents per token (TopK)")
-    batch_size: int = _opt(1024, "activations per training step")
-    epochs: float = _opt(2.0, "passes over the harvested training activations")
+    batch_size: int = _opt(2048, "activations per training step")
+    epochs: float = _opt(4.0, "passes over the harvested training activations")
     lr: float = _opt(0.0, "Adam learning rate; 0: 2e-4 / sqrt(F / 16384) (dictionary_learning's TopK rule)")
     warmup_steps: int = _opt(50, "linear learning-rate warmup")
     decay_start: float = _opt(0.8, "fraction of training after which the learning rate decays linearly to 0")
     auxk_alpha: float = _opt(1 / 32, "weight of the AuxK loss on dead latents (OpenAI TopK paper)")
     dead_window_tokens: int = _opt(0, "a latent that has not fired for this many tokens is dead (AuxK); 0: 1/20 of the training tokens")
+    max_norm_multiple: float = _opt(10.0, "drop activations whose norm exceeds this multiple of the median norm (attention-sink outliers); 0: keep all")
     # evaluation
     core_eval_batches: int = _opt(4, "SAE-Bench core: reconstruction batches (each: model with/without SAE, with ablation)")
     core_eval_sparsity_batches: int = _opt(8, "SAE-Bench core: sparsity/variance batches")
@@ -385,15 +387,17 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
     """Train the SAE on the cached activations; returns (sae, input scale, final training info)."""
     acts, labels = activations.load_split(entry, "train")
     val_acts, _ = activations.load_split(entry, "val")
-    # scale so that E‖x‖² = 1 (dictionary_learning's normalisation); estimated on a fixed sample
-    sample = np.asarray(acts[np.sort(np.random.default_rng(0).choice(len(acts), min(len(acts), 32768), replace=False))])
-    scale = float(np.sqrt((sample.astype(np.float64) ** 2).sum(axis=1).mean()))
+    keep, norms = activations.typical_rows(acts, cfg.max_norm_multiple)
+    val_keep, _ = activations.typical_rows(val_acts, cfg.max_norm_multiple)
+    val_acts = val_acts[val_keep]
+    # scale so that E‖x‖² = 1 over the kept tokens (dictionary_learning's normalisation)
+    scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
     sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k).to(cfg.device)
-    batches = activations.shuffled_batches(acts, labels, cfg.batch_size, cfg.seed)
+    batches = activations.shuffled_batches(acts, labels, cfg.batch_size, cfg.seed, rows=keep)
     first, _ = next(batches)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(first.to(cfg.device) / scale))
-    steps = max(1, int(cfg.epochs * len(acts) / cfg.batch_size))
+    steps = max(1, int(cfg.epochs * len(keep) / cfg.batch_size))
     trainer = TrainerTopK(sae, steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha, cfg.dead_window_tokens)
     run = open_wandb(cfg)
     start = time.time()
@@ -416,7 +420,8 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
             "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
             "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr, "sparsity_penalty": cfg.auxk_alpha,
             "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss (TopK enforces sparsity by k)",
-            "input_scale": scale, "train_wall_time_s": time.time() - start, **validation_loss(sae, val_acts, scale, cfg.device)}
+            "input_scale": scale, "train_tokens_harvested": len(acts), "tokens_dropped_as_outliers": int(len(acts) - len(keep)),
+            "median_activation_norm": float(np.median(norms)), "train_wall_time_s": time.time() - start, **validation_loss(sae, val_acts, scale, cfg.device)}
     return sae, scale, info
 
 
@@ -445,19 +450,24 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
 
 
 def run(cfg: Config) -> dict:
-    import core_eval
     started = time.time()
     validate(cfg)
     device = pick_device(cfg.device)
-    cfg = resolve(cfg, device, models.describe_model(models.resolve_name(cfg.model), Path(cfg.cache_dir)))
+    model_name, why = models.resolve_auto() if cfg.model == "auto" else (cfg.model, "requested by name")
+    try:
+        description = models.describe_model(model_name, Path(cfg.cache_dir))
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    cfg = resolve(cfg, device, description)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "final_info.json").unlink(missing_ok=True)
     set_seed(cfg.seed)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
-    model, model_info = models.load_model(cfg.model, device, Path(cfg.cache_dir))
-    print(f"model: {model_info['name']} ({model_info['source']}){': ' + model_info['reason'] if model_info.get('reason') else ''}")
+    model, model_info = models.load_model(model_name, device, Path(cfg.cache_dir))
+    model_info |= {"requested": cfg.model, "reason": why}
+    print(f"model: {model_info['name']} ({model_info['source']}; {why})")
     hook_name = f"blocks.{cfg.layer}.hook_resid_post"
     forget = data.load_corpus(cfg.forget_corpus, Path(cfg.cache_dir))
     retain = data.load_corpus(cfg.retain_corpus, Path(cfg.cache_dir))
@@ -489,7 +499,7 @@ def run(cfg: Config) -> dict:
                        "wall_time_s": time.time() - started},
     }
     write_json_atomic(out / "final_info.json", final_info)
-    append_notes(cfg, final_info, Path(__file__).with_name("notes.txt"))
+    append_notes(cfg, final_info, out.resolve().parent / "notes.txt")  # beside the run folders
     print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
     return final_info
 

