@@ -7,7 +7,9 @@ import pytest
 
 TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256", "--epochs=1",
         "--dict_size=1152", "--k=16", "--core_eval_batches=1", "--core_eval_sparsity_batches=1",
-        "--core_eval_batch_prompts=2", "--harvest_batch_size=8"]
+        "--core_eval_batch_prompts=2", "--harvest_batch_size=8", "--variant=adaptive_ortho", "--group_every=4",
+        "--unlearning_retain_thresholds=0.01", "--unlearning_n_features=10", "--unlearning_multipliers=100",
+        "--unlearning_questions_per_subject=2"]
 
 
 def run(*args):
@@ -39,6 +41,13 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     provenance = info["provenance"]
     assert provenance["model"]["name"] == "smollm2-135m-instruct" and provenance["model"]["gguf_sha256"]
     assert provenance["forget_corpus"]["name"] == "hpo" and provenance["retain_corpus"]["n_words"] > 300_000
+    separation = info["knowledge separation results"]
+    assert separation["variant"] == "adaptive_ortho" and len(separation["regroup_history"]) >= 1
+    unlearn = info["unlearning evaluation results"]
+    scores = unlearn["eval_result_metrics"]["unlearning"]
+    assert scores["n_forget_questions"] <= 10  # 2 sampled per forget subject: too few for an MCQ score
+    assert scores["unlearning_score"] is None and "not meaningful" in scores["mcq_note"]
+    assert scores["text_score"] >= 0 and scores["max_forget_delta_ce"] is not None
     steps = [json.loads(line) for line in (root / "run_1" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps) == final["training_steps"] and "dead_latents" in steps[0]
 

@@ -1,0 +1,226 @@
+"""Knowledge separation (issue 3): orthogonality losses vs dense references, the λ2 schedule, feature grouping,
+condition numbers and principal angles, early stopping, group biases, and training on planted data."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+import activations
+import experiment
+from experiment import (AdaptiveOrthogonalityLoss, AutoEncoderTopK, FeatureGrouper, FixedOrthogonalityLoss, GramPenalty,
+                        KappaEarlyStopping, TrainerTopK, condition_number, cross_group_penalty, principal_angles)
+
+
+def unit_rows(n, d, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
+
+
+def naive_cross_group(W_F, W_R, sign, alpha, target):
+    """Textbook form: dense P (n_F x n_R) with the partner signs on the diagonal, loops over pairs."""
+    n_F, n_R = len(W_F), len(W_R)
+    if n_F == 0 or n_R == 0:
+        return torch.zeros((), dtype=W_F.dtype)
+    total = 0
+    for i in range(n_F):
+        for j in range(n_R):
+            c = W_F[i] @ W_R[j]
+            if target == "hinge":
+                e = torch.relu(c.abs() - alpha)
+            else:
+                e = c - (alpha * sign[i] if i == j and i < len(sign) else 0.0)
+            total = total + e ** 2
+    return total / (n_F * n_R)
+
+
+@pytest.mark.parametrize("target", ["partner", "hinge"])
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("n_F, n_R", [(5, 9), (9, 5), (0, 4), (4, 0), (1, 1)])
+def test_cross_group_loss_and_gradient_match_naive(target, alpha, n_F, n_R):
+    d = 6
+    W = unit_rows(n_F + n_R, d, seed=n_F * 10 + n_R).requires_grad_()
+    W_F, W_R = W[:n_F], W[n_F:]
+    m = min(n_F, n_R)
+    sign = torch.where(torch.arange(m) % 2 == 0, 1.0, -1.0).double()
+    value = cross_group_penalty(W_F, W_R, sign, alpha, target)
+    if n_F == 0 or n_R == 0:  # empty group: exactly zero, and adding it keeps a backward graph well defined
+        assert value.item() == 0.0
+        return
+    grad, = torch.autograd.grad(value, W)
+    ref = naive_cross_group(W[:n_F], W[n_F:], sign, alpha, target)
+    ref_grad, = torch.autograd.grad(ref, W)
+    torch.testing.assert_close(value, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_partner_target_is_minimised_at_alpha():
+    """Two partners at cos = α·sign and orthogonal to everything else cost nothing."""
+    alpha = 0.2
+    f = torch.tensor([[1.0, 0, 0]], dtype=torch.float64)
+    r = torch.tensor([[-alpha, (1 - alpha ** 2) ** 0.5, 0]], dtype=torch.float64)
+    assert cross_group_penalty(f, r, torch.tensor([-1.0]), alpha, "partner").item() == pytest.approx(0, abs=1e-15)
+    assert cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "partner").item() == pytest.approx(4 * alpha ** 2)
+    assert cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "hinge").item() == pytest.approx(0, abs=1e-15)
+
+
+def test_chunked_gram_penalty_equals_dense():
+    W = unit_rows(50, 8).requires_grad_()
+    dense = (W @ W.T - torch.eye(50, dtype=W.dtype)).pow(2).sum()
+    dense_grad, = torch.autograd.grad(dense, W)
+    for chunk in (7, 16, 50, 64):
+        value = GramPenalty.apply(W, chunk)
+        grad, = torch.autograd.grad(value, W)
+        torch.testing.assert_close(value, dense)
+        torch.testing.assert_close(grad, dense_grad)
+    lam, loss = FixedOrthogonalityLoss(3.0, chunk=16)(W, None, t=0)
+    assert lam == 3.0 and loss.item() == pytest.approx(dense.item() / (50 * 49))
+
+
+def test_lambda2_schedule():
+    loss = AdaptiveOrthogonalityLoss(lambda2_max=8.0, t0=100, alpha=0.1, target="partner")
+    assert [loss.lambda2(t) for t in (0, 50, 100, 200)] == [0.0, 4.0, 8.0, 8.0]
+    assert FixedOrthogonalityLoss(8.0).lambda2(0) == 8.0
+
+
+def test_condition_numbers_and_principal_angles_match_numpy_scipy():
+    torch.manual_seed(0)
+    U = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    W = torch.diag(torch.tensor([10.0, 4.0, 2.0], dtype=torch.float64)) @ U[:3]  # [3, 6], σ = 10, 4, 2
+    assert condition_number(W) == pytest.approx(5.0)
+    tall = torch.randn(20, 6, dtype=torch.float64)  # more rows than d: κ over its d singular values
+    assert condition_number(tall) == pytest.approx(np.linalg.cond(tall.numpy()))
+    assert np.isnan(condition_number(torch.zeros(0, 6)))
+    for seed, (n_a, n_b) in enumerate([(2, 3), (3, 3), (1, 4), (4, 4)]):
+        rng = np.random.default_rng(seed)
+        A, B = rng.normal(size=(n_a, 6)), rng.normal(size=(n_b, 6))
+        np.testing.assert_allclose(principal_angles(torch.from_numpy(A), torch.from_numpy(B)).numpy(),
+                                   scipy.linalg.subspace_angles(A.T, B.T), atol=1e-7)
+    e = torch.eye(4, dtype=torch.float64)  # known angles: span(e0, e1) vs span(e1, cos·e0 + sin·e2)
+    B = torch.stack([e[1], np.cos(0.3) * e[0] + np.sin(0.3) * e[2]])
+    np.testing.assert_allclose(principal_angles(e[:2], B).numpy(), [0.3, 0.0], atol=1e-7)
+
+
+def test_early_stopping_fires_on_ill_conditioned_group_only():
+    healthy = unit_rows(10, 16)  # fewer rows than d, so two parallel rows make the group rank deficient
+    sick = healthy.clone()
+    sick[1] = F.normalize(sick[0] + 1e-6 * sick[1], dim=0)  # two nearly parallel rows: κ ~ 1e6
+    grouper = FeatureGrouper(20, every=1, threshold=0.5, min_freq=0)
+    W = torch.cat([healthy, sick])
+    stopper = KappaEarlyStopping(kappa_max=1e3, patience=2)
+    grouper.forget_idx, grouper.retain_idx = torch.arange(10), torch.arange(10, 20)
+    m = experiment.separation_metrics(W, grouper)
+    assert m["kappa_forget"] < 100 and m["kappa_retain"] > 1e4
+    assert not stopper.check(m, 100) and stopper.check(m, 200) and "retain" in stopper.reason
+    healthy_stopper = KappaEarlyStopping(kappa_max=1e3, patience=2)
+    grouper.retain_idx = torch.arange(2, 10)
+    m = experiment.separation_metrics(W, grouper)
+    assert not any(healthy_stopper.check(m, s) for s in range(5))
+
+
+def planted_data(n_forget=8, n_retain=8, n_shared=8, d=32, seed=0):
+    """Tokens = positive mix of 3 unit directions: forget tokens draw from forget ∪ shared directions, retain tokens
+    from retain ∪ shared. Forget and retain directions are made to overlap (cos ~0.4 with a partner) so that
+    orthogonality has something to do."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = F.normalize(torch.randn(n_forget + n_retain + n_shared, d, generator=g), dim=1)
+    dirs[n_forget:n_forget + n_retain] = F.normalize(dirs[n_forget:n_forget + n_retain] + 0.6 * dirs[:n_retain], dim=1)
+    forget_ids = torch.cat([torch.arange(n_forget), torch.arange(n_forget + n_retain, len(dirs))])
+    retain_ids = torch.arange(n_forget, len(dirs))
+
+    def sample(b, gen):
+        labels = (torch.rand(b, generator=gen) < 0.5).long()  # 1 = FORGET, 0 = RETAIN
+        pool = torch.where(labels[:, None] == activations.FORGET, forget_ids, retain_ids)
+        pick = torch.rand(b, len(forget_ids), generator=gen).argsort(dim=1)[:, :3]
+        ids, weights = pool.gather(1, pick), 0.5 + torch.rand(b, 3, generator=gen)
+        w = torch.zeros(b, len(dirs)).scatter(1, ids, weights)
+        return w @ dirs, labels, (weights, ids)
+    return dirs, sample
+
+
+def test_grouper_finds_planted_forget_and_retain_directions():
+    """Feed the grouper the true codes of planted tokens (an oracle SAE whose latents are the true directions): its
+    bincount EMAs must put forget-only directions in forget, retain-only in retain and leave shared ones out."""
+    dirs, sample = planted_data()
+    gen = torch.Generator().manual_seed(1)
+    grouper = FeatureGrouper(len(dirs), every=20, threshold=0.5, min_freq=0.01)
+    for _ in range(20):
+        _, labels, (values, indices) = sample(512, gen)
+        grouper.update(values, indices, labels)
+    grouper.regroup(dirs)
+    assert sorted(grouper.forget_idx.tolist()) == list(range(8))
+    assert sorted(grouper.retain_idx.tolist()) == list(range(8, 16))
+    assignment = grouper.assignment()
+    assert (assignment[16:] == experiment.SHARED).all()
+    # partners: each forget direction i was mixed into retain direction 8 + i, the greedy matching finds that pairing
+    pairs = dict(zip(grouper.forget_idx[:8].tolist(), grouper.retain_idx[:8].tolist()))
+    assert pairs == {i: 8 + i for i in range(8)} and (grouper.partner_sign > 0).all()
+
+
+def test_group_biases_decode_and_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    sae = AutoEncoderTopK(8, 12, 3, group_biases=True)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(8))
+        sae.group_bias.copy_(torch.randn(2, 8))
+        sae.feature_group.copy_(torch.tensor([1, 1, 1, 0, 0, 0, -1, -1, -1, 1, 0, -1]))
+    x = torch.randn(5, 8)
+    values, indices = sae.encode(x)
+    expected = torch.zeros(5, 8)
+    for b in range(5):  # by hand: Σ v_j W_dec[j] + b_dec + Σ_g (mass in g / total mass) b_g
+        total = values[b].sum()
+        mass = {0: 0.0, 1: 0.0}
+        for v, j in zip(values[b], indices[b]):
+            expected[b] += v * sae.W_dec[j]
+            g = int(sae.feature_group[j])
+            if g >= 0:
+                mass[g] += v
+        expected[b] += sae.b_dec + mass[0] / total * sae.group_bias[0] + mass[1] / total * sae.group_bias[1]
+    torch.testing.assert_close(sae.decode(values, indices), expected, rtol=1e-5, atol=1e-5)
+    scale = 3.0
+    sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
+                                       "context_size": 16, "prepend_bos": True})
+    loaded = experiment.load_sae(tmp_path / "sae")
+    raw = scale * x
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
+    import core_eval  # what SAE-Bench evaluates: the same model, dense interface
+    wrapped = core_eval.load_eval_sae(tmp_path / "sae", "cpu")
+    assert isinstance(wrapped, core_eval.GroupBiasTopKSAE)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
+    from sae_lens import SAE  # the plain TopK part still loads in SAE-Lens
+    assert SAE.load_from_disk(str(tmp_path / "sae"), device="cpu").cfg.d_sae == 12
+
+
+def test_topk_variant_has_no_group_biases_and_ortho_is_none():
+    assert experiment.make_ortho(experiment.Config(variant="topk")) is None
+    assert AutoEncoderTopK(4, 8, 2).group_bias is None
+    assert len(list(AutoEncoderTopK(4, 8, 2).parameters())) == 4
+
+
+def train_planted(variant, steps=300, seed=0):
+    dirs, sample = planted_data(d=32)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    sae = AutoEncoderTopK(32, 48, 3, group_biases=variant == "adaptive_ortho")
+    with torch.no_grad():
+        sae.b_dec.copy_(experiment.geometric_median(sample(1024, gen)[0]))
+    grouper = FeatureGrouper(48, every=25, threshold=0.5, min_freq=0.005)
+    cfg = experiment.Config(variant=variant, lambda2_max=50.0, t0=50, alpha=0.0)
+    trainer = TrainerTopK(sae, steps, lr=3e-3, warmup_steps=20, decay_start=0.8, auxk_alpha=1 / 32,
+                          dead_window_tokens=128 * 20, ortho=experiment.make_ortho(cfg), grouper=grouper)
+    evs = []
+    for _ in range(steps):
+        x, labels, _ = sample(128, gen)
+        evs.append(trainer.step(x, labels)["explained_variance"])
+    return experiment.separation_metrics(sae.W_dec, grouper), float(np.mean(evs[-50:]))
+
+
+def test_adaptive_ortho_lowers_cross_group_cosine_on_planted_data():
+    """Forget and retain directions overlap by construction; the topk SAE copies that overlap into its decoder, the
+    adaptive_ortho SAE (α = 0) pushes its forget and retain latents apart at comparable reconstruction."""
+    topk, ev_topk = train_planted("topk")
+    ortho, ev_ortho = train_planted("adaptive_ortho")
+    assert topk["n_forget"] >= 4 and topk["n_retain"] >= 4 and ortho["n_forget"] >= 4 and ortho["n_retain"] >= 4
+    assert ortho["cross_abs_cos_mean"] < 0.7 * topk["cross_abs_cos_mean"], (topk, ortho)
+    assert ev_ortho > ev_topk - 0.05, (ev_topk, ev_ortho)

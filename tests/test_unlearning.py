@@ -1,0 +1,374 @@
+"""The unlearning evaluation (unlearning.py) on tiny random / planted HookedTransformers, offline.
+
+Models here: a 3-layer random model (hook at blocks.1.hook_resid_post, so one block runs after the hook) with a
+word-level tokenizer that has a chat template; and a planted 2-layer model whose blocks write nothing, so the
+residual is the token embedding, in which forget words carry an extra direction u and the unembedding predicts
+each word's successor from its embedding.
+"""
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import unlearning
+from data import Question
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+FORGET_WORDS = [f"f{i}" for i in range(10)]
+RETAIN_WORDS = [f"r{i}" for i in range(10)]
+PROMPT_WORDS = ("A B C D Answer : ( ) . ? The following are multiple choice questions with answers about biology "
+                "history user model what is").split()
+VOCAB = SPECIALS + PROMPT_WORDS + FORGET_WORDS + RETAIN_WORDS
+TEMPLATE = ("{% for m in messages %}<bos>user {{ m['content'] }}<eos>{% endfor %}"
+            "{% if add_generation_prompt %}<bos>model {% endif %}")
+HOOK_LAYER, HOOK = 1, "blocks.1.hook_resid_post"
+
+
+def make_tokenizer(folder, chat: bool):
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    if chat:
+        fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)  # reloaded from a folder: TransformerLens re-loads the tokenizer by name_or_path
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), chat=True)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=96, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(VOCAB),
+                                  act_fn="gelu", normalization_type="LN", device="cpu", seed=0)
+    m = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    with torch.no_grad():  # a less flat output distribution than the default init gives
+        m.W_U.mul_(8.0)
+    return m
+
+
+class DenseSAE(torch.nn.Module):
+    """encode(x) = relu(x W_enc + b_enc), decode(f) = f W_dec + b_dec."""
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec):
+        super().__init__()
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = W_enc, b_enc, W_dec, b_dec
+
+    def encode(self, x):
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+
+def random_sae(d=32, F=24, seed=0, bias=-0.3):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, F, generator=g) / d ** 0.5
+    return DenseSAE(W, torch.full((F,), bias), torch.randn(F, d, generator=g) / d ** 0.5, 0.1 * torch.randn(d, generator=g))
+
+
+def texts(words, n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(words, k=rng.randint(8, 20))) for _ in range(n)]
+
+
+def contexts(tokenizer, words, n=6, length=24, seed=0):
+    t, _ = unlearning.pack_eval_contexts(tokenizer, texts(words, 40, seed), length, n, tokenizer.bos_token_id,
+                                         tokenizer.eos_token_id)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------- selection
+
+def brute_force_selection(forget, retain, th, n, candidates=None):
+    pool = [i for i in range(len(forget)) if retain[i] < th and forget[i] > 0 and (candidates is None or i in candidates)]
+    out = []
+    while pool and len(out) < n:
+        best = max(pool, key=lambda i: (forget[i], -i))  # highest rate, lowest index on ties
+        out.append(best)
+        pool.remove(best)
+    return out
+
+
+def test_selection_matches_brute_force_on_made_up_rates():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        F = int(rng.integers(5, 60))
+        # rates on a coarse grid, so ties and zeros are common; retain rates around the thresholds
+        forget = rng.choice([0.0, 0.001, 0.01, 0.02, 0.05, 0.1, 0.3], size=F)
+        retain = rng.choice([0.0, 0.0005, 0.001, 0.005, 0.01, 0.05], size=F)
+        candidates = sorted(rng.choice(F, size=F // 2, replace=False).tolist()) if trial % 2 else None
+        for th in (0.001, 0.01):
+            for n in (1, 3, 10, 20):
+                assert unlearning.select_features(forget, retain, th, n, candidates) == \
+                    brute_force_selection(forget, retain, th, n, candidates), (trial, th, n)
+    # boundary: retain rate exactly at the threshold is dropped (SAE-Bench: retain_score >= retain_threshold)
+    assert unlearning.select_features([0.5, 0.4], [0.01, 0.0], 0.01, 2) == [1]
+
+
+def test_selection_agrees_with_sae_bench_when_rates_are_distinct():
+    fa = pytest.importorskip("sae_bench.evals.unlearning.utils.feature_activation")
+    rng = np.random.default_rng(1)
+    forget, retain = rng.random(200) * (rng.random(200) < 0.7), rng.random(200) * 0.02
+    for th in (0.001, 0.01):
+        ref = fa.get_top_features(forget, retain, retain_threshold=th)
+        for n in (10, 20):
+            assert unlearning.select_features(forget, retain, th, n) == [int(i) for i in ref[:n]]
+
+
+# ------------------------------------------------------------------------------------------------- clamp
+
+def test_clamp_without_selected_features_leaves_output_unchanged(model, tokenizer):
+    tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS)
+    sae = random_sae()
+    base = model(tokens)
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [], 50))]), base)
+    # a selected feature that never fires goes through resid - decode(f) + decode(f): unchanged to float tolerance
+    dead = random_sae(bias=-100.0)
+    out = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(dead, [0, 3], 50))])
+    assert torch.allclose(out, base, atol=1e-5) and not torch.equal(dead.encode(torch.zeros(32)), torch.ones(24))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sae_lens_topk"])
+def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, kind):
+    tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS)
+    if kind == "dense":
+        sae = random_sae()
+        W_dec = sae.W_dec
+    else:
+        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+        sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=24, k=4, dtype="float32", device="cpu"))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        W_dec = sae.W_dec.detach()
+    _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+    resid = cache[HOOK]
+    f = sae.encode(resid).detach()
+    j = int((f[:, 1:] > 0).float().mean((0, 1)).argmax())  # a feature that fires on some positions
+    m = 37.0
+    active = f[:, :, j] > 0
+    active[:, 0] = False  # BOS position untouched
+    assert active.any() and (~active[:, 1:]).any()
+    expected = resid + torch.where(active, -m - f[:, :, j], torch.zeros_like(f[:, :, j]))[..., None] * W_dec[j]
+    got, on = unlearning.clamp_residual(sae, resid, [j], m)
+    assert torch.equal(on, active)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert torch.allclose(got[:, 0], resid[:, 0], atol=1e-5)
+    # through the model: the hooked logits are those of the hand-modified residual run through the rest
+    hooked = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [j], m))])
+    by_hand = model(expected, start_at_layer=HOOK_LAYER + 1)
+    assert torch.allclose(hooked, by_hand, atol=1e-3)
+    assert not torch.allclose(hooked, model(tokens), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------- start_at_layer
+
+def test_kept_residual_path_equals_full_forward(model, tokenizer):
+    tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS, n=5)
+    resid = unlearning.to_hook(model, tokens, HOOK_LAYER)
+    final = unlearning.tail(model, resid, HOOK_LAYER)
+    assert torch.allclose(unlearning.logits_from_final_resid(model, final), model(tokens), atol=1e-5)
+    per_token = model(tokens, return_type="loss", loss_per_token=True)
+    assert torch.allclose(unlearning.ce_sums(model, final, tokens, chunk_tokens=30), per_token.sum(1).double(), atol=1e-4)
+    # the sweep (kept residuals, configs batched, unchanged rows skipped) against a full forward with the hook
+    sae = random_sae()
+    s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
+    configs = [((), 25), ((2, 5), 25), ((2, 5, 7), 100), ((11,), 50)]
+    for skip in (True, False):
+        cfg = unlearning.UnlearningConfig(tail_batch_size=3, skip_unchanged_rows=skip)
+        results, frac = unlearning.run_sweep(model, sae, HOOK_LAYER, {"ce": s}, configs, cfg)
+        for (feats, m), r in zip(configs, results):
+            hooked = model.run_with_hooks(tokens, return_type="loss", loss_per_token=True,
+                                          fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, list(feats), m))])
+            assert torch.allclose(torch.cat(r["ce"]), hooked.sum(1).double(), atol=1e-3), (feats, m, skip)
+
+
+# ------------------------------------------------------------------------------------------------- MCQ
+
+QUESTIONS = [Question("what is f1 ?", ["f2", "r3", "f4", "r5"], 0, "biology"),
+             Question("what is r1 r2 r3 ?", ["f2", "r3", "f4 f5 f6", "r5"], 2, "biology"),
+             Question("what is f7 f8 ?", ["r1", "f3", "f4", "r9 r8"], 3, "history"),
+             Question("what is ?", ["r2", "f2", "r4", "f9"], 1, "history")]
+
+
+def test_prompt_format_follows_sae_bench_and_chat_template(tokenizer, tmp_path):
+    body, ans = unlearning.question_text(QUESTIONS[1], (2, 0, 1, 3))
+    assert body == ("The following are multiple choice questions (with answers) about biology.\n"
+                    "what is r1 r2 r3 ?\nA. f4 f5 f6\nB. f2\nC. r3\nD. r5") and ans == 0
+    ids, _ = unlearning.prompt_tokens(tokenizer, QUESTIONS[1], (2, 0, 1, 3))
+    assert tokenizer.decode(ids).split() == ("<bos> user " + body + " <eos> <bos> model Answer : (").replace(
+        ".", " . ").replace("(", " ( ").replace(")", " ) ").replace("?", " ? ").replace(":", " : ").split()
+    plain = make_tokenizer(tmp_path, chat=False)
+    ids, _ = unlearning.prompt_tokens(plain, QUESTIONS[1])
+    assert ids[0] == plain.bos_token_id and plain.convert_ids_to_tokens(ids[-2:]) == ["Answer", ":"]
+    assert unlearning.letter_token_ids(tokenizer) == [[VOCAB.index(l)] for l in "ABCD"]
+    assert [len(set(o)) for o in unlearning.answer_orders(24)] == [4] * 24 and len(set(unlearning.answer_orders(24))) == 24
+    assert unlearning.answer_orders(4) == [(0, 1, 2, 3), (1, 2, 3, 0), (2, 3, 0, 1), (3, 0, 1, 2)]
+
+
+def direct_letter_probs(model, ids, letter_ids):
+    p = model(torch.tensor([ids]))[0, -1].softmax(-1)
+    return torch.tensor([max(float(p[i]) for i in v) for v in letter_ids])
+
+
+def test_mcq_scoring_matches_direct_letter_probabilities(model, tokenizer):
+    letter_ids = unlearning.letter_token_ids(tokenizer)
+    seqs = [unlearning.prompt_tokens(tokenizer, q, o)[0] for q in QUESTIONS for o in unlearning.answer_orders(3)]
+    assert len({len(s) for s in seqs}) > 2  # padding is exercised
+    direct = torch.stack([direct_letter_probs(model, s, letter_ids) for s in seqs])
+    assert torch.allclose(unlearning.full_letter_probs(model, seqs, letter_ids, 5, "cpu"), direct, atol=1e-5)
+    # kept-residual baseline and a clamped config, against full forwards one prompt at a time
+    batches = [unlearning.pad_right([seqs[i] for i in b], tokenizer.pad_token_id) for b in unlearning.length_batches(seqs, 4)]
+    order = [i for b in unlearning.length_batches(seqs, 4) for i in b]
+    s = unlearning.EvalSet(model, "mcq", batches, HOOK_LAYER, "cpu", letter_ids)
+    assert torch.allclose(torch.cat([b["base"] for b in s.batches]), direct[order], atol=1e-5)
+    sae, cfg = random_sae(), unlearning.UnlearningConfig(tail_batch_size=5)
+    (r,), _ = unlearning.run_sweep(model, sae, HOOK_LAYER, {"mcq": s}, [((1, 4), 60)], cfg)
+    hook = [(HOOK, unlearning.clamp_hook(sae, [1, 4], 60))]
+    with model.hooks(fwd_hooks=hook):
+        clamped = torch.stack([direct_letter_probs(model, seqs[i], letter_ids) for i in order])
+    assert torch.allclose(torch.cat(r["mcq"]), clamped, atol=1e-4)
+    assert not torch.allclose(clamped, direct[order], atol=1e-3)
+
+
+def test_answer_order_filter_keeps_exactly_the_questions_right_under_every_order():
+    rng = random.Random(0)
+    qs = [Question(f"q{i}", ["a", "b", "c", "d"], rng.randrange(4), "biology") for i in range(60)]
+    orders = unlearning.answer_orders(24)
+    # made-up model: question i is answered right under order o unless (i, o) is in `wrong`; some questions fail
+    # only under the very last order, some under several, some never
+    wrong = {(i, o) for i in range(60) for o in orders if (i % 3 == 1 and rng.random() < 0.2) or (i % 7 == 0 and o == orders[-1])}
+    calls = []
+
+    def score(pairs):
+        calls.append(len(pairs))
+        out = torch.zeros(len(pairs), 4)
+        for row, (q, o) in enumerate(pairs):
+            right = list(o).index(q.answer)
+            out[row, right if (qs.index(q), o) not in wrong else (right + 1) % 4] = 1.0
+        return out
+
+    kept, n_scored = unlearning.filter_questions(qs, orders, score)
+    brute = [i for i in range(60) if all((i, o) not in wrong for o in orders)]
+    assert kept == brute and 0 < len(kept) < 60 and any(i % 7 == 0 for i in range(60) if i not in kept)
+    assert n_scored == sum(calls) < 60 * 24
+
+
+def test_filter_on_tiny_model_matches_brute_force(model, tokenizer):
+    letter_ids = unlearning.letter_token_ids(tokenizer)
+    orders = unlearning.answer_orders(4)
+    qs = [Question(f"what is {a} {b} ?", [c, d, "f1", "r2"], k, "biology")
+          for a, b, c, d, k in zip(FORGET_WORDS, RETAIN_WORDS, RETAIN_WORDS[::-1], FORGET_WORDS[::-1], [0, 1, 2, 3] * 3)]
+    cfg = unlearning.UnlearningConfig(answer_orders=4, batch_size=3)
+    kept, _ = unlearning.surviving_questions(model, qs, cfg, letter_ids, "cpu")
+    brute = [i for i, q in enumerate(qs) if all(
+        int(direct_letter_probs(model, unlearning.prompt_tokens(tokenizer, q, o)[0], letter_ids).argmax())
+        == list(o).index(q.answer) for o in orders)]
+    assert kept == brute
+
+
+def test_mcq_score_follows_sae_bench_rule():
+    cfg = unlearning.UnlearningConfig()
+    rows = [{"retain_threshold": 0.01, "n_features": 10, "multiplier": m, "forget_delta_ce": d, "retain_delta_ce": r,
+             "forget_accuracy": fa, "retain_accuracy": ra}
+            for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0), (50, 0.5, 0.015, 0.6, 0.99), (100, 2.0, 0.3, 0.1, 0.95)]]
+    s = unlearning._scores(rows, cfg, 30, 40)
+    assert s["unlearning_score"] == pytest.approx(0.4)  # config 100 fails the retain check
+    assert s["text_score"] == pytest.approx(0.5) and s["text_score_config"]["multiplier"] == 50
+    s = unlearning._scores(rows, cfg, 19, 40)
+    assert s["unlearning_score"] is None and "not meaningful" in s["mcq_note"]
+
+
+# ------------------------------------------------------------------------------------------------- planted end to end
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Blocks write nothing (W_O, W_out, biases, W_pos zero; no normalisation), so every residual is W_E[token].
+    W_E[t] = e_t (+ a·u for forget words), W_U[:, next(t)] = k·W_E[t] with words following a cycle per domain; the
+    SAE's feature 0 reads u (fires on forget words only), features 1-4 read retain words, feature 5 always fires."""
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok_planted"), chat=True)
+    V, D, a, k = len(VOCAB), len(VOCAB) + 2, 1.0, 6.0
+    cfg = HookedTransformerConfig(n_layers=2, d_model=D, n_ctx=64, d_head=4, n_heads=2, d_mlp=16, d_vocab=V,
+                                  act_fn="relu", normalization_type=None, device="cpu", seed=0)
+    m = HookedTransformer(cfg, tokenizer=tok).eval()
+    u = torch.zeros(D)
+    u[V] = 1.0
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if any(s in name for s in ("W_O", "b_O", "W_out", "b_out", "W_pos", "b_U")):
+                p.zero_()
+        E = torch.eye(V, D)
+        ids = {w: VOCAB.index(w) for w in FORGET_WORDS + RETAIN_WORDS}
+        for w in FORGET_WORDS:
+            E[ids[w]] += a * u
+        m.W_E.copy_(E)
+        W_U = torch.zeros(D, V)
+        for words in (FORGET_WORDS, RETAIN_WORDS):
+            for w, nxt in zip(words, words[1:] + words[:1]):
+                W_U[:, ids[nxt]] = k * E[ids[w]]
+        m.W_U.copy_(W_U)
+    F = 6
+    W_enc, b_enc, W_dec = torch.zeros(D, F), torch.zeros(F), torch.zeros(F, D)
+    W_enc[:, 0], b_enc[0], W_dec[0] = u, -a / 2, u
+    for j in range(1, 5):
+        W_enc[ids[RETAIN_WORDS[j]], j], b_enc[j], W_dec[j] = 1.0, -0.5, E[ids[RETAIN_WORDS[j]]]
+    b_enc[5] = 1.0
+    sae = DenseSAE(W_enc, b_enc, W_dec, torch.zeros(D))
+
+    def cycle_docs(words, n, seed):
+        rng = random.Random(seed)
+        docs = []
+        for _ in range(n):
+            s = rng.randrange(len(words))
+            docs.append(" ".join(words[(s + i) % len(words)] for i in range(rng.randint(6, 14))))
+        return docs
+    return m, sae, cycle_docs(FORGET_WORDS, 60, 1), cycle_docs(RETAIN_WORDS, 60, 2)
+
+
+def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
+    m, sae, forget_docs, retain_docs = planted
+    cfg = unlearning.UnlearningConfig(retain_thresholds=(0.001, 0.01), n_features=(1, 3), multipliers=(25, 100),
+                                      context_length=24, n_rate_contexts=6, n_ce_contexts=6, batch_size=4)
+    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs, {}, {}, cfg,
+                                         "cpu", forget_group=torch.tensor([0, 5]))
+    json.dumps(res)  # serialisable
+    d, met = res["eval_result_details"], res["eval_result_metrics"]["unlearning"]
+    assert d["selected_features"]["all"] == {"0.001": [0], "0.01": [0]}  # 1-4 never fire on forget, 5 on retain
+    assert d["selected_features"]["forget_group"] == {"0.001": [0], "0.01": [0]}
+    assert d["text"]["forget"]["ce_documents"] + d["text"]["forget"]["rate_documents"] <= len(forget_docs)
+    for row in d["sweep"]:
+        assert row["n_selected"] == 1
+        assert row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0
+    assert d["baseline"]["forget_ce"] < 2.0  # the planted model predicts its cycles
+    assert met["text_score"] == pytest.approx(max(r["forget_delta_ce"] for r in d["sweep"]))
+    assert met["text_score"] > 1.0 and met["text_score_config"]["multiplier"] == 100
+    assert met["unlearning_score"] is None and "not meaningful" in met["mcq_note"]
+    assert res["eval_result_metrics"]["unlearning_forget_group"]["text_score"] == pytest.approx(met["text_score"])
+
+
+def test_planted_clamp_of_a_retain_feature_fails_the_text_tolerance(planted):
+    """Retain text made of the forget words, forget text of both: feature 0 then fires on every retain word, so
+    clamping it raises retain CE beyond the tolerance and the text score is 0."""
+    m, sae, forget_docs, retain_docs = planted
+    cfg = unlearning.UnlearningConfig(retain_thresholds=(1.01,), n_features=(1,), multipliers=(25,), context_length=24,
+                                      n_rate_contexts=6, n_ce_contexts=6, batch_size=4)
+    mixed = [d for pair in zip(retain_docs, forget_docs) for d in pair]
+    # retain_threshold above 1 keeps every feature; forget_group restricts the choice to feature 0
+    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, mixed, forget_docs, {}, {}, cfg,
+                                         "cpu", forget_group=torch.tensor([0]))
+    g = res["eval_result_metrics"]["unlearning_forget_group"]
+    row = res["eval_result_details"]["forget_group_sweep"][0]
+    assert res["eval_result_details"]["selected_features"]["forget_group"] == {"1.01": [0]}
+    assert row["retain_delta_ce"] > 1.0 and row["forget_delta_ce"] > 0.1 and g["text_score"] == 0.0
+    assert g["text_score_config"] is None
