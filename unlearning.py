@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 PRE_QUESTION_FORMAT = "The following are multiple choice questions (with answers) about {subject}.\n"
 PRE_WMDP_BIO = "The following are multiple choice questions (with answers) about biology.\n"
@@ -410,8 +411,10 @@ def run_sweep(model, sae, hook_layer: int, sets: dict, configs: list, cfg: Unlea
     ({set name: [per-batch tensors]} per config) and the fraction of rows that had to be re-run."""
     results = [{name: [b["base"].clone() for b in s.batches] for name, s in sets.items()} for _ in configs]
     n_rows, n_run = 0, 0
+    bar = tqdm(total=sum(len(s.batches) for s in sets.values()), desc=f"unlearning sweep ({len(configs)} configs)", unit="batch")
     for name, s in sets.items():
         for bi, b in enumerate(s.batches):
+            bar.update()
             resid, B = b["resid"], b["resid"].shape[0]
             f, error = encode_for_clamp(sae, resid)
             valid = torch.ones(resid.shape[:2], dtype=torch.bool, device=resid.device)
@@ -438,6 +441,7 @@ def run_sweep(model, sae, hook_layer: int, sets: dict, configs: list, cfg: Unlea
                 vals = s.metric(model, final, b["tokens"][rows], b["last"][rows] if b["last"] is not None else None)
                 for (ci, r, _), v in zip(chunk, vals):
                     results[ci][name][bi][r] = v
+    bar.close()
     return results, (n_run / n_rows if n_rows else 0.0)
 
 
@@ -506,6 +510,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
             raise ValueError(f"too few held-out {side} documents: {len(docs)}")
         texts[side] = {"ce": ce_tokens, "rate": rate_tokens, "docs_ce": used, "docs_rate": used2}
     t = time.time()
+    print(f"unlearning: firing rates on {sum(len(texts[s]['rate']) for s in texts)} held-out contexts")
     rates = {side: firing_rates(model, sae, texts[side]["rate"].to(device), hook_layer, cfg.batch_size, special_ids(tok))
              for side in ("forget", "retain")}
     timing["firing_rates"] = time.time() - t
@@ -525,6 +530,8 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     qinfo, mcq_sets, answers = {}, {}, {}
     for side, by_subject in (("forget", forget_questions), ("retain", retain_questions)):
         qs, n_long = sample_questions(by_subject, tok, cfg)
+        print(f"unlearning: {side} questions: keeping those answered right under {cfg.answer_orders} answer orders "
+              f"({len(qs)} sampled; cached per model in {cfg.question_cache_dir})")
         survivors, info = surviving_questions(model, qs, cfg, letter_ids, device)
         kept = [qs[i] for i in survivors]
         per_subject = {}
