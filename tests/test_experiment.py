@@ -69,8 +69,7 @@ def test_notes_entry_appended_with_real_numbers(finished_run):
 
 
 def test_second_run_reads_the_cache_and_finished_run_is_protected(finished_run):
-    root, first_log = finished_run
-    assert "harvesting into" in first_log
+    root, _ = finished_run  # its activations may come from an earlier session's cache; run_2 must read them
     refused = subprocess.run([sys.executable, "experiment.py", f"--out_dir={root / 'run_1'}", *TINY], capture_output=True, text=True)
     assert refused.returncode != 0 and "--overwrite" in refused.stderr
     log = run(f"--out_dir={root / 'run_2'}", "--seed=1", *TINY)
