@@ -79,7 +79,7 @@ class Config:
     group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, log κ) every this many steps; also the horizon of the firing-frequency EMAs")
     specificity_threshold: float = _opt(0.5, "a feature is forget (retain) when s = (p_f − p_r)/(p_f + p_r) > t (< −t); 0.5 means it fires >= 3x as often on one domain")
     min_freq: float = _opt(1e-3, "features firing on fewer than this fraction of tokens ((p_f + p_r)/2) stay shared: their specificity is noise")
-    kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this counts as ill-conditioned; healthy default runs: topk 27-70, adaptive_ortho ~250-300 after 1.5 epochs (orthogonality squeezes each group into a smaller subspace)")
+    kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this counts as ill-conditioned; measured at the regroups of healthy runs: topk 27-71 (short run), default adaptive_ortho 12-2,734 (orthogonality squeezes each group into fewer directions)")
     kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks with a group's κ above kappa_max")
     # evaluation
     core_eval_batches: int = _opt(4, "SAE-Bench core: reconstruction batches (each: model with/without SAE, with ablation)")
