@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -669,8 +671,14 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
            "data_seed": cfg.data_seed, "forget": forget.provenance(), "retain": retain.provenance()}
     entry = Path(cfg.cache_dir) / "activations" / activations.cache_key(key)
     if (entry / "manifest.json").exists():
-        print(f"activations: reading the cache {entry}")
-        return entry, key
+        try:
+            for split in ("train", "val"):
+                activations.load_split(entry, split)  # verifies every file against the manifest's sha256
+            print(f"activations: reading the cache {entry}")
+            return entry, key
+        except (RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, corrupted or missing file
+            print(f"activations: cache entry {entry} is damaged ({e}); rebuilding it")
+            shutil.rmtree(entry)
     print(f"activations: harvesting into {entry}")
     bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
     splits = {}
@@ -726,8 +734,8 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
     and at the end). At every regroup the separation metrics are logged; for the ortho variants a group κ above
     kappa_max for kappa_patience consecutive regroups stops training early.
     """
-    acts, labels = activations.load_split(entry, "train")
-    val_acts, _ = activations.load_split(entry, "val")
+    acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
+    val_acts, _ = activations.load_split(entry, "val", verify=False)
     keep, norms = activations.typical_rows(acts, cfg.max_norm_multiple)
     val_keep, _ = activations.typical_rows(val_acts, cfg.max_norm_multiple)
     val_acts = val_acts[val_keep]
@@ -799,6 +807,16 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
         "regroup_history": history,
     }
     return sae, scale, info, _finite(separation)
+
+
+def code_version() -> dict:
+    """The git commit of this code and whether the working tree had uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "uncommitted_changes": None}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -903,7 +921,7 @@ def run(cfg: Config) -> dict:
         **({"unlearning evaluation results": unlearn} if unlearn is not None else {}),
         "provenance": {"model": model_info, "forget_corpus": forget.provenance(), "retain_corpus": retain.provenance(),
                        "questions": questions, "activation_cache": {"entry": str(entry), "key": key},
-                       "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
+                       "code": code_version(), "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
                        "wall_time_s": time.time() - started},
     }
     write_json_atomic(out / "final_info.json", final_info)

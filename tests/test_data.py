@@ -142,3 +142,21 @@ def test_shuffled_batches_cover_every_row_once_per_epoch():
     assert sorted(firsts) == list(range(0, 40, 2))  # one epoch = every row exactly once
     for x, lab in rows:
         assert ((x[:, 0] / 2) % 2 == lab).all()  # labels travel with their rows
+
+
+def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, tiny_model, monkeypatch):
+    forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
+    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=70, val_tokens=28,
+                            harvest_batch_size=4)
+    info = {"name": "tiny", "source": "local"}
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    good = np.load(entry / "train_acts.npy").copy()
+    with open(entry / "train_acts.npy", "r+b") as f:  # truncate the shard
+        f.truncate(f.seek(0, 2) - 64)
+    calls = []
+    real = tiny_model.run_with_cache
+    monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rebuilt, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    assert rebuilt == entry and calls  # the model ran again
+    acts, _ = activations.load_split(entry, "train")  # checksums hold again
+    np.testing.assert_allclose(acts, good, rtol=1e-6, atol=1e-6)
