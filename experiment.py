@@ -9,11 +9,15 @@ disk -> train the SAE -> SAE-Bench core evaluation on held-out retain text -> ou
 """
 import argparse
 import dataclasses
+import errno
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +49,8 @@ def _opt(default, help):
 class Config:
     # run
     out_dir: str = _opt("run_0", "folder for final_info.json, the SAE, the training log")
-    overwrite: bool = _opt(False, "replace a finished run in out_dir (final_info.json present)")
+    overwrite: bool = _opt(False, "start afresh in out_dir: replace a finished run (final_info.json) or ignore a checkpoint")
+    checkpoint_every: int = _opt(100, "write a training checkpoint (out_dir/checkpoints/last.pt) every this many steps; the same command resumes from it")
     seed: int = _opt(0, "seed of the SAE initialisation and the batch order")
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
     cache_dir: str = _opt(str(models.default_cache_dir()), "converted model and activation cache (env ORTHO_SAE_CACHE)")
@@ -124,6 +129,7 @@ def validate(cfg: Config) -> None:
         (cfg.train_tokens >= 0, "train_tokens", f"train_tokens={cfg.train_tokens} must be >= 0 (0 picks the device default)"),
         (cfg.val_tokens > 0, "val_tokens", f"val_tokens={cfg.val_tokens} must be > 0"),
         (cfg.batch_size >= 1, "batch_size", f"batch_size={cfg.batch_size} must be >= 1"),
+        (cfg.checkpoint_every >= 1, "checkpoint_every", f"checkpoint_every={cfg.checkpoint_every} must be >= 1"),
         (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be > 0"),
         (cfg.context_length >= 2, "context_length", f"context_length={cfg.context_length} must be >= 2 (BOS + one token)"),
         (0 < cfg.eval_fraction < 1, "eval_fraction", f"eval_fraction={cfg.eval_fraction} must be in (0, 1)"),
@@ -495,6 +501,13 @@ class FeatureGrouper:
         for name, value in state.items():
             setattr(self, name, value)
 
+    def full_state(self) -> dict:
+        """state() plus the firing-rate EMAs (for checkpoints)."""
+        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone()}
+
+    def load_full_state(self, state: dict) -> None:
+        self.load_state(state)
+
 
 def condition_number(W: torch.Tensor) -> float:
     """κ = σ_max/σ_min over the min(n, d) singular values of W [n, d] (float64); nan for an empty group."""
@@ -584,6 +597,17 @@ class TrainerTopK:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.tokens_since_fired = torch.zeros(sae.dict_size, dtype=torch.long)
+
+    def state(self) -> dict:
+        """Everything step() depends on besides the SAE's weights and the grouper (for checkpoints)."""
+        return {"t": self.t, "tokens_since_fired": self.tokens_since_fired.clone(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.t = state["t"]
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor) -> torch.Tensor:
         if aux_values.shape[1] == 0:
@@ -687,7 +711,10 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
         for corpus, label in ((forget, activations.FORGET), (retain, activations.RETAIN)):
             train_docs, eval_docs = data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed)
             docs = train_docs if split == "train" else eval_docs
-            ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
+            try:
+                ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
+            except ValueError as e:  # the corpus is too small for the budget: say so before harvesting anything
+                raise ConfigError(f"--{split}_tokens: {corpus.name} ({split} documents): {e}") from None
             contexts.append(ctx)
             labels.append(torch.full((len(ctx),), label))
         contexts, labels = torch.cat(contexts), torch.cat(labels)
@@ -727,13 +754,85 @@ def _finite(obj):
     return obj
 
 
-def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
+# -----------------------------------------------------------------------------
+# Checkpoints: resume a killed run where it stopped, bit-identical on CPU
+
+# Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
+NOT_TRAINING_FIELDS = {"out_dir", "overwrite", "checkpoint_every", "wandb_mode", "device", "core_eval_batches",
+                       "core_eval_sparsity_batches", "core_eval_batch_prompts", "unlearning", "unlearning_retain_thresholds",
+                       "unlearning_n_features", "unlearning_multipliers", "unlearning_ce_tolerance",
+                       "unlearning_questions_per_subject"}
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: a checkpoint was written; the same command resumes."""
+
+
+def training_fields(cfg: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING_FIELDS}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """File = sha256 of the payload (64 hex digits + newline), then the torch.save payload. Written to a temporary
+    file, fsynced and renamed: a reader sees the old checkpoint or the new one, never half of one. The checksum
+    catches what torch.load would not: flipped bytes inside tensor data load silently."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint's state (tensors and plain values only: weights_only, nothing is unpickled), after checking
+    that it was written by a run with the same training config."""
+    raw = path.read_bytes()
+    digest, payload = raw[:64].decode("ascii", "replace"), raw[65:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ConfigError(f"--out_dir: checkpoint {path} is truncated or corrupted (checksum mismatch); "
+                          f"delete it or pass --overwrite to start afresh")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    saved, now = json.loads(state["config"]), training_fields(cfg)
+    differing = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if differing:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing)
+        raise ConfigError(f"--out_dir: the checkpoint in {path.parent} is from a different config ({changes}); "
+                          f"rerun with the checkpoint's values, pick a new out_dir, or pass --overwrite to start afresh")
+    return state
+
+
+class StopRequest:
+    """Turns Ctrl-C / SIGTERM during training into a flag checked between steps, so the checkpoint written on the
+    way out holds a consistent state (never one taken in the middle of an optimizer step)."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """Train the SAE on the cached activations; returns (sae, input scale, final training info, separation results).
 
     The returned SAE is the checkpoint with the lowest validation loss (validated every 50 steps, at every regroup
     and at the end). At every regroup the separation metrics are logged; for the ortho variants a group κ above
     kappa_max for kappa_patience consecutive regroups stops training early.
+    Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
+    out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
     """
+    log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
     acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
     val_acts, _ = activations.load_split(entry, "val", verify=False)
     keep, norms = activations.typical_rows(acts, cfg.max_norm_multiple)
@@ -742,25 +841,54 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
     # scale so that E‖x‖² = 1 over the kept tokens (dictionary_learning's normalisation)
     scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
     sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k, group_biases=cfg.variant == "adaptive_ortho").to(cfg.device)
-    batches = activations.shuffled_batches(acts, labels, cfg.batch_size, cfg.seed, rows=keep)
-    first, _ = next(batches)
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(first.to(cfg.device) / scale))
     steps = max(1, int(cfg.epochs * len(keep) / cfg.batch_size))
     grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq)
     ortho = make_ortho(cfg)
     trainer = TrainerTopK(sae, steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha, cfg.dead_window_tokens,
                           ortho=ortho, grouper=grouper)
     stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
-    history, best = [], {"val_recon": float("inf")}
+    history, best, start_step, stats, wall_before, finished = [], {"val_recon": float("inf")}, 0, {}, 0.0, False
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, cfg)
+        sae.load_state_dict(state["sae"])
+        trainer.load_state(state["trainer"])
+        grouper.load_full_state(state["grouper"])
+        stopper.strikes, stopper.reason = state["stopper_strikes"], state["stop_reason"]
+        history, stats = json.loads(state["history"]), json.loads(state["last_stats"])
+        best = state["best"]
+        start_step, wall_before, finished = state["step"], state["train_wall_time_s"], state["finished"]
+        torch.set_rng_state(state["torch_rng"])
+        with open(log_path, "r+b") as log:  # drop lines written after the checkpoint: they are written again
+            log.truncate(state["log_bytes"])
+        print(f"train: resuming from {ckpt_path} at step {start_step} of {steps}" + (" (training had finished)" if finished else ""))
+    # batch 0 initialises b_dec; training step s uses batch s + 1, so a resumed run skips what was used
+    batches = activations.shuffled_batches(acts, labels, cfg.batch_size, cfg.seed, rows=keep, skip=start_step + (start_step > 0))
+    if start_step == 0:
+        first, _ = next(batches)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(first.to(cfg.device) / scale))
+
+    def checkpoint(next_step: int, log, done: bool) -> None:
+        log.flush()
+        save_checkpoint(ckpt_path, {
+            "config": json.dumps(training_fields(cfg)), "step": next_step, "finished": done, "sae": sae.state_dict(),
+            "trainer": trainer.state(), "grouper": grouper.full_state(), "stopper_strikes": stopper.strikes,
+            "stop_reason": stopper.reason, "history": json.dumps(history), "last_stats": json.dumps(stats),
+            "best": best, "train_wall_time_s": wall_before + time.time() - start, "torch_rng": torch.get_rng_state(),
+            "log_bytes": log.tell()})
+
     run = open_wandb(cfg)
     start = time.time()
-    with open(log_path, "w") as log:
-        for step in (bar := tqdm(range(steps), desc="train SAE", unit="step")):
+    step = start_step - 1
+    with open(log_path, "ab" if start_step else "wb") as log, StopRequest() as stop_request:
+        for step in (bar := tqdm(range(start_step, steps if not finished else start_step), desc="train SAE", unit="step",
+                                 initial=start_step, total=steps)):
             x, y = next(batches)
             stats = trainer.step(x.to(cfg.device) / scale, y.to(cfg.device))
             if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(f"step {step}: loss is {stats['loss']} (recon {stats['recon']}, auxk {stats['auxk']})")
+                terms = ", ".join(f"{k} {stats[k]}" for k in ("recon", "auxk", "ortho") if k in stats)
+                raise FloatingPointError(f"step {step}: loss is {stats['loss']} ({terms}); the last good checkpoint "
+                                         f"{ckpt_path} is kept, no final_info.json was written")
             record = {"step": step, **stats}
             stop = False
             if stats["regrouped"]:
@@ -773,23 +901,33 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
                     best = {"val_recon": record["val_recon"], "step": step, "grouper": grouper.state(),
                             "sae": {k: v.detach().clone() for k, v in sae.state_dict().items()}}
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", ev=f"{stats['explained_variance']:.3f}", dead=stats["dead_latents"])
-            log.write(json.dumps(_finite(record)) + "\n")
+            log.write((json.dumps(_finite(record)) + "\n").encode())
             if run is not None:
                 run.log(record, step=step)
             if stop:
                 print(f"early stop: {stopper.reason}")
                 break
+            if stop_request.signal:
+                checkpoint(step + 1, log, done=False)
+                raise TrainingInterrupted(f"{stop_request.signal} at step {step + 1} of {steps}: checkpoint written to "
+                                          f"{ckpt_path}; run the same command again to resume")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                checkpoint(step + 1, log, done=False)
+        if not finished:  # the end state, so that a crash in the evaluations does not redo training
+            checkpoint(step + 1, log, done=True)
     if run is not None:
         run.finish()
+    steps_run = step + 1
     sae.load_state_dict(best["sae"])
     grouper.load_state(best["grouper"])
-    info = {"training_steps": steps, "steps_run": step + 1, "best_checkpoint_step": best["step"],
-            "training_tokens_seen": (step + 1) * cfg.batch_size, "final_loss": stats["loss"],
+    info = {"training_steps": steps, "steps_run": steps_run, "best_checkpoint_step": best["step"],
+            "training_tokens_seen": steps_run * cfg.batch_size, "final_loss": stats["loss"],
             "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
             "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr, "sparsity_penalty": cfg.auxk_alpha,
             "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss (TopK enforces sparsity by k)",
             "input_scale": scale, "train_tokens_harvested": len(acts), "tokens_dropped_as_outliers": int(len(acts) - len(keep)),
-            "median_activation_norm": float(np.median(norms)), "train_wall_time_s": time.time() - start, **validation_loss(sae, val_acts, scale, cfg.device)}
+            "median_activation_norm": float(np.median(norms)), "train_wall_time_s": wall_before + time.time() - start,
+            "resumed_from_step": start_step if start_step > 0 else None, **validation_loss(sae, val_acts, scale, cfg.device)}
     separation = {
         "variant": cfg.variant, "alpha": cfg.alpha if cfg.variant == "adaptive_ortho" else 0.0,
         "ortho_target": cfg.ortho_target if cfg.variant == "adaptive_ortho" else None,
@@ -807,16 +945,6 @@ def train(cfg: Config, entry: Path, log_path: Path) -> tuple[AutoEncoderTopK, fl
         "regroup_history": history,
     }
     return sae, scale, info, _finite(separation)
-
-
-def code_version() -> dict:
-    """The git commit of this code and whether the working tree had uncommitted changes (None outside git)."""
-    here = Path(__file__).resolve().parent
-    try:
-        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "uncommitted_changes": None}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -868,6 +996,32 @@ def evaluate_unlearning(cfg: Config, sae_dir: Path, model, hook_name: str, forge
                                           unlearn_cfg, cfg.device, forget_group=forget_group)
 
 
+def prepare_out_dir(cfg: Config) -> Path:
+    """Create out_dir and check that it is writable; with --overwrite drop a finished run and any checkpoint;
+    otherwise check that a checkpoint there is from this config (so a mismatch fails before any heavy work)."""
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); pick a writable folder") from None
+    if cfg.overwrite:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "final_info.json").unlink(missing_ok=True)
+    elif (out / "checkpoints" / "last.pt").exists():
+        load_checkpoint(out / "checkpoints" / "last.pt", cfg)
+    return out
+
+
+def load_corpus_or_explain(option: str, spec: str, cfg: Config) -> data.Corpus:
+    try:
+        return data.load_corpus(spec, Path(cfg.cache_dir))
+    except (FileNotFoundError, ValueError) as e:  # a missing, empty or malformed corpus file
+        raise ConfigError(f"--{option}: {e}") from None
+
+
 def run(cfg: Config) -> dict:
     started = time.time()
     validate(cfg)
@@ -878,9 +1032,7 @@ def run(cfg: Config) -> dict:
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
     cfg = resolve(cfg, device, description)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "final_info.json").unlink(missing_ok=True)
+    out = prepare_out_dir(cfg)
     set_seed(cfg.seed)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
 
@@ -891,12 +1043,12 @@ def run(cfg: Config) -> dict:
     model_info |= {"requested": cfg.model, "reason": why}
     print(f"model: {model_info['name']} ({model_info['source']}; {why})")
     hook_name = f"blocks.{cfg.layer}.hook_resid_post"
-    forget = data.load_corpus(cfg.forget_corpus, Path(cfg.cache_dir))
-    retain = data.load_corpus(cfg.retain_corpus, Path(cfg.cache_dir))
+    forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
+                      (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
     forget_questions, retain_questions, questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
     entry, key = prepare_activations(cfg, model, model_info, hook_name, forget, retain)
 
-    sae, scale, train_info, separation = train(cfg, entry, out / "train_log.jsonl")
+    sae, scale, train_info, separation = train(cfg, entry, out)
     metadata = {"model_name": model_info["name"], "hook_name": hook_name, "hook_layer": cfg.layer,
                 "context_size": cfg.context_length, "prepend_bos": True}
     sae.save(out / "sae", scale, metadata)
@@ -926,6 +1078,7 @@ def run(cfg: Config) -> dict:
     }
     write_json_atomic(out / "final_info.json", final_info)
     append_notes(cfg, final_info, out.resolve().parent / "notes.txt")  # beside the run folders
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is finished; final_info.json and sae/ hold it
     print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
     return final_info
 
@@ -933,5 +1086,15 @@ def run(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         run(parse_config())
-    except ConfigError as e:  # a config or model that cannot work; raised before any heavy work
+    except ConfigError as e:  # a config, input file or model that cannot work; raised before heavy work where possible
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: {e.strerror}")
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # outside training: partial cache entries and outputs were cleaned up on the way out
+        print("interrupted: no final_info.json was written; run the same command again", file=sys.stderr)
+        sys.exit(130)

@@ -179,14 +179,20 @@ def _convert_gguf(gguf: Path, sha: str, folder: Path) -> None:
     # The weights are plain fp32 now; without this save_pretrained would describe them as quantized.
     model.config.quantization_config = None
     model.hf_quantizer = None
-    tmp = folder.with_name(f"{folder.name}.partial")  # one fixed name, so a crashed run leaves no extra copy
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    marker = {"gguf_file": EMBEDDED_GGUF, "gguf_sha256": sha, "seconds": round(time.time() - t0, 1)}
-    (tmp / "complete.json").write_text(json.dumps(marker, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)  # a stale or half-written copy
-    os.replace(tmp, folder)
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # one per process: concurrent first runs never share it
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"gguf_file": EMBEDDED_GGUF, "gguf_sha256": sha, "seconds": round(time.time() - t0, 1)}
+        (tmp / "complete.json").write_text(json.dumps(marker, indent=1))
+        if _is_complete(folder, sha):  # another run finished the same conversion meanwhile: keep its copy
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or half-written copy
+        os.replace(tmp, folder)
+    except BaseException:  # Ctrl-C, disk full: leave no partial copy behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _one_line(e: Exception) -> str:
