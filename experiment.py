@@ -947,6 +947,16 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     return sae, scale, info, _finite(separation)
 
 
+def code_version() -> dict:
+    """The git commit of this code and whether the working tree had uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "uncommitted_changes": None}
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
