@@ -4,6 +4,7 @@ Every model takes one path: find a local Hugging Face folder (the HF hub cache, 
 the fp32 copy of the embedded SmolLM2 we convert once), load it with transformers, build a
 HookedTransformerConfig from its HF config, convert the weights with TransformerLens's own
 converters and load them unprocessed, so the logits equal the HF model's.
+Architectures: GPT-NeoX (Pythia), Llama (SmolLM2) and Gemma-2 (gemma-2-2b-it, for SAE-Bench's own unlearning eval).
 """
 import hashlib
 import importlib.metadata
@@ -17,8 +18,10 @@ from pathlib import Path
 import huggingface_hub
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights, convert_neox_weights
+from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
+                                                             convert_neox_weights)
 from transformer_lens.utilities import get_rotary_pct_from_config
+from transformer_lens.utilities.activation_functions import SOFTCAP_DISABLED
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 # Denormal floats appear in these forward passes; without flushing them CPU runs were 5x slower.
@@ -27,6 +30,7 @@ torch.set_flush_denormal(True)
 MODEL_ALIASES = {
     "pythia-70m-deduped": "EleutherAI/pythia-70m-deduped",
     "smollm2-135m-instruct": "embedded:smollm2-135m-instruct",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",  # gated on the hub; SAE-Bench's unlearning eval runs on it
 }
 AUTO_HUB_MODEL = "EleutherAI/pythia-70m-deduped"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -36,9 +40,12 @@ EMBEDDED_DEFAULT_LAYER = 15
 KNOWN_SHAPES = {  # so describe_model needs neither the hub nor the weights
     "pythia-70m-deduped": {"n_layers": 6, "d_model": 512, "default_layer": 3},
     "smollm2-135m-instruct": {"n_layers": 30, "d_model": 576, "default_layer": EMBEDDED_DEFAULT_LAYER},
+    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "default_layer": 12},  # SAE-Bench's Gemma reference layer
 }
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, tokenizer, weights; no .bin duplicates
-CONVERTERS = {"GPTNeoXForCausalLM": convert_neox_weights, "LlamaForCausalLM": convert_llama_weights}
+CONVERTERS = {"GPTNeoXForCausalLM": convert_neox_weights, "LlamaForCausalLM": convert_llama_weights,
+              "Gemma2ForCausalLM": convert_gemma_weights}
+HF_TO_TL_ATTENTION = {"sliding_attention": "local", "full_attention": "global"}  # Gemma-2's HF layer_types
 
 
 def default_cache_dir() -> Path:
@@ -110,7 +117,7 @@ def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
 
 
 def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
-    """HookedTransformerConfig for a GPT-NeoX or Llama HF config (mapping of TL's convert_hf_model_config)."""
+    """HookedTransformerConfig for a GPT-NeoX, Llama or Gemma-2 HF config (mapping of TL's convert_hf_model_config)."""
     arch = hf_cfg.architectures[0]
     if arch not in CONVERTERS:
         raise NotImplementedError(f"{arch} is not supported; supported: {sorted(CONVERTERS)}")
@@ -121,7 +128,7 @@ def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
     common = dict(
         d_model=hf_cfg.hidden_size, d_head=d_head, n_heads=hf_cfg.num_attention_heads,
         d_mlp=hf_cfg.intermediate_size, n_layers=hf_cfg.num_hidden_layers, n_ctx=hf_cfg.max_position_embeddings,
-        d_vocab=hf_cfg.vocab_size, act_fn=hf_cfg.hidden_act, positional_embedding_type="rotary",
+        d_vocab=hf_cfg.vocab_size, positional_embedding_type="rotary",
         rotary_adjacent_pairs=False, rotary_base=rope.get("rope_theta", 10000), original_architecture=arch,
         model_name=Path(hf_cfg.name_or_path).name, tokenizer_name=str(hf_cfg.name_or_path),
         # Prepend BOS exactly when the model's own tokenizer does, so to_tokens matches HF tokenization.
@@ -129,16 +136,57 @@ def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
         init_weights=False, dtype=torch.float32, device=device,
     )
     if arch == "GPTNeoXForCausalLM":
-        specific = dict(eps=hf_cfg.layer_norm_eps, normalization_type="LN",
+        specific = dict(eps=hf_cfg.layer_norm_eps, normalization_type="LN", act_fn=hf_cfg.hidden_act,
                         parallel_attn_mlp=hf_cfg.use_parallel_residual,
                         rotary_dim=round(get_rotary_pct_from_config(hf_cfg) * d_head))
-    else:  # LlamaForCausalLM; TL's converter has no slots for biases
+    elif arch == "LlamaForCausalLM":  # TL's converter has no slots for biases
         if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
             raise NotImplementedError("Llama models with attention or MLP biases are not supported")
         gqa = hf_cfg.num_key_value_heads != hf_cfg.num_attention_heads
         specific = dict(eps=hf_cfg.rms_norm_eps, normalization_type="RMS", final_rms=True, gated_mlp=True,
-                        rotary_dim=d_head, n_key_value_heads=hf_cfg.num_key_value_heads if gqa else None)
+                        act_fn=hf_cfg.hidden_act, rotary_dim=d_head,
+                        n_key_value_heads=hf_cfg.num_key_value_heads if gqa else None)
+    else:  # Gemma2ForCausalLM
+        specific = gemma2_specific_config(hf_cfg, d_head)
     return HookedTransformerConfig(**common, **specific)
+
+
+def gemma2_specific_config(hf_cfg, d_head: int) -> dict:
+    """The Gemma-2 part of the HookedTransformerConfig, every value from the HF config.
+
+    Gemma-2 differs from Llama in: RMSNorm after attention and after the MLP as well as before them; attention
+    scores scaled by 1/sqrt(query_pre_attn_scalar) (not 1/sqrt(head_dim); they differ in gemma-2-27b), then
+    soft-capped; sliding-window attention on the layers HF's layer_types marks 'sliding_attention'; soft-capped
+    output logits; and embeddings multiplied by sqrt(d_model), which TL's convert_gemma_weights folds into W_E
+    (it also folds Gemma's RMSNorm '1 + weight' into the norm weights).
+    """
+    if getattr(hf_cfg, "attention_bias", False):  # convert_gemma_weights writes zero biases
+        raise NotImplementedError("Gemma-2 models with attention biases are not supported")
+    if getattr(hf_cfg, "use_bidirectional_attention", False):  # TL attention is always causal
+        raise NotImplementedError("Gemma-2 models with bidirectional attention are not supported")
+    layer_types = list(hf_cfg.layer_types)  # Gemma2Config fills it in (alternating, sliding first) when absent
+    unknown = set(layer_types) - set(HF_TO_TL_ATTENTION)
+    if unknown:
+        raise NotImplementedError(f"Gemma-2 layer types {sorted(unknown)} are not supported")
+    sliding = "sliding_attention" in layer_types
+    if sliding and not hf_cfg.sliding_window:
+        raise NotImplementedError("Gemma-2 sliding-attention layers without a sliding_window are not supported")
+    return dict(
+        eps=hf_cfg.rms_norm_eps, normalization_type="RMS", final_rms=True, gated_mlp=True,
+        act_fn=hf_cfg.hidden_activation,  # gelu_pytorch_tanh; Gemma-2 configs name it hidden_activation
+        rotary_dim=d_head,
+        # convert_gemma_weights needs n_key_value_heads set even without GQA.
+        n_key_value_heads=hf_cfg.num_key_value_heads,
+        use_normalization_before_and_after=True,
+        # TL divides scores by attn_scale; HF multiplies them by query_pre_attn_scalar ** -0.5.
+        use_attn_scale=True, attn_scale=hf_cfg.query_pre_attn_scalar ** 0.5,
+        # TL's local mask keeps keys with q - k < window_size, HF's sliding mask the same.
+        use_local_attn=sliding, window_size=hf_cfg.sliding_window if sliding else None,
+        attn_types=[HF_TO_TL_ATTENTION[t] for t in layer_types],
+        # HF's None (no cap) is TL's SOFTCAP_DISABLED.
+        attn_scores_soft_cap=hf_cfg.attn_logit_softcapping or SOFTCAP_DISABLED,
+        output_logits_soft_cap=hf_cfg.final_logit_softcapping or SOFTCAP_DISABLED,
+    )
 
 
 def _hub_folder(repo_id: str) -> Path:
