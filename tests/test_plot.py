@@ -1,0 +1,158 @@
+"""plot.py on synthetic run folders: built from run_0's real final_info.json and train_log.jsonl (for the structure),
+with every plotted value set here."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plot
+
+RUN_0 = Path(__file__).resolve().parent.parent / "run_0"
+TEMPLATE = json.loads((RUN_0 / "final_info.json").read_text())
+LOG_TEMPLATE = [json.loads(line) for line in (RUN_0 / "train_log.jsonl").read_text().splitlines()[:100]]
+FIGURES = ["tradeoff", "alpha_sweep", "training", "unlearning_curves"]
+
+
+def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, text_score=0.5, mcq=None,
+              unlearning=True, log=True, early_stop=None, steps=250):
+    """A finished run as experiment.py writes it, with the given values."""
+    info = copy.deepcopy(TEMPLATE)
+    training = info.pop("training results for layer 15")
+    training["config"] |= {"layer": layer, "seed": seed, "variant": variant, "alpha": alpha}
+    training["final_info"]["val_explained_variance"] = val_ev
+    sep = info["knowledge separation results"]
+    ortho = variant != "topk"
+    sep |= {"variant": variant, "alpha": alpha if variant == "adaptive_ortho" else 0.0,
+            "ortho_target": "partner" if variant == "adaptive_ortho" else None, "lambda2_max": 1000.0 if ortho else 0.0}
+    sep["final"] |= {"kappa_forget": 100.0 + 10 * seed, "kappa_retain": 50.0, "cross_abs_cos_mean": 0.05 - alpha / 10}
+    sep["early_stopping"] |= {"applies": ortho, "stopped": early_stop is not None, "step": early_stop or steps - 1}
+    info["core evaluation results"]["metrics"]["reconstruction_quality"]["explained_variance_conventional"] = val_ev - 0.03
+    info["core evaluation results"]["metrics"]["model_performance_preservation"]["ce_loss_score"] = 0.95 - alpha / 10
+    unlearn = info.pop("unlearning evaluation results")
+    if unlearning:
+        scores = unlearn["eval_result_metrics"]["unlearning"]
+        scores |= {"text_score": text_score, "unlearning_score": mcq, "n_forget_questions": 0 if mcq is None else 40}
+        scores["text_score_config"]["retain_delta_ce"] = 0.015
+        details = unlearn["eval_result_details"]
+        for i, row in enumerate(details["sweep"]):
+            row |= {"forget_delta_ce": text_score * (i + 1) / 8, "retain_delta_ce": 0.005 * (i + 1)}
+        if ortho:
+            details["forget_group_sweep"] = [row | {"forget_delta_ce": 2 * row["forget_delta_ce"]}
+                                             for row in details["sweep"]]
+        info["unlearning evaluation results"] = unlearn
+    info = {f"training results for layer {layer}": training, **info}
+    folder.mkdir(parents=True)
+    (folder / "final_info.json").write_text(json.dumps(info))
+    if log:
+        last = early_stop if early_stop is not None else steps - 1
+        lines = []
+        for step in range(last + 1):
+            rec = {k: v for k, v in LOG_TEMPLATE[step % 100].items()
+                   if k not in ("separation", "val_recon", "val_explained_variance")}
+            rec |= {"step": step, "recon": 0.3 / (1 + step / 50), "dead_latents": step % 7, "regrouped": step % 100 == 99}
+            if ortho:
+                rec |= {"ortho": 1e-3 / (1 + step), "lambda2": 1000.0 * min(1.0, step / 300)}
+            if rec["regrouped"]:
+                rec["separation"] = LOG_TEMPLATE[99]["separation"] | {"step": step, "kappa_forget": 10.0 * (step + 1)}
+            if step % 50 == 0:
+                rec |= {"val_recon": 0.3, "val_explained_variance": val_ev * step / last if last else val_ev}
+            lines.append(json.dumps(rec))
+        (folder / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "run_1", "topk", text_score=1.2345)
+    write_run(root / "run_2", "fixed_ortho", text_score=0.8, early_stop=180)
+    write_run(root / "run_3", "adaptive_ortho", alpha=0.0, text_score=3.0, mcq=0.25)
+    for seed, (val_ev, score) in enumerate([(0.70, 1.0), (0.72, 2.0), (0.77, 4.0)]):
+        write_run(root / f"run_{4 + seed}", "adaptive_ortho", alpha=0.1, seed=seed, val_ev=val_ev, text_score=score)
+    write_run(root / "run_7", "adaptive_ortho", alpha=0.2, unlearning=False)
+    write_run(root / "run_8", "adaptive_ortho", alpha=0.3, text_score=2.5, log=False)
+    write_run(root / "run_9", "topk", layer=3, text_score=0.4)  # another layer: not comparable
+    (root / "run_10").mkdir()  # unfinished: no final_info.json
+    (root / "run_10" / "train_log.jsonl").write_text("")
+    old = write_run(root / "run_11")  # written before the separation results existed
+    info = json.loads((old / "final_info.json").read_text())
+    del info["knowledge separation results"]
+    (old / "final_info.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture
+def result(runs, tmp_path, capsys):
+    out = tmp_path / "plots"
+    summary = plot.main([str(runs / "run_*"), f"--out_dir={out}"])
+    return summary, out, capsys.readouterr().out
+
+
+def is_png(path: Path) -> bool:
+    with Image.open(path) as image:
+        image.verify()
+        return image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
+
+
+def test_every_figure_and_the_table_are_written(result):
+    summary, out, _ = result
+    assert set(summary["groups"]) == {"smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"}
+    for label in summary["groups"]:
+        for name in FIGURES:
+            assert is_png(out / f"{name}_{label}.png"), f"{name}_{label}.png"
+    assert (out / "results.md").is_file()
+
+
+def test_table_holds_the_planted_numbers_and_seed_statistics(result):
+    _, out, printed = result
+    table = (out / "results.md").read_text()
+    assert "| run_1 | topk | – | 0 | 0.7500 | 0.7200 | 0.9500 |" in table
+    assert "1.2345" in table and "3.0000" in table
+    assert "| adaptive_ortho | 0.1 | 3 | run_4, run_5, run_6 |" in table
+    scores, evs = [1.0, 2.0, 4.0], [0.70, 0.72, 0.77]
+    assert f"{np.mean(scores):.4f} ± {np.std(scores, ddof=1):.4f}" == "2.3333 ± 1.5275"
+    assert "2.3333 ± 1.5275" in table and f"{np.mean(evs):.4f} ± {np.std(evs, ddof=1):.4f}" in table
+    assert "| run_3 | adaptive_ortho | 0 | 0 |" in table and "| 0.2500 |" in table  # the one meaningful MCQ score
+    assert table in printed  # the same table on the terminal
+
+
+def test_runs_of_another_layer_form_their_own_group_and_are_never_drawn_with_the_rest(result):
+    summary, _, printed = result
+    assert summary["groups"]["smollm2-135m-instruct_L3"] == ["run_9"]
+    assert "run_9" not in summary["groups"]["smollm2-135m-instruct_L15"]
+    assert "- group smollm2-135m-instruct_L3: run_9 (model smollm2-135m-instruct, layer 3," in printed
+    assert "the groups differ in: layer (15 / 3)" in printed
+    for name, drawn in summary["figures"].items():
+        assert drawn == ["run_9"] if name.endswith("_L3.png") else "run_9" not in drawn
+
+
+def test_missing_unlearning_results_log_and_final_info(result):
+    summary, out, printed = result
+    table = (out / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| run_7 |"))
+    assert "no unlearning eval" in row and row.count("n/a") >= 2  # text score and MCQ
+    for name in ("tradeoff", "unlearning_curves"):
+        assert "run_7" not in summary["figures"][f"{name}_smollm2-135m-instruct_L15.png"]
+    assert "run_7" in summary["figures"]["training_smollm2-135m-instruct_L15.png"]
+    assert "- no unlearning results, left out of the trade-off and unlearning figures: run_7\n" in printed
+    assert "run_8" not in summary["figures"]["training_smollm2-135m-instruct_L15.png"]
+    assert "- no train_log.jsonl, left out of the training curves: run_8\n" in printed
+    assert "skip " in printed and "run_10: no final_info.json" in printed and "run_10" not in str(summary["groups"])
+    assert "run_11: final_info.json has no knowledge separation results" in printed
+    assert "run_11" not in str(summary["groups"])
+    assert "Skipped (no final_info.json, or an incomplete one): " in table and "run_11" in table
+
+
+def test_mcq_scores_that_are_not_meaningful_are_left_out_not_zero():
+    assert plot.mean_std([None, 0.5, None]) == (0.5, None)
+    assert plot.mean_std([None, None]) is None
+    assert plot.fmt(None) == "n/a"
+
+
+def test_nothing_to_plot_is_an_error(tmp_path):
+    (tmp_path / "run_1").mkdir()
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "run_1"), f"--out_dir={tmp_path / 'plots'}"])
