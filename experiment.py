@@ -35,6 +35,7 @@ import activations
 import core_eval
 import data
 import models
+import sae_bench_unlearning
 import unlearning
 
 # -----------------------------------------------------------------------------
@@ -1006,6 +1007,20 @@ def evaluate_unlearning(cfg: Config, sae_dir: Path, model, hook_name: str, forge
                                           unlearn_cfg, cfg.device, forget_group=forget_group)
 
 
+def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, model_name: str, device: str) -> dict:
+    """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
+    bio-forget-corpus.jsonl); otherwise a record of why it did not run."""
+    applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
+    if not applies:
+        return {"ran": False, "reason": why}
+    print(f"unlearning: SAE-Bench's own eval ({why})")
+    # the SAE's name in SAE-Bench's artifacts: unique per out_dir, so two runs never share firing-rate files
+    sae_name = f"{out.name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
+    result = sae_bench_unlearning.run_sae_bench_unlearning(core_eval.load_eval_sae(out / "sae", device), sae_name, model_name,
+                                                           Path(cfg.forget_corpus), device, Path(cfg.cache_dir) / "sae_bench_unlearning")
+    return {"ran": True, "reason": why, **result}
+
+
 def prepare_out_dir(cfg: Config) -> Path:
     """Create out_dir and check that it is writable; with --overwrite drop a finished run and any checkpoint;
     otherwise check that a checkpoint there is from this config (so a mismatch fails before any heavy work)."""
@@ -1070,6 +1085,7 @@ def run(cfg: Config) -> dict:
     core = core_eval.run_core_eval(out / "sae", model, retain_eval_docs, core_cfg, device)
     unlearn = evaluate_unlearning(cfg, out / "sae", model, hook_name, forget, retain_eval_docs, forget_questions,
                                   retain_questions, separation) if cfg.unlearning else None
+    sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, model_info["name"], device) if cfg.unlearning else None
 
     final_info = {
         f"training results for layer {cfg.layer}": {
@@ -1081,6 +1097,7 @@ def run(cfg: Config) -> dict:
         "core evaluation results": core,
         "knowledge separation results": separation,
         **({"unlearning evaluation results": unlearn} if unlearn is not None else {}),
+        **({"SAE-Bench unlearning evaluation results": sae_bench_unlearn} if sae_bench_unlearn is not None else {}),
         "provenance": {"model": model_info, "forget_corpus": forget.provenance(), "retain_corpus": retain.provenance(),
                        "questions": questions, "activation_cache": {"entry": str(entry), "key": key},
                        "code": code_version(), "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],

@@ -48,6 +48,8 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     assert scores["n_forget_questions"] <= 10  # 2 sampled per forget subject: too few for an MCQ score
     assert scores["unlearning_score"] is None and "not meaningful" in scores["mcq_note"]
     assert scores["text_score"] >= 0 and scores["max_forget_delta_ce"] is not None
+    assert info["SAE-Bench unlearning evaluation results"]["ran"] is False  # SmolLM2: SAE-Bench's own eval refuses it
+    assert provenance["code"]["git_commit"] and not (root / "run_1" / "checkpoints").exists()  # removed once finished
     steps = [json.loads(line) for line in (root / "run_1" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps) == final["training_steps"] and "dead_latents" in steps[0]
 

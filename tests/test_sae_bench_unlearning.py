@@ -150,3 +150,22 @@ def test_run_sae_bench_unlearning_wraps_run_eval(tmp_path, monkeypatch):
     assert Path(result["artifacts_dir"]) == artifacts_dir.resolve() and artifacts_dir.is_dir()
     assert Path(result["results_file"]) == work_dir.resolve() / "eval_results" / "run_1_custom_sae_eval_results.json"
     assert json.loads(json.dumps(result)) == result
+
+
+def test_runner_records_why_sae_bench_did_not_run_and_runs_it_where_it_applies(tmp_path, monkeypatch):
+    import experiment
+    cfg = experiment.Config(cache_dir=str(tmp_path / "cache"), forget_corpus="hpo")
+    out = tmp_path / "run_1"
+    assert experiment.evaluate_unlearning_with_sae_bench(cfg, out, "smollm2-135m-instruct", "cpu") == {
+        "ran": False, "reason": "SAE-Bench's unlearning eval supports only gemma-2-2b-it, gemma-2-9b-it; model is smollm2-135m-instruct"}
+    corpus = write_corpus(tmp_path)
+    calls = []
+    monkeypatch.setattr(experiment.core_eval, "load_eval_sae", lambda path, device: ("sae from", path))
+    monkeypatch.setattr(sae_bench_unlearning, "run_sae_bench_unlearning",
+                        lambda *args: calls.append(args) or {"eval_result_metrics": {"unlearning": {"unlearning_score": 0.25}}})
+    gemma = experiment.dataclasses.replace(cfg, forget_corpus=str(corpus))
+    result = experiment.evaluate_unlearning_with_sae_bench(gemma, out, "google/gemma-2-2b-it", "cpu")
+    assert result["ran"] and result["eval_result_metrics"]["unlearning"]["unlearning_score"] == 0.25
+    (sae, name, model, corpus_arg, device, work_dir), = calls
+    assert sae == ("sae from", out / "sae") and name.startswith("run_1-") and model == "google/gemma-2-2b-it"
+    assert corpus_arg == corpus and work_dir == tmp_path / "cache" / "sae_bench_unlearning"
