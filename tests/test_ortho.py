@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import activations
 import experiment
-from experiment import (AdaptiveOrthogonalityLoss, AutoEncoderTopK, FeatureGrouper, FixedOrthogonalityLoss, GramPenalty,
+from experiment import (AdaptiveOrthogonalityLoss, AutoEncoderTopK, FeatureGrouper, FixedOrthogonalityLoss, gram_penalty,
                         KappaEarlyStopping, TrainerTopK, condition_number, cross_group_penalty, principal_angles)
 
 
@@ -63,17 +63,21 @@ def test_partner_target_is_minimised_at_alpha():
     assert cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "hinge").item() == pytest.approx(0, abs=1e-15)
 
 
-def test_chunked_gram_penalty_equals_dense():
-    W = unit_rows(50, 8).requires_grad_()
-    dense = (W @ W.T - torch.eye(50, dtype=W.dtype)).pow(2).sum()
-    dense_grad, = torch.autograd.grad(dense, W)
-    for chunk in (7, 16, 50, 64):
-        value = GramPenalty.apply(W, chunk)
-        grad, = torch.autograd.grad(value, W)
-        torch.testing.assert_close(value, dense)
-        torch.testing.assert_close(grad, dense_grad)
-    lam, loss = FixedOrthogonalityLoss(3.0, chunk=16)(W, None, t=0)
-    assert lam == 3.0 and loss.item() == pytest.approx(dense.item() / (50 * 49))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_penalty_equals_the_dense_f_by_f_form(dtype):
+    W = unit_rows(50, 8).to(dtype).requires_grad_()
+    W_dense = W.detach().double().requires_grad_()
+    dense = (W_dense @ W_dense.T - torch.eye(50, dtype=torch.float64)).pow(2).sum()  # the definition, F×F
+    dense_grad, = torch.autograd.grad(dense, W_dense)
+    value = gram_penalty(W)
+    grad, = torch.autograd.grad(value, W)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(value.double(), dense, **tol)
+    torch.testing.assert_close(grad.double(), dense_grad, **tol)
+    W_off = W.detach().double() * 1.3  # rows off the unit sphere: the identity holds for any W
+    torch.testing.assert_close(gram_penalty(W_off), (W_off @ W_off.T - torch.eye(50, dtype=torch.float64)).pow(2).sum())
+    lam, loss = FixedOrthogonalityLoss(3.0)(W, None, t=0)
+    assert lam == 3.0 and loss.item() == pytest.approx(dense.item() / (50 * 49), rel=1e-5)
 
 
 def test_lambda2_schedule():
