@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,12 +185,63 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
 # The sparse autoencoder
 
 
+# torch marks its sparse CSR tensors "beta"; the two products used here (sparse.mm, sparse.sampled_addmm) are checked
+# against dense references in tests/test_sae.py
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+def topk_rows(pre: torch.Tensor, k: int, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [B, k] of the k largest entries in each row of pre [B, F]: the same selection as
+    pre.topk(k, sorted=False) (up to the order within a row and the choice among tied values), in two stages.
+
+    torch's CPU topk costs ~3 ns per entry plus ~2 µs per row; at F = 4608, k = 32 it takes 40% as long as the encoder
+    GEMM that produced `pre`. Stage 1 cuts each row into m = F/block strided blocks {c, c+m, …, c+(block−1)m} and
+    takes every block's max: one vectorised pass over [B, block, m]. Each of a row's k largest entries lies in one of
+    the k blocks with the largest maxima (an entry in any other block is ≤ its block's max ≤ the k-th largest block
+    max, which k entries in other blocks reach). Stage 2 is topk over those k·block candidates only:
+    topk over [B, m] and [B, k·block] instead of [B, F], 0.7–0.8x the time at the default shape.
+    Shapes where this saves nothing (F not a multiple of `block`, or k·block > F/2) use pre.topk directly.
+    """
+    B, F = pre.shape
+    if F % block or 2 * k * block > F:
+        return pre.topk(k, dim=1, sorted=False)
+    m = F // block
+    top_blocks = pre.view(B, block, m).amax(dim=1).topk(k, dim=1, sorted=False).indices              # [B, k]
+    candidates = (top_blocks[:, :, None] + torch.arange(0, F, m, device=pre.device)).view(B, k * block)
+    values, j = pre.gather(1, candidates).topk(k, dim=1, sorted=False)
+    return values, candidates.gather(1, j)
+
+
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sᵀ · dense: out [n_rows, d], out[f] = Σ_{(b, j): indices[b, j] = f} weights[b, j] · dense[b],
+    for S [B, n_rows] the sparse matrix with weights[b, j] at (b, indices[b, j]) (indices, weights [B, n], dense [B, d]).
+
+    The weight gradients of a TopK SAE are all of this form. S is laid out latent-major as a CSR matrix: a stable
+    argsort of the B·n latent ids (no COO coalescing) and a bincount for the row pointers, O(B·n); then one
+    sparse × dense product, O(B·n·d). Nothing of size B × n_rows is formed.
+    """
+    B, n = indices.shape
+    flat = indices.flatten()
+    order = flat.to(torch.int32).argsort(stable=True)  # int32 keys sort 2x faster than int64
+    crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=indices.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    rows_of_entries = torch.div(order, n, rounding_mode="floor").to(torch.int32)
+    S_t = torch.sparse_csr_tensor(crow, rows_of_entries, weights.flatten()[order], (n_rows, B), check_invariants=False)
+    return torch.sparse.mm(S_t, dense)
+
+
 class TopKEncode(torch.autograd.Function):
     """(values, indices) = TopK_k(ReLU((x − b_dec) W_enc + b_enc)), plus the top k_aux pre-activations among
     `aux_latents` (the dead latents AuxK trains), from the same dense pre-activations.
 
-    Forward: one dense [B, d] x [d, F] product, O(B·d·F). Backward: the gradient w.r.t. the pre-activations is
-    zero outside the B·(k + k_aux) selected entries, so every weight gradient is a sparse product, O(B·(k+k_aux)·d):
+    Forward: the dense product [B, d] x [d, F], O(B·d·F), the only dense step. Rows go in chunks of ≤ 2^21
+    pre-activations (8 MB; 455 rows at F = 4608): the allocator reuses each chunk's block, where a whole B×F block
+    (75 MB at B = 4096) would be freshly mapped and page-faulted every step, and the selection reads it while it is
+    still in cache (together ~0.85x the time of one unchunked product + selection). Selection: topk_rows. ReLU is
+    applied to the k selected values only (ReLU and TopK commute; where fewer than k entries are positive, the
+    extra selected values are 0 either way).
+    Backward: the gradient w.r.t. the pre-activations is zero outside the B·(k + k_aux) selected entries, so every
+    weight gradient is a sparse product (scatter_rows), O(B·(k+k_aux)·d):
       ∂W_enc[:, f] = Σ_b (x_b − b_dec) g_bf,   ∂b_enc[f] = Σ_b g_bf,   ∂b_dec = −W_enc ∂b_enc.
     The dense [B, F] gradient is never formed.
     """
@@ -197,13 +249,21 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k: int, aux_latents, k_aux: int):
         centered = x - b_dec
-        pre = torch.addmm(b_enc, centered, W_enc).relu_()
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        if aux_latents is None or len(aux_latents) == 0 or k_aux == 0:
-            aux_values, aux_indices = pre.new_zeros(len(x), 0), indices.new_zeros(len(x), 0)
+        with_aux = aux_latents is not None and len(aux_latents) > 0 and k_aux > 0
+        values, indices, aux_values, aux_indices = [], [], [], []
+        chunk = max(1, 2**21 // W_enc.shape[1])
+        for start in range(0, len(x), chunk):
+            pre = torch.addmm(b_enc, centered[start:start + chunk], W_enc)
+            v, i = topk_rows(pre, k)
+            values.append(v), indices.append(i)
+            if with_aux:
+                v, j = pre[:, aux_latents].topk(min(k_aux, len(aux_latents)), dim=-1, sorted=False)
+                aux_values.append(v), aux_indices.append(aux_latents[j])
+        values, indices = torch.cat(values).relu_(), torch.cat(indices)
+        if with_aux:
+            aux_values, aux_indices = torch.cat(aux_values).relu_(), torch.cat(aux_indices)
         else:
-            aux_values, j = pre[:, aux_latents].topk(min(k_aux, len(aux_latents)), dim=-1, sorted=False)
-            aux_indices = aux_latents[j]
+            aux_values, aux_indices = values.new_zeros(len(x), 0), indices.new_zeros(len(x), 0)
         ctx.save_for_backward(centered, W_enc, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1))
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
@@ -212,13 +272,32 @@ class TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _, grad_aux_values, __):
         centered, W_enc, values, indices = ctx.saved_tensors
         grad = torch.cat([grad_values, grad_aux_values], 1) * (values > 0)  # ReLU: no gradient where it clipped
-        B, n_sel = indices.shape
-        rows = torch.arange(B, device=indices.device).repeat_interleave(n_sel)
-        sparse_grad = torch.sparse_coo_tensor(torch.stack([indices.flatten(), rows]), grad.flatten(), (W_enc.shape[1], B),
-                                              check_invariants=False)  # built from valid indices
-        grad_W_enc = torch.sparse.mm(sparse_grad, centered).T
+        grad_W_enc = scatter_rows(indices, grad, centered, W_enc.shape[1]).T
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, indices.flatten(), grad.flatten())
         return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """Σ_j values[:, j] · W[indices[:, j]] = S W, for S [B, F] sparse with k entries per row, W [F, d]: [B, d].
+
+    Forward: an embedding_bag over W's rows, O(B·k·d). Backward, both O(B·k·d), no [B, F] tensor:
+      ∂values[b, j] = g_b · W[indices[b, j]]   a sampled product g Wᵀ at S's entries (sparse.sampled_addmm);
+      ∂W = Sᵀ g                                scatter_rows.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W):
+        ctx.save_for_backward(values, indices, W)
+        return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W = ctx.saved_tensors
+        B, k = indices.shape
+        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=indices.device), indices.flatten(),
+                                          values.new_zeros(B * k), (B, len(W)), check_invariants=False)
+        grad_values = torch.sparse.sampled_addmm(pattern, grad, W.T, beta=0.0).values().view(B, k)
+        return grad_values, None, scatter_rows(indices, values, grad, len(W))
 
 
 class AutoEncoderTopK(nn.Module):
@@ -226,8 +305,9 @@ class AutoEncoderTopK(nn.Module):
 
     encode: f = TopK_k(ReLU((x − b_dec) W_enc + b_enc))      x [B, d], W_enc [d, F], f [B, F] with k non-zeros
     decode: x̂ = f W_dec + b_dec [+ Σ_g w_g(f) b_g]             W_dec [F, d], rows unit norm
-    The active latents are kept as (values [B, k], indices [B, k]); decoding is an embedding_bag over W_dec's
-    rows, O(B·k·d), never a dense [B, F] product.
+    The active latents are kept as (values [B, k], indices [B, k]); encoding is TopKEncode, decoding SparseDecode,
+    so a training step costs one dense [B, d] x [d, F] product plus O(B·k·d) for everything else, and no [B, F]
+    tensor is formed except the (chunked) pre-activations.
 
     With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias b_g
     (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of activation mass in
@@ -262,7 +342,7 @@ class AutoEncoderTopK(nn.Module):
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
-        x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        x_hat = SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
         if self.group_bias is not None:
             x_hat = x_hat + self.group_weights(values, indices) @ self.group_bias
         return x_hat
@@ -278,7 +358,8 @@ class AutoEncoderTopK(nn.Module):
     def remove_parallel_decoder_grad(self) -> None:
         """Project out each row's gradient component along the row, so the unit-norm constraint holds to first order."""
         if self.W_dec.grad is not None:
-            self.W_dec.grad -= (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # [F], no [F, d] temporary
+            self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     def save(self, path: Path, scale: float, metadata: dict) -> None:
         """Save as a SAE-Lens TopK SAE in the model's own units (sae_lens.SAE.load_from_disk reads it).
@@ -576,7 +657,9 @@ class TrainerTopK:
         self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = sae, steps, auxk_alpha, dead_window_tokens
         self.ortho, self.grouper, self.t = ortho, grouper, 0
         self.k_aux = sae.d_in // 2
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        # fused: one kernel per parameter instead of a dozen elementwise passes (3x faster on CPU; the same update
+        # up to float rounding)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         decay_from = int(decay_start * steps)
 
         def schedule(step):
@@ -601,7 +684,7 @@ class TrainerTopK:
     def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor) -> torch.Tensor:
         if aux_values.shape[1] == 0:
             return residual.new_zeros(())
-        e_hat = F.embedding_bag(aux_indices, self.sae.W_dec, per_sample_weights=aux_values, mode="sum")  # no bias
+        e_hat = SparseDecode.apply(aux_values, aux_indices, self.sae.W_dec)  # no bias
         denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
         return ((residual - e_hat).pow(2).sum(dim=-1).mean() / denom).nan_to_num(0.0)
 
@@ -621,7 +704,7 @@ class TrainerTopK:
             extra = {"ortho": ortho.item(), "lambda2": lambda2}
         with torch.no_grad():
             self.tokens_since_fired += len(x)
-            self.tokens_since_fired[indices[values > 0].unique().cpu()] = 0
+            self.tokens_since_fired[indices[values > 0].cpu()] = 0  # repeated indices write the same 0: no unique()
             fve = 1 - recon / (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
             if self.grouper is not None and labels is not None:
                 self.grouper.update(values, indices, labels)

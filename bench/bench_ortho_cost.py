@@ -1,6 +1,6 @@
 """Cost of the adaptive orthogonality term: a topk training step vs an adaptive_ortho step, one process.
 
-    python bench/bench_ortho_cost.py [--reps 7] [--steps 5]
+    python -m bench.bench_ortho_cost [--reps 7] [--steps 5]
 
 CPU defaults (d=576, F=4608, k=32, batch 2048) on random inputs. The adaptive_ortho trainer gets realistic groups
 (~700 forget and ~800 retain latents with partners, the sizes the default run reaches) and λ2 = λ2_max, so every
@@ -9,14 +9,11 @@ each and their ratio are printed (issue 3 asks for <= 1.15x).
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import experiment  # noqa: E402
+import experiment
 
 
 def make_trainer(variant: str, d: int, n: int, k: int, n_forget: int, n_retain: int):

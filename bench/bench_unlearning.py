@@ -1,8 +1,8 @@
 """Speed of the unlearning sweep: residuals kept at the hook + only the remaining layers per config, against a full
 forward with the clamp hook per config, on the embedded SmolLM2-135M-Instruct (layer 15) with a random TopK SAE.
 
-    python bench/bench_unlearning.py                 # speedup only (a few minutes on 2 shared cores)
-    python bench/bench_unlearning.py --full-eval     # also run_unlearning_eval with the defaults; --sae DIR for a
+    python -m bench.bench_unlearning                 # speedup only (a few minutes on 2 shared cores)
+    python -m bench.bench_unlearning --full-eval     # also run_unlearning_eval with the defaults; --sae DIR for a
                                                      # trained SAE (SAE-Lens folder), --out FILE for its JSON
 
 Both paths compute the same per-context next-token losses (checked); the kept-residual path is run with
@@ -12,16 +12,14 @@ skipping untouched rows adds for this SAE.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import models  # noqa: E402
-import unlearning  # noqa: E402
+import data
+import models
+import unlearning
 
 
 class RandomTopK(torch.nn.Module):

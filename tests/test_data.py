@@ -1,6 +1,5 @@
 """Corpora, the document split, context packing and the activation cache."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Nothing lost: checkpoints and resume (SIGKILL, Ctrl-C), refused bad checkpoints, NaN stops, bad input."""
 import errno
 import json
-import os
 import random
 import subprocess
 import sys
@@ -115,7 +114,7 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_result(unin
     assert ckpt["step"] == kill_step // 4 * 4 and not ckpt["finished"]  # the last periodic checkpoint
     resumed = drive(entry, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming from" in resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr
     assert json.loads((tmp_path / "run" / "result.json").read_text())["info"]["resumed_from_step"] == ckpt["step"]
     assert_same_outcome(clean, tmp_path / "run")
 

@@ -63,14 +63,17 @@ def naive_auxk(sae, x, dead, k_aux):
     return l2 / (residual - residual.mean(0)).pow(2).sum(-1).mean()
 
 
-def test_training_loss_and_gradients_match_dense_reference_with_dead_latents():
-    """recon + alpha * AuxK and all its parameter gradients (sparse custom backward) vs the dense textbook form."""
-    sae = make_sae()
+@pytest.mark.parametrize("d, n, k, batch", [(16, 64, 4, 32), (24, 4608, 16, 1000)])
+def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, n, k, batch):
+    """recon + alpha * AuxK and all its parameter gradients (sparse custom backward) vs the dense textbook form.
+    At the second shape the encoder runs in several row chunks with the two-stage top-k selection, as at the
+    default shape."""
+    sae = make_sae(d, n, k)
     trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=0.5, dead_window_tokens=100)
-    dead = torch.zeros(64, dtype=torch.bool)
+    dead = torch.zeros(n, dtype=torch.bool)
     dead[::3] = True
     trainer.tokens_since_fired[dead] = 100  # these latents count as dead for this step
-    x = torch.randn(32, 16)
+    x = torch.randn(batch, d)
     total, stats = trainer.loss(x)
     total.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -86,6 +89,45 @@ def test_training_loss_and_gradients_match_dense_reference_with_dead_latents():
     sae.zero_grad()
     trainer.tokens_since_fired.zero_()  # nobody dead: AuxK is exactly zero
     assert trainer.loss(x)[1]["auxk"] == 0.0
+
+
+@pytest.mark.parametrize("rows, n, k", [(64, 4608, 32), (300, 96, 3), (50, 100, 7), (20, 64, 16)])
+def test_topk_rows_selects_the_k_largest(rows, n, k):
+    """The two-stage selection (first two shapes) and its plain-topk fallback (last two) against torch.topk, with
+    ties and with rows that have fewer than k positive entries."""
+    torch.manual_seed(0)
+    pre = torch.randn(rows, n)
+    pre[:rows // 4] = pre[:rows // 4].round()  # many ties
+    pre[rows // 4:rows // 2] = -pre[rows // 4:rows // 2].abs()  # nothing positive
+    values, indices = experiment.topk_rows(pre, k)
+    torch.testing.assert_close(values.sort(dim=1, descending=True).values, pre.topk(k, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(pre.gather(1, indices), values, rtol=0, atol=0)
+    assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct latents per row
+
+
+def test_scatter_rows_is_the_transposed_sparse_product():
+    """Sᵀ·dense for S [B, F] given as (indices, weights), with repeated latents in a row (AuxK can pick a latent the
+    main TopK also picked), against the dense product."""
+    torch.manual_seed(0)
+    B, n, k, d = 40, 30, 6, 7
+    indices, weights, dense = torch.randint(0, n, (B, k)), torch.randn(B, k), torch.randn(B, d)
+    S = torch.zeros(B, n).index_put_((torch.arange(B)[:, None].expand(B, k), indices), weights, accumulate=True)
+    torch.testing.assert_close(experiment.scatter_rows(indices, weights, dense, n), S.T @ dense)
+
+
+def test_sparse_decode_gradients_with_repeated_latents():
+    torch.manual_seed(0)
+    B, n, k, d = 40, 30, 6, 7
+    indices = torch.randint(0, n, (B, k))
+    values, W = torch.randn(B, k, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    g = torch.randn(B, d)
+    out = experiment.SparseDecode.apply(values, indices, W)
+    grads = torch.autograd.grad(out, (values, W), g)
+    S = torch.zeros(B, n).index_put((torch.arange(B)[:, None].expand(B, k), indices), values, accumulate=True)
+    ref = S @ W
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, (values, W), g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_dead_latent_counter_scales_with_run_and_fires():

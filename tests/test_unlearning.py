@@ -5,7 +5,6 @@ word-level tokenizer that has a chat template; and a planted 2-layer model whose
 residual is the token embedding, in which forget words carry an extra direction u and the unembedding predicts
 each word's successor from its embedding.
 """
-import itertools
 import json
 import random
 
