@@ -1020,11 +1020,13 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
 
 
 def code_version() -> dict:
-    """The git commit of this code and whether the working tree had uncommitted changes (None outside git)."""
+    """The git commit of this code and whether tracked files other than notes.txt and run_*/ (which runs write)
+    had uncommitted changes (None outside git)."""
     here = Path(__file__).resolve().parent
     try:
         git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                                                                  ":(exclude)notes.txt", ":(exclude)run_*"))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": None, "uncommitted_changes": None}
 
