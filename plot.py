@@ -274,6 +274,23 @@ def plain_ticks(axis, linthresh: float = 0.0) -> None:
     axis.set_minor_locator(NullLocator())
 
 
+def label_points(ax, points: list) -> None:
+    """Annotate (x, y, text) points, each label at the first of eight places around its point whose box overlaps
+    no label placed before (points taken top to bottom), so that close points keep readable labels."""
+    ax.figure.canvas.draw()  # fixes the axis limits, so data -> pixel positions are final
+    renderer, placed = ax.figure.canvas.get_renderer(), []
+    offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"),
+               (5, 14, "left"), (5, -21, "left"), (-5, 14, "right"), (-5, -21, "right")]
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        for dx, dy, ha in offsets:
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or (dx, dy, ha) == offsets[-1]:
+                placed.append(box)
+                break
+            note.remove()
+
+
 def plot_tradeoff(runs: list, path: Path, label: str) -> list:
     """Unlearning effect (text score; MCQ where meaningful) against reconstruction quality, one point per run."""
     runs = [r for r in runs if r["sweep"] is not None]
@@ -287,14 +304,14 @@ def plot_tradeoff(runs: list, path: Path, label: str) -> list:
     for row, y in enumerate(ys):
         for col, x in enumerate(["conv_ev", "ce_loss_score"]):
             ax = axes[row, col]
-            for run in with_mcq if y == "mcq" else runs:
+            shown = with_mcq if y == "mcq" else runs
+            for run in shown:
                 ax.scatter(run[x], run[y], color=colors[run["setting"]], s=45, zorder=3)
-                ax.annotate(f"{run['name']}: {point_label(run, runs)}", (run[x], run[y]), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
             ax.set_xlabel(METRICS[x][1] + "  → better")
             if col == 0:
                 ax.set_ylabel(METRICS[y][1] + "  → better")
             ax.margins(0.25)
+            label_points(ax, [(run[x], run[y], f"{run['name']}: {point_label(run, runs)}") for run in shown])
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in colors.items()]
     fig.legend(handles=handles, title="variant", loc="outside lower center", ncols=len(handles))
