@@ -300,6 +300,22 @@ class SparseDecode(torch.autograd.Function):
         return grad_values, None, scatter_rows(indices, values, grad, len(W))
 
 
+class MeanSquaredNorm(torch.autograd.Function):
+    """mean_b ‖r_b‖² for r [B, d], as one dot product (no r² temporary); backward: ∂/∂r = (2/B)·g·r, one pass
+    (autograd's pow/sum/mean chain makes three)."""
+
+    @staticmethod
+    def forward(ctx, r):
+        ctx.save_for_backward(r)
+        flat = r.reshape(-1)
+        return torch.dot(flat, flat) / len(r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, = ctx.saved_tensors
+        return r * (2 * grad / len(r))
+
+
 class AutoEncoderTopK(nn.Module):
     """TopK SAE on inputs scaled to unit mean squared norm.
 
@@ -321,12 +337,25 @@ class AutoEncoderTopK(nn.Module):
         W_dec = torch.randn(dict_size, d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation, as dictionary_learning and OpenAI
+        # tied initialisation, as dictionary_learning and OpenAI. Stored as W_encᵀ [F, d], one row per latent: the
+        # backward forms the encoder gradient in that layout, and fused Adam takes it without a transposing copy
+        self.W_enc_T = nn.Parameter(W_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.group_bias = nn.Parameter(torch.zeros(2, d_in)) if group_biases else None
         if group_biases:
             self.register_buffer("feature_group", torch.full((dict_size,), SHARED, dtype=torch.long))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d, F], a view of W_enc_T."""
+        return self.W_enc_T.T
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # SAE-Lens files and checkpoints written before W_enc_T hold W_enc [d, F]
+        if prefix + "W_enc" in state_dict:
+            state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").T
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0):
         """(values [B, k], indices [B, k]) of the k largest ReLU pre-activations; with `aux_latents`, also the
@@ -676,6 +705,10 @@ class TrainerTopK:
         self.t = state["t"]
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.optimizer.param_groups[0]["params"]:  # Adam moments of W_enc [d, F] from before W_enc_T
+            for name, moment in self.optimizer.state[p].items():
+                if moment.dim() == 2 and moment.shape != p.shape and moment.shape == p.T.shape:
+                    self.optimizer.state[p][name] = moment.T.contiguous()
         self.scheduler.load_state_dict(state["scheduler"])
 
     def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor) -> torch.Tensor:
@@ -691,7 +724,7 @@ class TrainerTopK:
         values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)
         x_hat = self.sae.decode(values, indices)
         residual = x - x_hat
-        recon = residual.pow(2).sum(dim=-1).mean()
+        recon = MeanSquaredNorm.apply(residual)
         auxk = self.auxk_loss(residual.detach(), aux_values, aux_indices)
         total = recon + self.auxk_alpha * auxk
         extra = {}
@@ -702,7 +735,8 @@ class TrainerTopK:
         with torch.no_grad():
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[indices[values > 0].cpu()] = 0  # repeated indices write the same 0: no unique()
-            fve = 1 - recon / (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            mean = x.mean(dim=0)
+            fve = 1 - recon / (MeanSquaredNorm.apply(x) - mean @ mean)  # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
             if self.grouper is not None and labels is not None:
                 self.grouper.update(values, indices, labels)
         stats = {"loss": total.item(), "recon": recon.item(), "auxk": auxk.item(), "explained_variance": fve.item(),

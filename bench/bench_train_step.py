@@ -152,7 +152,7 @@ def main():
     print("our loss and gradients vs the dense reference (max |diff| / max |ref|): "
           + ", ".join(f"{name} {e:.1e}" for name, e in errors.items()))
 
-    W_enc = topk_trainer.sae.W_enc.detach().clone()
+    W_enc = topk_trainer.sae.W_enc.detach().contiguous()
     out = torch.empty(B, n)
     workloads = {
         "encoder product x @ W_enc": lambda: x @ W_enc,

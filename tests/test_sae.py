@@ -1,4 +1,5 @@
 """The SAE and trainer math against naive references, planted features, and config validation."""
+import copy
 import json
 
 import numpy as np
@@ -84,6 +85,8 @@ def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, 
     reference.backward()
     torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-6)
     assert stats["auxk"] == pytest.approx(auxk.item(), rel=1e-5) and stats["auxk"] > 0
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+    assert stats["explained_variance"] == pytest.approx(1 - (x - x_hat).pow(2).sum(-1).mean().item() / variance.item(), rel=1e-5)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
     sae.zero_grad()
@@ -192,6 +195,29 @@ def test_saved_sae_loads_in_sae_lens_in_model_units(tmp_path):
         torch.testing.assert_close(loaded.encode(x), scale * code, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loaded(x), scale * sae(x / scale), rtol=1e-4, atol=1e-4)
     assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["architecture"] == "topk"
+
+
+def test_state_saved_with_W_enc_loads_and_trains_on_identically():
+    """Checkpoints written before W_enc_T hold W_enc [d, F] and its Adam moments [d, F]; SAE-Lens files hold W_enc.
+    Loading that state gives bit for bit the same next step as the trainer that wrote it."""
+    def trainer_for(sae):
+        return TrainerTopK(sae, steps=10, lr=1e-2, warmup_steps=1, decay_start=0.8, auxk_alpha=0.5, dead_window_tokens=100)
+    trainer = trainer_for(make_sae())
+    trainer.step(torch.randn(32, 16))
+    old_sae = {("W_enc" if name == "W_enc_T" else name): (v.T.contiguous() if name == "W_enc_T" else v.clone())
+               for name, v in trainer.sae.state_dict().items()}
+    old_trainer = copy.deepcopy(trainer.state())  # as a checkpoint file would: no tensor shared with `trainer`
+    position = [name for name, _ in trainer.sae.named_parameters()].index("W_enc_T")
+    old_trainer["optimizer"]["state"][position] = {name: (v.T.contiguous() if v.dim() == 2 else v.clone())
+                                                   for name, v in old_trainer["optimizer"]["state"][position].items()}
+    assert old_trainer["optimizer"]["state"][position]["exp_avg"].shape == (16, 64)
+    resumed = trainer_for(AutoEncoderTopK(16, 64, 4))
+    resumed.sae.load_state_dict(old_sae)
+    resumed.load_state(old_trainer)
+    x = torch.randn(32, 16)
+    trainer.step(x), resumed.step(x)
+    for (name, p), q in zip(trainer.sae.named_parameters(), resumed.sae.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_planted_features_are_recovered():
