@@ -94,10 +94,10 @@ def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, 
     assert trainer.loss(x)[1]["auxk"] == 0.0
 
 
-@pytest.mark.parametrize("rows, n, k", [(64, 4608, 32), (300, 96, 3), (50, 100, 7), (20, 64, 16)])
+@pytest.mark.parametrize("rows, n, k", [(64, 4608, 32), (40, 16384, 32), (300, 96, 3), (50, 100, 7), (20, 64, 16)])
 def test_topk_rows_selects_the_k_largest(rows, n, k):
-    """The two-stage selection (first two shapes) and its plain-topk fallback (last two) against torch.topk, with
-    ties and with rows that have fewer than k positive entries."""
+    """The staged selection (three levels for the first two shapes, two for the third) and its plain-topk fallback
+    (last two) against torch.topk, with ties and with rows that have fewer than k positive entries."""
     torch.manual_seed(0)
     pre = torch.randn(rows, n)
     pre[:rows // 4] = pre[:rows // 4].round()  # many ties
