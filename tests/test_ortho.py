@@ -196,6 +196,41 @@ def test_group_biases_decode_and_save_load_round_trip(tmp_path):
     assert SAE.load_from_disk(str(tmp_path / "sae"), device="cpu").cfg.d_sae == 12
 
 
+@pytest.mark.parametrize("variant, target", [("adaptive_ortho", "partner"), ("adaptive_ortho", "hinge"), ("fixed_ortho", "partner")])
+def test_step_gradient_of_the_ortho_term_equals_autograd_through_W_dec(variant, target):
+    """The trainer's W_dec gradient (backward, then ortho.add_gradient) equals autograd of
+    recon + AuxK + λ2·L_ortho written on W_dec itself."""
+    torch.manual_seed(0)
+    d, n = 12, 40
+    sae = AutoEncoderTopK(d, n, 4, group_biases=variant == "adaptive_ortho")
+    grouper = FeatureGrouper(n, every=10**9, threshold=0.5, min_freq=1e-3)
+    grouper.forget_idx, grouper.retain_idx = torch.tensor([3, 7, 1, 30, 22]), torch.tensor([5, 0, 9, 11])
+    grouper.partner_sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    cfg = experiment.Config(variant=variant, lambda2_max=5.0, t0=10, alpha=0.2, ortho_target=target)
+    ortho = experiment.make_ortho(cfg)
+    trainer = TrainerTopK(sae, steps=100, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
+                          dead_window_tokens=10**9, ortho=ortho, grouper=grouper)
+    trainer.t = 5  # λ2 halfway up its ramp for adaptive_ortho
+    x, labels = torch.randn(64, d), (torch.rand(64) < 0.5).long()
+    total, stats = trainer.loss(x, labels)
+    total.backward()
+    ortho.add_gradient(sae.W_dec)
+    ours = sae.W_dec.grad.clone()
+    sae.zero_grad()
+    without, _ = TrainerTopK(sae, steps=100, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
+                             dead_window_tokens=10**9).loss(x, labels)
+    if variant == "adaptive_ortho":
+        W_F, W_R = sae.W_dec[grouper.forget_idx], sae.W_dec[grouper.retain_idx]
+        penalty = naive_cross_group(W_F, W_R, grouper.partner_sign, 0.2, target)
+        lambda2 = 2.5
+    else:
+        penalty = (sae.W_dec @ sae.W_dec.T - torch.eye(n)).pow(2).sum() / (n * (n - 1))
+        lambda2 = 5.0
+    (without + lambda2 * penalty).backward()
+    assert stats["ortho"] == pytest.approx(penalty.item(), rel=1e-5) and stats["ortho"] > 0
+    torch.testing.assert_close(ours, sae.W_dec.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_variant_has_no_group_biases_and_ortho_is_none():
     assert experiment.make_ortho(experiment.Config(variant="topk")) is None
     assert AutoEncoderTopK(4, 8, 2).group_bias is None
