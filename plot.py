@@ -182,12 +182,18 @@ def fmt_mean_std(stats) -> str:
 
 
 def aggregate(runs: list) -> list:
-    """One row per (setting, α): mean and std over seeds of every metric."""
+    """One row per (setting, α): mean and std over seeds of every metric. Runs that repeat a seed (the same command
+    again, e.g. at another commit) are averaged into one value for that seed first, so n and the std count seeds;
+    "runs" lists one entry per seed ("run_5 + run_14" for a repeat)."""
     by_setting = {}
     for run in runs:
-        by_setting.setdefault((run["setting"], run["alpha"]), []).append(run)
-    return [{"setting": s, "alpha": a, "runs": [r["name"] for r in rs], **{m: mean_std([r[m] for r in rs]) for m in METRICS}}
-            for (s, a), rs in by_setting.items()]
+        by_setting.setdefault((run["setting"], run["alpha"]), {}).setdefault(run["seed"], []).append(run)
+    rows = []
+    for (setting, alpha), seeds in by_setting.items():
+        per_seed = [{m: (mean_std([r[m] for r in rs]) or (None,))[0] for m in METRICS} for rs in seeds.values()]
+        rows.append({"setting": setting, "alpha": alpha, "runs": [" + ".join(r["name"] for r in rs) for rs in seeds.values()],
+                     **{m: mean_std([s[m] for s in per_seed]) for m in METRICS}})
+    return rows
 
 
 def text_config(run: dict) -> str:
@@ -219,7 +225,7 @@ def results_markdown(groups: dict, skipped: list) -> str:
         parts += [f"## Group {label}: runs", markdown_table(header, rows)]
         agg_rows = [[a["setting"], alpha_text(a["alpha"]), len(a["runs"]), ", ".join(a["runs"]),
                      *(fmt_mean_std(a[m]) for m in METRICS)] for a in aggregate(runs)]
-        parts += [f"## Group {label}: mean ± std over seeds (sample std; none for one seed)",
+        parts += [f"## Group {label}: mean ± std over seeds (sample std; none for one seed; repeats of a seed averaged first)",
                   markdown_table(["variant", "α", "n", "runs", *(METRICS[m][0] for m in METRICS)], agg_rows)]
         notes = {}
         for run in runs:

@@ -119,6 +119,17 @@ def test_table_holds_the_planted_numbers_and_seed_statistics(result):
     assert table in printed  # the same table on the terminal
 
 
+def test_repeats_of_a_seed_count_once_in_the_seed_statistics():
+    """Two runs of seed 0 (one command run twice) and one of seed 1: the seed-0 repeats are averaged first, so the
+    mean and std are over 2 seeds, not 3 runs."""
+    run = lambda name, seed, score: {"name": name, "setting": "adaptive_ortho", "alpha": 0.1, "seed": seed,
+                                     **{m: None for m in plot.METRICS}, "text_score": score}
+    row, = plot.aggregate([run("run_5", 0, 1.0), run("run_14", 0, 3.0), run("run_6", 1, 5.0)])
+    assert row["runs"] == ["run_5 + run_14", "run_6"]
+    assert row["text_score"] == pytest.approx((3.5, np.std([2.0, 5.0], ddof=1)))
+    assert row["val_ev"] is None
+
+
 def test_runs_of_another_layer_form_their_own_group_and_are_never_drawn_with_the_rest(result):
     summary, _, printed = result
     assert summary["groups"]["smollm2-135m-instruct_L3"] == ["run_9"]
