@@ -188,12 +188,13 @@ def aggregate(runs: list) -> list:
     by_setting = {}
     for run in runs:
         by_setting.setdefault((run["setting"], run["alpha"]), {}).setdefault(run["seed"], []).append(run)
-    rows = []
-    for (setting, alpha), seeds in by_setting.items():
-        per_seed = [{m: (mean_std([r[m] for r in rs]) or (None,))[0] for m in METRICS} for rs in seeds.values()]
-        rows.append({"setting": setting, "alpha": alpha, "runs": [" + ".join(r["name"] for r in rs) for rs in seeds.values()],
-                     **{m: mean_std([s[m] for s in per_seed]) for m in METRICS}})
-    return rows
+    def seed_mean(repeats: list, m: str):
+        stats = mean_std([r[m] for r in repeats])
+        return stats and stats[0]
+
+    return [{"setting": setting, "alpha": alpha, "runs": [" + ".join(r["name"] for r in rs) for rs in seeds.values()],
+             **{m: mean_std([seed_mean(rs, m) for rs in seeds.values()]) for m in METRICS}}
+            for (setting, alpha), seeds in by_setting.items()]
 
 
 def text_config(run: dict) -> str:
