@@ -1,4 +1,4 @@
-"""SAE-Bench's core evaluation of a saved SAE-Lens TopK SAE (with its group biases, when it has them), on local
+"""SAE-Bench's core evaluation of a SAE-Lens SAE (experiment.load_sae's TopKSAE or GroupBiasTopKSAE), on local
 held-out text, fully offline.
 
 The metrics come from SAE-Bench's own `run_evals` (sae_bench 0.6.0), fed by an sae_lens ActivationsStore built
@@ -12,17 +12,13 @@ SAE-Bench's `explained_variance` does not measure variance about the mean activa
 issue 659), so we add the conventional one, computed on exactly the tokens of its sparsity/variance batches.
 """
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from datasets import Dataset
 from sae_bench.evals.core.eval_config import CoreEvalConfig as SAEBenchCoreEvalConfig
-from sae_bench.custom_saes.base_sae import BaseSAE
 from sae_bench.evals.core.main import run_evals
 from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 from sae_lens import SAE
@@ -47,49 +43,6 @@ class CoreEvalConfig:
     n_eval_sparsity_variance_batches: int = 8  # L0/MSE/EV batches: 2 forward passes up to the hook each (ours + SAE-Bench's)
     exclude_special_tokens_from_reconstruction: bool = True  # splice the SAE in only at non-BOS/EOS/pad positions, as SAE-Bench's published runs
     seed: int = 42  # shuffles the documents before packing, as SAE-Bench's multiple_evals does
-
-
-GROUP_BIASES_FILE = "group_biases.safetensors"  # experiment.GROUP_BIASES_FILE (experiment imports this module)
-
-
-class GroupBiasTopKSAE(BaseSAE):
-    """The adaptive_ortho SAE for SAE-Bench: a TopK SAE whose decoder adds group-specific biases,
-    x̂ = f W_dec + b_dec + Σ_g w_g(f) b_g, w_g(f) = Σ_{j ∈ g} f_j / Σ_j f_j (experiment.AutoEncoderTopK.decode), on
-    dense feature activations f [..., F] as run_evals expects. Weights in model units, as saved."""
-
-    def __init__(self, sae_dir: Path, device: str):
-        cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
-        meta = cfg["metadata"]
-        super().__init__(cfg["d_in"], cfg["d_sae"], meta["model_name"], meta["hook_layer"], torch.device(device),
-                         torch.float32, meta["hook_name"])
-        self.k = cfg["k"]
-        self.cfg.context_size, self.cfg.prepend_bos, self.cfg.architecture = meta["context_size"], meta["prepend_bos"], "topk_group_biases"
-        weights = load_file(str(Path(sae_dir) / "sae_weights.safetensors")) | load_file(str(Path(sae_dir) / GROUP_BIASES_FILE))
-        groups = weights.pop("feature_group")
-        # one-hot [F, 2] of the groups (column g = domain label g; shared latents are all-zero rows)
-        self.register_buffer("group_onehot", torch.stack([groups == 0, groups == 1], dim=1).float())
-        self.group_bias = torch.nn.Parameter(torch.zeros(2, cfg["d_in"]))
-        self.load_state_dict(weights | {"group_onehot": self.group_onehot}, strict=True)
-        self.to(device=device)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        top = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        weights = (feature_acts @ self.group_onehot) / feature_acts.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        return feature_acts @ self.W_dec + self.b_dec + weights @ self.group_bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-
-def load_eval_sae(sae_dir: Path, device: str):
-    """The saved SAE as SAE-Bench should see it: SAE-Lens's TopK SAE, or GroupBiasTopKSAE when group biases exist."""
-    if (Path(sae_dir) / GROUP_BIASES_FILE).exists():
-        return GroupBiasTopKSAE(sae_dir, device)
-    return SAE.load_from_disk(sae_dir, device=device)
 
 
 def special_token_ids(tokenizer) -> set[int]:
@@ -161,12 +114,11 @@ def _plain(value):
     return None if math.isnan(value) else value
 
 
-def run_core_eval(sae_dir: Path, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str) -> dict:
-    """SAE-Bench core metrics of the SAE in `sae_dir` on `texts`, in the layout SAE-Bench writes under
-    "core evaluation results", plus the conventional explained variance and the wall time."""
+def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str) -> dict:
+    """SAE-Bench core metrics of `sae` on `texts`, in the layout SAE-Bench writes under "core evaluation results",
+    plus the conventional explained variance and the wall time."""
     started = time.time()
-    sae = load_eval_sae(sae_dir, device)
-    meta = json.loads((Path(sae_dir) / "cfg.json").read_text())["metadata"]
+    meta = sae.cfg.metadata
     sae_set = f"{meta['model_name']}_layer_{meta['hook_layer']}_sae"
     # Copies hook_name/hook_layer/model_name from cfg.metadata onto cfg, where run_evals reads them (SAE-Lens 6).
     sae_id, sae, _ = load_and_format_sae(sae_set, sae, device)

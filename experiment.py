@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sae_lens import SAE, TopKSAE, TopKSAEConfig, register_sae_class
 from tqdm.auto import tqdm
 
 import activations
@@ -84,6 +85,7 @@ class Config:
     alpha: float = _opt(0.1, "adaptive_ortho: cosine each forget feature may share with its matched retain partner (partner target) or the cross-group |cos| allowed before any penalty (hinge target); 0: strict orthogonality")
     lambda2_max: float = _opt(1000.0, "weight of the orthogonality loss (a mean squared cosine deviation, so ~1/d per pair at random): adaptive_ortho reaches it at t0, fixed_ortho uses it from step 0")
     t0: int = _opt(300, "adaptive_ortho: steps over which λ2(t) = lambda2_max·min(1, t/t0) ramps up")
+    group_biases: bool = _opt(True, "adaptive_ortho: group-specific decoder biases b_forget, b_retain (false: the ablation without them; topk and fixed_ortho have none)")
     ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² (P: matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per cross-group pair")
     group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, log κ) every this many steps; also the horizon of the firing-frequency EMAs")
     specificity_threshold: float = _opt(0.5, "a feature is forget (retain) when s = (p_f − p_r)/(p_f + p_r) > t (< −t); 0.5 means it fires >= 3x as often on one domain")
@@ -98,7 +100,9 @@ class Config:
     unlearning_retain_thresholds: str = _opt("0.001,0.01", "unlearning sweep: drop features firing on more than this share of retain tokens")
     unlearning_n_features: str = _opt("10,20", "unlearning sweep: number of features clamped")
     unlearning_multipliers: str = _opt("25,50,100,200", "unlearning sweep: clamped features are set to -multiplier (model units)")
-    unlearning_ce_tolerance: float = _opt(0.02, "text score: largest retain ΔCE (nats/token) a config may cost")
+    unlearning_ce_tolerance: float = _opt(0.02, "unlearning scores: the retain ΔCE (nats/token) at which forget ΔCE is read (interpolated), and the most a config may cost for the text score")
+    unlearning_ce_contexts: int = _opt(24, "unlearning: held-out ΔCE contexts per side for each of the selection and the report split")
+    unlearning_group_bias_edit: str = _opt("held", "how a clamp treats group biases: 'held' (edit = (f' − f)·W_dec, the group-bias term kept at the codes before the clamp: the same edit for every variant) or 'relu' (group weights recomputed from relu(f'): clamped features carry no mass)")
     unlearning_questions_per_subject: int = _opt(25, "multiple-choice questions sampled per subject before the answer-order filter")
 
 
@@ -140,6 +144,8 @@ def validate(cfg: Config) -> None:
         (cfg.layer >= -1, "layer", f"layer={cfg.layer} must be >= 0 (or -1 for the model's default)"),
         (cfg.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode", f"wandb_mode={cfg.wandb_mode!r}: use auto, online, offline or disabled"),
         (cfg.variant in VARIANTS, "variant", f"variant={cfg.variant!r}: use one of {', '.join(VARIANTS)}"),
+        (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit", f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: use one of {', '.join(GROUP_BIAS_EDITS)}"),
+        (cfg.unlearning_ce_contexts >= 2, "unlearning_ce_contexts", f"unlearning_ce_contexts={cfg.unlearning_ce_contexts} must be >= 2 (a standard error needs two)"),
         (cfg.ortho_target in ("partner", "hinge"), "ortho_target", f"ortho_target={cfg.ortho_target!r}: use partner or hinge"),
         (0 <= cfg.alpha < 1, "alpha", f"alpha={cfg.alpha} must be in [0, 1)"),
         (cfg.lambda2_max >= 0, "lambda2_max", f"lambda2_max={cfg.lambda2_max} must be >= 0"),
@@ -329,8 +335,8 @@ class AutoEncoderTopK(nn.Module):
 
     With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias b_g
     (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of activation mass in
-    that group: w_g(f) = Σ_{j ∈ g} f_j / Σ_j f_j (0 for a token with no active latent). `feature_group` [F] holds
-    each latent's group (−1 shared); the decoder weights stay shared.
+    that group, w_g(f) (`group_weights`). `feature_group` [F] holds each latent's group (−1 shared); the decoder
+    weights stay shared. Saved, it is a GroupBiasTopKSAE.
     """
 
     def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False):
@@ -365,18 +371,12 @@ class AutoEncoderTopK(nn.Module):
         values, indices, aux_values, aux_indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux)
         return (values, indices) if aux_latents is None else (values, indices, aux_values, aux_indices)
 
-    def group_weights(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """w [B, 2]: w[:, g] = Σ_{j: feature_group[indices_j] = g} values_j / Σ_j values_j, O(B·k)."""
-        groups = self.feature_group[indices]
-        mass = torch.stack([(values * (groups == g)).sum(dim=1) for g in (activations.RETAIN, activations.FORGET)], dim=1)
-        return mass / values.sum(dim=1, keepdim=True).clamp_min(1e-12)  # no active latent: 0 / tiny = 0
-
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
         x_hat = SparseDecode.apply(values, indices, self.W_dec)
         x_hat += self.b_dec  # in place: the decode's output is fresh and its backward does not need it
         if self.group_bias is not None:
-            x_hat.addmm_(self.group_weights(values, indices), self.group_bias)
+            x_hat.addmm_(group_weights(values, self.feature_group[indices]), self.group_bias)
         return x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -395,42 +395,110 @@ class AutoEncoderTopK(nn.Module):
                 grad.addcmul_(torch.linalg.vecdot(grad, W)[:, None], W, value=-1)
 
     def save(self, path: Path, scale: float, metadata: dict) -> None:
-        """Save as a SAE-Lens TopK SAE in the model's own units (sae_lens.SAE.load_from_disk reads it).
+        """Save as a SAE-Lens SAE in the model's own units: TopKSAE, or GroupBiasTopKSAE with group biases
+        (sae_lens.SAE.load_from_disk reads either once this module is imported).
 
         Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and x̂' = scale·x̂ on raw x,
         with the same latents firing and W_dec still unit-norm, so feature values are in activation units.
         Group biases are biases of x̂ too, so they are scaled the same way (the weights w_g are ratios of activation
-        mass, unchanged by the scale) and go to path/group_biases.safetensors with `feature_group`; SAE-Lens alone
-        would ignore them, so load such an SAE with `load_sae(path)`.
+        mass, unchanged by the scale).
         """
-        from safetensors.torch import save_file
         from sae_lens.saes.sae import SAEMetadata
-        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-        sae = TopKSAE(TopKSAEConfig(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32", device="cpu",
-                                    apply_b_dec_to_input=True, normalize_activations="none",
-                                    metadata=SAEMetadata(**metadata)))
-        sae.load_state_dict({"W_enc": self.W_enc.detach().cpu(), "W_dec": self.W_dec.detach().cpu(),
-                             "b_enc": self.b_enc.detach().cpu() * scale, "b_dec": self.b_dec.detach().cpu() * scale})
+        groups = self.group_bias is not None
+        config_class = GroupBiasTopKSAEConfig if groups else TopKSAEConfig
+        sae_class = GroupBiasTopKSAE if groups else TopKSAE
+        sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32", device="cpu",
+                                     apply_b_dec_to_input=True, normalize_activations="none",
+                                     metadata=SAEMetadata(**metadata)))
+        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale, "b_dec": self.b_dec * scale}
+        if groups:
+            weights |= {"group_bias": self.group_bias * scale, "feature_group": self.feature_group}
+        sae.load_state_dict({name: w.detach().cpu() for name, w in weights.items()})
         sae.save_model(str(path))
-        if self.group_bias is not None:
-            save_file({"group_bias": self.group_bias.detach().cpu() * scale, "feature_group": self.feature_group.cpu()},
-                      str(Path(path) / GROUP_BIASES_FILE))
 
 
 SHARED = -1  # feature_group of a latent in neither domain group
-GROUP_BIASES_FILE = "group_biases.safetensors"
 
 
-def load_sae(path: Path, device: str = "cpu") -> AutoEncoderTopK:
-    """An SAE saved by AutoEncoderTopK.save, in model units (scale 1), group biases applied when they were saved."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    cfg = json.loads((path / "cfg.json").read_text())
-    weights = load_file(str(path / "sae_weights.safetensors"))
-    groups = load_file(str(path / GROUP_BIASES_FILE)) if (path / GROUP_BIASES_FILE).exists() else {}
-    sae = AutoEncoderTopK(cfg["d_in"], cfg["d_sae"], cfg["k"], group_biases=bool(groups))
-    sae.load_state_dict({name: weights[name] for name in ("W_enc", "W_dec", "b_enc", "b_dec")} | groups)
-    return sae.to(device)
+def group_weights(codes: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """w [..., 2]: each token's share of activation mass in the retain (column RETAIN) and forget (FORGET) group,
+
+        w_g = Σ_j relu(c_j)·[groups_j = g] / Σ_j relu(c_j)      (0 for a token with no positive code),
+
+    codes [..., n] with groups [..., n] (training's sparse path: TopK values and their latents' groups) or [n]
+    (the dense path: n = F, groups = feature_group). Only positive codes carry mass, so 0 ≤ w_g ≤ 1 and
+    w_RETAIN + w_FORGET ≤ 1 for any codes, negative ones included: an intervention that clamps features to −m
+    moves the group-bias term by at most ‖b_RETAIN‖ + ‖b_FORGET‖. TopK codes are ≥ 0, where this is the plain
+    share Σ_{j∈g} f_j / Σ_j f_j.
+    """
+    mass = codes.clamp_min(0)
+    per_group = torch.stack([(mass * (groups == g)).sum(dim=-1) for g in (activations.RETAIN, activations.FORGET)],
+                            dim=-1)
+    return per_group / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+
+
+GROUP_BIAS_ARCHITECTURE = "topk_group_biases"
+
+
+@dataclass
+class GroupBiasTopKSAEConfig(TopKSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return GROUP_BIAS_ARCHITECTURE
+
+
+class GroupBiasTopKSAE(TopKSAE):
+    """A saved adaptive_ortho SAE for SAE-Lens and SAE-Bench: SAE-Lens's TopK SAE on dense codes f [..., F] whose
+    decoder adds the group biases, x̂ = f W_dec + b_dec + group_weights(f, feature_group) @ group_bias
+    (AutoEncoderTopK's decode, in model units). sae_weights.safetensors holds group_bias [2, d] and
+    feature_group [F] beside the TopK weights; cfg.json's architecture is "topk_group_biases".
+    """
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self.group_bias = nn.Parameter(torch.zeros(2, self.cfg.d_in, dtype=self.dtype, device=self.device))
+        self.register_buffer("feature_group", torch.full((self.cfg.d_sae,), SHARED, device=self.device))
+
+    def process_state_dict_for_loading(self, state_dict: dict) -> None:
+        # SAE-Lens's disk loader casts every tensor to the config's float dtype; group ids are small integers
+        state_dict["feature_group"] = state_dict["feature_group"].round().long()
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        x_hat = feature_acts @ self.W_dec + self.b_dec
+        x_hat = x_hat + group_weights(feature_acts, self.feature_group).to(x_hat.dtype) @ self.group_bias
+        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(self.hook_sae_recons(x_hat)), self.d_head)
+
+    def without_group_biases(self) -> TopKSAE:
+        """The same encoder and decoder as a plain TopKSAE (its decode leaves the group-bias term out)."""
+        cfg = TopKSAEConfig.from_dict(self.cfg.to_dict() | {"architecture": TopKSAEConfig.architecture()})
+        plain = TopKSAE(cfg)
+        plain.load_state_dict({name: getattr(self, name) for name in ("W_enc", "W_dec", "b_enc", "b_dec")})
+        return plain.to(device=self.device, dtype=self.dtype)
+
+
+register_sae_class(GROUP_BIAS_ARCHITECTURE, GroupBiasTopKSAE, GroupBiasTopKSAEConfig)
+
+
+GROUP_BIAS_EDITS = ("held", "relu")
+
+
+def intervention_sae(sae: TopKSAE, group_bias_edit: str) -> TopKSAE:
+    """The SAE whose decode defines an intervention's edit, resid' = resid − decode(f) + decode(f') (SAE-Bench's
+    clamp), f' the edited codes. Encoding, and so feature selection, is the same either way.
+      held: the group-bias term stays at its value under the codes before the intervention (it is left in the
+            error term), so the edit is (f' − f)·W_dec: the same edit for an SAE with or without group biases.
+            This is the plain TopK view of a GroupBiasTopKSAE.
+      relu: the SAE itself. Group weights come from relu(f'): clamped features carry no mass, so the bias moves
+            toward the group(s) of the token's other active features (by at most ‖b_RETAIN‖ + ‖b_FORGET‖).
+    A TopK SAE without group biases is its own view under both readings."""
+    if group_bias_edit not in GROUP_BIAS_EDITS:
+        raise ValueError(f"group_bias_edit={group_bias_edit!r}: use one of {', '.join(GROUP_BIAS_EDITS)}")
+    return sae.without_group_biases() if isinstance(sae, GroupBiasTopKSAE) and group_bias_edit == "held" else sae
+
+
+def load_sae(path: Path, device: str = "cpu") -> TopKSAE:
+    """An SAE saved by AutoEncoderTopK.save, in model units: a TopKSAE, or a GroupBiasTopKSAE with group biases."""
+    return SAE.load_from_disk(str(path), device=device)
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
@@ -859,6 +927,10 @@ def open_wandb(cfg: Config):
     return wandb.init(project="orthogonal-sae", dir=cfg.out_dir, mode=mode, config=dataclasses.asdict(cfg))
 
 
+def uses_group_biases(cfg: Config) -> bool:
+    return cfg.variant == "adaptive_ortho" and cfg.group_biases
+
+
 def make_ortho(cfg: Config):
     """The orthogonality term of `cfg.variant` (None for topk)."""
     if cfg.variant == "fixed_ortho":
@@ -883,7 +955,8 @@ def _finite(obj):
 # Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
 NOT_TRAINING_FIELDS = {"out_dir", "overwrite", "checkpoint_every", "wandb_mode", "device", "core_eval_batches",
                        "core_eval_sparsity_batches", "core_eval_batch_prompts", "unlearning", "unlearning_retain_thresholds",
-                       "unlearning_n_features", "unlearning_multipliers", "unlearning_ce_tolerance",
+                       "unlearning_n_features", "unlearning_multipliers", "unlearning_ce_tolerance", "unlearning_ce_contexts",
+                       "unlearning_group_bias_edit",
                        "unlearning_questions_per_subject"}
 
 
@@ -958,7 +1031,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     val_acts = val_acts[val_keep]
     # scale so that E‖x‖² = 1 over the kept tokens (dictionary_learning's normalisation)
     scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
-    sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k, group_biases=cfg.variant == "adaptive_ortho").to(cfg.device)
+    sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg)).to(cfg.device)
     steps = max(1, int(cfg.epochs * len(keep) / cfg.batch_size))
     grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq)
     ortho = make_ortho(cfg)
@@ -1049,7 +1122,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     separation = {
         "variant": cfg.variant, "alpha": cfg.alpha if cfg.variant == "adaptive_ortho" else 0.0,
         "ortho_target": cfg.ortho_target if cfg.variant == "adaptive_ortho" else None,
-        "lambda2_max": cfg.lambda2_max if ortho else 0.0, "t0": cfg.t0,
+        "lambda2_max": cfg.lambda2_max if ortho else 0.0, "t0": cfg.t0, "group_biases": uses_group_biases(cfg),
         "lambda2_final": ortho.lambda2(trainer.t) if ortho else 0.0,
         "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
                      "min_freq": cfg.min_freq, "passive": cfg.variant == "topk" or cfg.variant == "fixed_ortho"},
@@ -1109,40 +1182,50 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     if "unlearning evaluation results" in final_info:
         u = final_info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]
         mcq = u["unlearning_score"] if u["unlearning_score"] is not None else f"n/a ({u['n_forget_questions']} forget questions survive)"
-        entry += f"unlearning: text score {u['text_score']:.4f} nats (max forget ΔCE at retain ΔCE <= {u['ce_tolerance']}) | MCQ unlearning_score {mcq}\n"
+        held = "n/a (no curve stays within the tolerance)" if u["held_out_score"] is None else \
+            f"{u['held_out_score']:.4f} ± {u['held_out_score_se']:.4f} nats"
+        entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score {held} (forget ΔCE "
+                  f"at retain ΔCE = {u['ce_tolerance']}, chosen on selection text, scored on report text) | text score "
+                  f"{u['text_score']:.4f} nats (max forget ΔCE at retain ΔCE <= {u['ce_tolerance']}) | MCQ "
+                  f"unlearning_score {mcq}\n")
     with open(notes_path, "a") as f:
         f.write(entry)
 
 
-def evaluate_unlearning(cfg: Config, sae_dir: Path, model, hook_name: str, forget: data.Corpus, retain_eval_docs: list,
+def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, forget: data.Corpus, retain_eval_docs: list,
                         forget_questions: dict, retain_questions: dict, separation: dict) -> dict:
-    """unlearning.run_unlearning_eval on held-out documents; for the orthogonal variants also restricted to the
+    """unlearning.run_unlearning_eval on held-out documents, with the clamp's edit defined by
+    `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted to the
     SAE's own forget group. The question filter depends only on the model, so it is cached across runs."""
     _, forget_eval_docs = data.split_documents(forget.documents, cfg.eval_fraction, cfg.data_seed)
     floats = lambda text: tuple(float(v) for v in text.split(","))
     unlearn_cfg = unlearning.UnlearningConfig(
         retain_thresholds=floats(cfg.unlearning_retain_thresholds), n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
         multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
-        context_length=cfg.context_length, max_questions_per_subject=cfg.unlearning_questions_per_subject,
+        n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
+        max_questions_per_subject=cfg.unlearning_questions_per_subject,
         question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
     forget_group = torch.tensor(separation["forget_features"], dtype=torch.long) if cfg.variant != "topk" else None
-    return unlearning.run_unlearning_eval(core_eval.load_eval_sae(sae_dir, cfg.device), model, hook_name, cfg.layer,
-                                          forget_eval_docs, retain_eval_docs, forget_questions, retain_questions,
-                                          unlearn_cfg, cfg.device, forget_group=forget_group)
+    result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model, hook_name,
+                                            cfg.layer, forget_eval_docs, retain_eval_docs, forget_questions,
+                                            retain_questions, unlearn_cfg, cfg.device, forget_group=forget_group)
+    result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
+    return result
 
 
-def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, model_name: str, device: str) -> dict:
+def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, model_name: str, device: str) -> dict:
     """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
-    bio-forget-corpus.jsonl); otherwise a record of why it did not run."""
+    bio-forget-corpus.jsonl), with the same edit as the port; otherwise a record of why it did not run."""
     applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
     if not applies:
         return {"ran": False, "reason": why}
     print(f"unlearning: SAE-Bench's own eval ({why})")
     # the SAE's name in SAE-Bench's artifacts: unique per out_dir, so two runs never share firing-rate files
     sae_name = f"{out.name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
-    result = sae_bench_unlearning.run_sae_bench_unlearning(core_eval.load_eval_sae(out / "sae", device), sae_name, model_name,
-                                                           Path(cfg.forget_corpus), device, Path(cfg.cache_dir) / "sae_bench_unlearning")
-    return {"ran": True, "reason": why, **result}
+    result = sae_bench_unlearning.run_sae_bench_unlearning(intervention_sae(sae, cfg.unlearning_group_bias_edit), sae_name,
+                                                           model_name, Path(cfg.forget_corpus), device,
+                                                           Path(cfg.cache_dir) / "sae_bench_unlearning")
+    return {"ran": True, "reason": why, "group_bias_edit": cfg.unlearning_group_bias_edit, **result}
 
 
 def prepare_out_dir(cfg: Config) -> Path:
@@ -1201,15 +1284,16 @@ def run(cfg: Config) -> dict:
     metadata = {"model_name": model_info["name"], "hook_name": hook_name, "hook_layer": cfg.layer,
                 "context_size": cfg.context_length, "prepend_bos": True}
     sae.save(out / "sae", scale, metadata)
+    saved = load_sae(out / "sae", device)  # what every evaluation sees: the SAE as saved, in model units
 
     _, retain_eval_docs = data.split_documents(retain.documents, cfg.eval_fraction, cfg.data_seed)
     core_cfg = core_eval.CoreEvalConfig(context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
                                         n_eval_reconstruction_batches=cfg.core_eval_batches,
                                         n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
-    core = core_eval.run_core_eval(out / "sae", model, retain_eval_docs, core_cfg, device)
-    unlearn = evaluate_unlearning(cfg, out / "sae", model, hook_name, forget, retain_eval_docs, forget_questions,
+    core = core_eval.run_core_eval(saved, model, retain_eval_docs, core_cfg, device)
+    unlearn = evaluate_unlearning(cfg, saved, model, hook_name, forget, retain_eval_docs, forget_questions,
                                   retain_questions, separation) if cfg.unlearning else None
-    sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, model_info["name"], device) if cfg.unlearning else None
+    sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, saved, model_info["name"], device) if cfg.unlearning else None
 
     final_info = {
         f"training results for layer {cfg.layer}": {

@@ -32,11 +32,12 @@ METRICS = {  # run field: (table column, axis label with units)
     "cross_cos": ("cross-group |cos| mean", "cross-group |cos| mean (unitless)"),
     "kappa_forget": ("κ forget", "κ forget group (σmax/σmin)"),
     "kappa_retain": ("κ retain", "κ retain group (σmax/σmin)"),
+    "held_out_score": ("held-out score (nats)", "forget ΔCE at retain ΔCE = tolerance, held out (nats/token)"),
     "text_score": ("text score (nats)", "text score (nats/token)"),
     "mcq": ("MCQ score", "MCQ score (1 − forget accuracy)"),
 }
 TEXT_SCORE = "text score = largest forget ΔCE among the sweep's configs whose retain ΔCE ≤ tolerance"
-SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "text_score", "mcq", "cross_cos", "kappa_forget", "kappa_retain"]
+SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "held_out_score", "text_score", "mcq", "cross_cos", "kappa_forget", "kappa_retain"]
 LOG_SCALE = {"kappa_forget", "kappa_retain"}
 SECTIONS = ["core evaluation results", "knowledge separation results", "provenance"]  # final_info.json needs these
 
@@ -116,7 +117,8 @@ def load_run(path: Path, name: str):
     unlearning = info.get("unlearning evaluation results")
     scores = unlearning["eval_result_metrics"]["unlearning"] if unlearning else {}
     details = unlearning["eval_result_details"] if unlearning else {}
-    run |= {"text_score": scores.get("text_score"), "text_config": scores.get("text_score_config"),
+    run |= {"held_out_score": scores.get("held_out_score"),
+            "text_score": scores.get("text_score"), "text_config": scores.get("text_score_config"),
             "ce_tolerance": scores.get("ce_tolerance"), "mcq": scores.get("unlearning_score"),
             "n_forget_questions": scores.get("n_forget_questions"),
             "sweep": details.get("sweep"), "group_sweep": details.get("forget_group_sweep")}

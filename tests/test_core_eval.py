@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from sae_lens import SAE
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -78,7 +79,7 @@ def kept_activations(model, batches):
 def test_perfect_sae_scores_perfectly_and_result_is_json(model_and_texts, tmp_path):
     model, texts = model_and_texts
     perfect_sae(tmp_path)
-    result = core_eval.run_core_eval(tmp_path, model, texts, CFG, "cpu")
+    result = core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path)), model, texts, CFG, "cpu")
     m = result["metrics"]
     rq = m["reconstruction_quality"]
     assert rq["explained_variance_conventional"] == pytest.approx(1.0, abs=1e-6)
@@ -112,7 +113,7 @@ def test_mean_only_sae_explains_nothing_conventionally_but_much_from_zero(model_
     batches = core_eval.sparsity_variance_batches(model, perfect_sae(tmp_path / "p"), texts, CFG, "cpu")
     x_bar = torch.cat(kept_activations(model, batches)).double().mean(0).float()
     save_sae(tmp_path / "mean", torch.randn(D, 2 * D), torch.zeros(2 * D, D), torch.zeros(2 * D), x_bar, k=4)
-    rq = core_eval.run_core_eval(tmp_path / "mean", model, texts, CFG, "cpu")["metrics"]["reconstruction_quality"]
+    rq = core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path / "mean")), model, texts, CFG, "cpu")["metrics"]["reconstruction_quality"]
     assert rq["explained_variance_conventional"] == pytest.approx(0.0, abs=1e-5)
     assert rq["explained_variance"] > 0.5
 
@@ -130,7 +131,7 @@ def test_ev_matches_numpy_and_saebench_sees_the_same_tokens(model_and_texts, tmp
     torch.manual_seed(1)  # tied random dictionary around the data mean: a mediocre but sane SAE
     W_dec = torch.nn.functional.normalize(torch.randn(4 * D, D), dim=1)
     sae = save_sae(tmp_path / "sae", W_dec.T.clone(), W_dec, 0.1 * torch.randn(4 * D), torch.cat(acts).mean(0), k=6)
-    rq = core_eval.run_core_eval(tmp_path / "sae", model, texts, CFG, "cpu")["metrics"]["reconstruction_quality"]
+    rq = core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path / "sae")), model, texts, CFG, "cpu")["metrics"]["reconstruction_quality"]
 
     assert sum(len(a) for a in acts) < 3 * 4 * 32  # BOS/EOS positions were dropped
     with torch.no_grad():
@@ -152,4 +153,4 @@ def test_too_little_text_fails_before_evaluating(model_and_texts, tmp_path):
     model, texts = model_and_texts
     perfect_sae(tmp_path)
     with pytest.raises(ValueError, match="texts fill only"):
-        core_eval.run_core_eval(tmp_path, model, texts[:5], CFG, "cpu")
+        core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path)), model, texts[:5], CFG, "cpu")

@@ -183,17 +183,104 @@ def test_group_biases_decode_and_save_load_round_trip(tmp_path):
     scale = 3.0
     sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
                                        "context_size": 16, "prepend_bos": True})
-    loaded = experiment.load_sae(tmp_path / "sae")
+    from sae_lens import SAE  # the saved SAE is a registered SAE-Lens class: SAE-Lens itself loads the group biases
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    assert isinstance(loaded, experiment.GroupBiasTopKSAE) and loaded.cfg.architecture() == "topk_group_biases"
+    assert loaded.feature_group.dtype == torch.long and loaded.feature_group.tolist() == sae.feature_group.tolist()
     raw = scale * x
     with torch.no_grad():
         torch.testing.assert_close(loaded(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
-    import core_eval  # what SAE-Bench evaluates: the same model, dense interface
-    wrapped = core_eval.load_eval_sae(tmp_path / "sae", "cpu")
-    assert isinstance(wrapped, core_eval.GroupBiasTopKSAE)
+        torch.testing.assert_close(experiment.load_sae(tmp_path / "sae")(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
+        # its plain TopK view differs by exactly the group-bias term
+        plain = loaded.without_group_biases()
+        f = loaded.encode(raw)
+        w = experiment.group_weights(f, loaded.feature_group)
+        torch.testing.assert_close(loaded.decode(f) - plain.decode(f), w @ loaded.group_bias, rtol=1e-4, atol=1e-4)
+
+
+def _old_group_weights(f, groups):
+    """The formula before the bound: w_g = Σ_{j∈g} f_j / max(Σ_j f_j, 1e-12), on signed codes."""
+    mass = torch.stack([(f * (groups == g)).sum(-1) for g in (0, 1)], -1)
+    return mass / f.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _clamp(f, features, multiplier):
+    """SAE-Bench's clamp: each selected feature set to -multiplier where it is > 0."""
+    f2 = f.clone()
+    sel = f2[..., features]
+    f2[..., features] = torch.where(sel > 0, torch.full_like(sel, -multiplier), sel)
+    return f2
+
+
+def _saved_group_sae(tmp_path, zero_biases=False):
+    torch.manual_seed(1)
+    sae = AutoEncoderTopK(16, 64, 8, group_biases=True)
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
-    from sae_lens import SAE  # the plain TopK part still loads in SAE-Lens
-    assert SAE.load_from_disk(str(tmp_path / "sae"), device="cpu").cfg.d_sae == 12
+        sae.b_dec.copy_(torch.randn(16))
+        sae.group_bias.copy_(torch.zeros(2, 16) if zero_biases else 3 * torch.randn(2, 16))
+        sae.feature_group.copy_(torch.randint(-1, 2, (64,)))
+    sae.save(tmp_path / "sae", 1.0, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
+                                     "context_size": 16, "prepend_bos": True})
+    return experiment.load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 25.0, 200.0, 1e3, 1e4])
+def test_group_bias_part_of_a_clamp_edit_is_bounded(tmp_path, multiplier):
+    """For any clamp, the group-bias part of decode(f') - decode(f) is at most ‖b_0‖ + ‖b_1‖ <= 2 max_g ‖b_g‖, on
+    both the dense (saved) and the sparse (training) decode; the formula it replaced breaks this bound."""
+    sae = _saved_group_sae(tmp_path)
+    x = 5 * torch.randn(400, 16)
+    with torch.no_grad():
+        f = sae.encode(x)
+        counts = (f > 0).sum(0)
+        features = counts.argsort(descending=True)[:10]  # the features that fire most, as a selection would pick
+        f2 = _clamp(f, features, multiplier)
+        groups, bound = sae.feature_group, 2 * sae.group_bias.norm(dim=1).max()
+        part = (experiment.group_weights(f2, groups) - experiment.group_weights(f, groups)) @ sae.group_bias
+        assert part.norm(dim=1).max() <= bound * (1 + 1e-6)
+        plain = sae.without_group_biases()  # the full dense decode minus its TopK part is exactly that term
+        torch.testing.assert_close((sae.decode(f2) - plain.decode(f2)) - (sae.decode(f) - plain.decode(f)), part,
+                                   rtol=1e-4, atol=1e-3)
+        values, indices = f2.topk(8, dim=1)  # the sparse path: the same codes as (values, indices)
+        sparse = experiment.group_weights(values, groups[indices])
+        torch.testing.assert_close(sparse, experiment.group_weights(f2, groups))
+        old = (_old_group_weights(f2, groups) - _old_group_weights(f, groups)) @ sae.group_bias
+    if multiplier >= 200:  # the old formula: Σf crosses 0 on some tokens and the bias term explodes
+        assert old.norm(dim=1).max() > 100 * bound
+
+
+def test_clamp_on_zero_group_biases_equals_the_plain_topk_clamp(tmp_path):
+    """With zero group biases both readings of a clamp's edit reduce to the plain TopK SAE's edit."""
+    import unlearning
+    sae = _saved_group_sae(tmp_path, zero_biases=True)
+    resid = 5 * torch.randn(3, 7, 16)
+    features = [0, 5, 9, 17, 33]
+    plain = sae.without_group_biases()
+    with torch.no_grad():
+        expected, active = unlearning.clamp_residual(plain, resid, features, 100.0)
+        for edit in experiment.GROUP_BIAS_EDITS:
+            got, got_active = unlearning.clamp_residual(experiment.intervention_sae(sae, edit), resid, features, 100.0)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            assert torch.equal(got_active, active)
+
+
+def test_held_edit_is_the_feature_direction_edit(tmp_path):
+    """The default reading: resid' = resid + (f' - f) W_dec, the group-bias term held at the codes before the clamp;
+    the relu reading moves the bias by (w(f') - w(f)) B on top of that."""
+    import unlearning
+    sae = _saved_group_sae(tmp_path)
+    resid = 5 * torch.randn(2, 9, 16)
+    with torch.no_grad():
+        f = sae.encode(resid)
+        features = (f > 0).flatten(0, 1).sum(0).argsort(descending=True)[:6].tolist()
+        f[:, 0] = 0
+        f2 = _clamp(f, features, 50.0)
+        held, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "held"), resid, features, 50.0)
+        torch.testing.assert_close(held, resid + (f2 - f) @ sae.W_dec, rtol=1e-5, atol=1e-3)
+        relu, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "relu"), resid, features, 50.0)
+        shift = (experiment.group_weights(f2, sae.feature_group) - experiment.group_weights(f, sae.feature_group))
+        torch.testing.assert_close(relu, held + shift @ sae.group_bias, rtol=1e-5, atol=1e-3)
+        assert (shift.abs() > 1e-3).any()  # the two readings differ on this SAE
 
 
 @pytest.mark.parametrize("variant, target", [("adaptive_ortho", "partner"), ("adaptive_ortho", "hinge"), ("fixed_ortho", "partner")])

@@ -156,16 +156,38 @@ def test_runner_records_why_sae_bench_did_not_run_and_runs_it_where_it_applies(t
     import experiment
     cfg = experiment.Config(cache_dir=str(tmp_path / "cache"), forget_corpus="hpo")
     out = tmp_path / "run_1"
-    assert experiment.evaluate_unlearning_with_sae_bench(cfg, out, "smollm2-135m-instruct", "cpu") == {
+    sae = object()  # a TopK SAE without group biases is handed over as it is
+    assert experiment.evaluate_unlearning_with_sae_bench(cfg, out, sae, "smollm2-135m-instruct", "cpu") == {
         "ran": False, "reason": "SAE-Bench's unlearning eval supports only gemma-2-2b-it, gemma-2-9b-it; model is smollm2-135m-instruct"}
     corpus = write_corpus(tmp_path)
     calls = []
-    monkeypatch.setattr(experiment.core_eval, "load_eval_sae", lambda path, device: ("sae from", path))
     monkeypatch.setattr(sae_bench_unlearning, "run_sae_bench_unlearning",
                         lambda *args: calls.append(args) or {"eval_result_metrics": {"unlearning": {"unlearning_score": 0.25}}})
     gemma = experiment.dataclasses.replace(cfg, forget_corpus=str(corpus))
-    result = experiment.evaluate_unlearning_with_sae_bench(gemma, out, "google/gemma-2-2b-it", "cpu")
+    result = experiment.evaluate_unlearning_with_sae_bench(gemma, out, sae, "google/gemma-2-2b-it", "cpu")
     assert result["ran"] and result["eval_result_metrics"]["unlearning"]["unlearning_score"] == 0.25
-    (sae, name, model, corpus_arg, device, work_dir), = calls
-    assert sae == ("sae from", out / "sae") and name.startswith("run_1-") and model == "google/gemma-2-2b-it"
+    assert result["group_bias_edit"] == "held"
+    (handed, name, model, corpus_arg, device, work_dir), = calls
+    assert handed is sae and name.startswith("run_1-") and model == "google/gemma-2-2b-it"
     assert corpus_arg == corpus and work_dir == tmp_path / "cache" / "sae_bench_unlearning"
+
+
+def test_runner_hands_sae_bench_the_same_edit_as_the_port(tmp_path, monkeypatch):
+    """held: SAE-Bench's clamp runs on the plain TopK view (group-bias term left in its error term); relu: on the
+    group-bias SAE itself."""
+    import experiment
+    sae = experiment.AutoEncoderTopK(8, 16, 2, group_biases=True)
+    with torch.no_grad():
+        sae.group_bias.normal_()
+    sae.save(tmp_path / "sae", 1.0, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
+                                     "context_size": 16, "prepend_bos": True})
+    saved = experiment.load_sae(tmp_path / "sae")
+    calls = []
+    monkeypatch.setattr(sae_bench_unlearning, "run_sae_bench_unlearning", lambda *args: calls.append(args) or {})
+    corpus = write_corpus(tmp_path)
+    for edit in experiment.GROUP_BIAS_EDITS:
+        cfg = experiment.Config(cache_dir=str(tmp_path / "cache"), forget_corpus=str(corpus), unlearning_group_bias_edit=edit)
+        experiment.evaluate_unlearning_with_sae_bench(cfg, tmp_path / "run_1", saved, "gemma-2-2b-it", "cpu")
+    (held, *_), (relu, *_) = calls
+    assert type(held) is experiment.TopKSAE and torch.equal(held.W_dec, saved.W_dec) and torch.equal(held.b_dec, saved.b_dec)
+    assert relu is saved

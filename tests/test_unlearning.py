@@ -277,16 +277,90 @@ def test_filter_on_tiny_model_matches_brute_force(model, tokenizer):
     assert kept == brute
 
 
+def sweep_from_means(points, n=4, spread=0.0):
+    """(rows, plan, deltas) of a sweep whose configs have the given per-split mean ΔCEs.
+    points: [(threshold, n_features, multiplier, {"forget_select": mean, ...}, row extras)]; each split gets n
+    contexts around its mean (± spread, so its SE is spread / √(n − 1) · √n / √n ...: computed, not assumed)."""
+    rows, plan, deltas = [], [], {}
+    offsets = torch.tensor([spread * (1 if i % 2 else -1) for i in range(n)], dtype=torch.float64)
+    for th, nf, m, means, extra in points:
+        feats = (int(th * 1000), nf)  # a distinct feature tuple per curve
+        plan.append((th, nf, m, feats))
+        deltas[(feats, m)] = {name: mean + offsets for name, mean in means.items()}
+        both = {side: (means[f"{side}_select"] + means[f"{side}_report"]) / 2 for side in ("forget", "retain")}
+        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m, "forget_delta_ce": both["forget"],
+                     "retain_delta_ce": both["retain"], **extra})
+    return rows, plan, deltas
+
+
+def same(forget, retain):
+    return {"forget_select": forget, "forget_report": forget, "retain_select": retain, "retain_report": retain}
+
+
 def test_mcq_score_follows_sae_bench_rule():
     cfg = unlearning.UnlearningConfig()
-    rows = [{"retain_threshold": 0.01, "n_features": 10, "multiplier": m, "forget_delta_ce": d, "retain_delta_ce": r,
-             "forget_accuracy": fa, "retain_accuracy": ra}
-            for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0), (50, 0.5, 0.015, 0.6, 0.99), (100, 2.0, 0.3, 0.1, 0.95)]]
-    s = unlearning._scores(rows, cfg, 30, 40)
+    rows, plan, deltas = sweep_from_means([(0.01, 10, m, same(d, r), {"forget_accuracy": fa, "retain_accuracy": ra})
+                                           for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0), (50, 0.5, 0.015, 0.6, 0.99),
+                                                                   (100, 2.0, 0.3, 0.1, 0.95)]])
+    s = unlearning._scores(rows, plan, deltas, cfg, 30, 40)
     assert s["unlearning_score"] == pytest.approx(0.4)  # config 100 fails the retain check
     assert s["text_score"] == pytest.approx(0.5) and s["text_score_config"]["multiplier"] == 50
-    s = unlearning._scores(rows, cfg, 19, 40)
+    s = unlearning._scores(rows, plan, deltas, cfg, 19, 40)
     assert s["unlearning_score"] is None and "not meaningful" in s["mcq_note"]
+
+
+def test_tolerance_point_brackets_the_first_crossing_and_never_extrapolates():
+    assert unlearning.tolerance_point([0.0, 0.01, 0.03, 0.5], 0.02) == (1, pytest.approx(0.5), None)
+    assert unlearning.tolerance_point([0.0, 0.03, 0.01, 0.5], 0.02) == (0, pytest.approx(2 / 3), None)  # first one
+    assert unlearning.tolerance_point([0.0, 0.005, 0.01], 0.02) == (2, 0.0, "below_tolerance_at_every_multiplier")
+    assert unlearning.tolerance_point([0.05, 0.1], 0.02) == (None, None, "above_tolerance_at_smallest_multiplier")
+
+
+def test_mean_and_se_is_the_paired_standard_error():
+    d = torch.tensor([0.3, -0.1, 0.25, 0.05, 0.4])
+    mean, se = unlearning.mean_and_se(d)
+    assert mean == pytest.approx(float(np.mean(d.numpy())))
+    assert se == pytest.approx(float(np.std(d.numpy(), ddof=1) / np.sqrt(5)))
+    assert unlearning.mean_and_se(torch.tensor([0.2]))[1] is None
+
+
+def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
+    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
+    # retain ΔCE 0.01 at ×50, 0.05 at ×100: the tolerance sits a quarter of the way, at ×62.5
+    rows, plan, deltas = sweep_from_means([(0.001, 10, 25, same(0.2, 0.0), {}), (0.001, 10, 50, same(1.0, 0.01), {}),
+                                           (0.001, 10, 100, same(3.0, 0.05), {}), (0.001, 10, 200, same(6.0, 0.4), {})],
+                                          n=6, spread=0.1)
+    s = unlearning._scores(rows, plan, deltas, cfg, 0, 0)
+    (curve,) = s["curves_at_tolerance"]
+    assert curve["multiplier"] == pytest.approx(62.5) and curve["flag"] is None
+    assert curve["forget_delta_ce"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
+    assert curve["retain_delta_ce"] == pytest.approx(0.02)
+    # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1 on both splits: SE of 12 values ±0.1
+    expected_se = np.std([0.1 * (1 if i % 2 else -1) for i in range(12)], ddof=1) / np.sqrt(12)
+    assert curve["forget_delta_ce_se"] == pytest.approx(expected_se)
+    assert s["best_curve_at_tolerance"] == curve
+    assert s["text_score"] == pytest.approx(1.0)  # the grid's own answer: ×50, below the interpolated 1.5
+
+
+def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_report_split():
+    """Curve A looks best on the selection text; curve B would look best on the report text. The held-out score
+    is A's report value at the multiplier found on the selection text, not the best report value."""
+    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
+    def split(fs, fr, rs, rr):
+        return {"forget_select": fs, "forget_report": fr, "retain_select": rs, "retain_report": rr}
+    rows, plan, deltas = sweep_from_means([
+        (0.001, 10, 25, split(2.0, 0.5, 0.0, 0.0), {}), (0.001, 10, 50, split(4.0, 1.0, 0.04, 0.01), {}),  # A
+        (0.01, 10, 25, split(1.0, 2.0, 0.0, 0.0), {}), (0.01, 10, 50, split(1.5, 3.0, 0.04, 0.01), {})])   # B
+    s = unlearning._scores(rows, plan, deltas, cfg, 0, 0)
+    chosen, report = s["held_out"]["selection"], s["held_out"]["report"]
+    assert (chosen["retain_threshold"], chosen["multiplier"]) == (0.001, pytest.approx(37.5))
+    assert chosen["forget_delta_ce"] == pytest.approx(3.0)  # selection text: half-way from 2.0 to 4.0
+    assert report["multiplier"] == pytest.approx(37.5)
+    assert s["held_out_score"] == pytest.approx(0.75) and report["retain_delta_ce"] == pytest.approx(0.005)
+    assert s["held_out_score_se"] == pytest.approx(0.0)
+    none = unlearning._scores(*sweep_from_means([(0.001, 10, 25, same(1.0, 0.5), {})]), cfg, 0, 0)
+    assert none["held_out_score"] is None and none["best_curve_at_tolerance"] is None
+    assert none["curves_at_tolerance"][0]["flag"] == "above_tolerance_at_smallest_multiplier"
 
 
 # ------------------------------------------------------------------------------------------------- planted end to end
@@ -345,10 +419,23 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     d, met = res["eval_result_details"], res["eval_result_metrics"]["unlearning"]
     assert d["selected_features"]["all"] == {"0.001": [0], "0.01": [0]}  # 1-4 never fire on forget, 5 on retain
     assert d["selected_features"]["forget_group"] == {"0.001": [0], "0.01": [0]}
-    assert d["text"]["forget"]["ce_documents"] + d["text"]["forget"]["rate_documents"] <= len(forget_docs)
+    for side, docs in (("forget", forget_docs), ("retain", retain_docs)):
+        text = d["text"][side]
+        assert text["select_contexts"] == text["report_contexts"] == text["rate_contexts"] == 6
+        assert text["select_documents"] + text["report_documents"] + text["rate_documents"] <= len(docs)
     for row in d["sweep"]:
         assert row["n_selected"] == 1
-        assert row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0
+        assert row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0 and row["retain_delta_ce_se"] == 0.0
+        assert row["forget_delta_ce"] == pytest.approx((row["select"]["forget_delta_ce"] + row["report"]["forget_delta_ce"]) / 2)
+        assert row["forget_delta_ce_se"] > 0
+    # retain ΔCE stays 0 < tolerance: every curve gives its last multiplier, flagged; the held-out score is the
+    # report split's forget ΔCE there
+    for curve in met["curves_at_tolerance"]:
+        assert curve["flag"] == "below_tolerance_at_every_multiplier" and curve["multiplier"] == 100
+    by_m = {(r["retain_threshold"], r["multiplier"]): r for r in d["sweep"] if r["n_features"] == 1}
+    chosen = met["held_out"]["selection"]
+    assert met["held_out_score"] == pytest.approx(by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce"])
+    assert met["held_out_score_se"] == pytest.approx(by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce_se"])
     assert d["baseline"]["forget_ce"] < 2.0  # the planted model predicts its cycles
     assert met["text_score"] == pytest.approx(max(r["forget_delta_ce"] for r in d["sweep"]))
     assert met["text_score"] > 1.0 and met["text_score_config"]["multiplier"] == 100
