@@ -129,15 +129,33 @@ def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: Cor
         n_eval_sparsity_variance_batches=cfg.n_eval_sparsity_variance_batches,
         dataset=f"local: {len(texts)} held-out documents", context_size=cfg.context_length,
         compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
-        compute_variance_metrics=True, exclude_special_tokens_from_reconstruction=cfg.exclude_special_tokens_from_reconstruction,
+        compute_variance_metrics=True, compute_featurewise_weight_based_metrics=True,
+        exclude_special_tokens_from_reconstruction=cfg.exclude_special_tokens_from_reconstruction,
         verbose=True)
 
     # Replay (and check there is enough text for) the sparsity/variance tokens before the expensive part.
     sv_batches = sparsity_variance_batches(model, sae, texts, cfg, device)
-    metrics, _ = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
-                           ignore_tokens=ignore, verbose=True)
+    metrics, feature_metrics = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
+                                         ignore_tokens=ignore, verbose=True)
     metrics = {group: {k: _plain(v) for k, v in values.items()} for group, values in metrics.items()}
     metrics["reconstruction_quality"]["explained_variance_conventional"] = conventional_explained_variance(model, sae, sv_batches, ignore)
     metrics["reconstruction_quality"]["explained_variance_note"] = EV_NOTE
+    weight_based = {name: distribution(feature_metrics[name]) for name in WEIGHT_BASED_METRICS}
     return {"unique_id": f"{sae_set}_{sae_id}", "sae_set": sae_set, "sae_id": sae_id,
-            "eval_cfg": dataclasses.asdict(eval_cfg), "metrics": metrics, "wall_time_s": time.time() - started}
+            "eval_cfg": dataclasses.asdict(eval_cfg), "metrics": metrics,
+            "featurewise_weight_based_metrics": weight_based | {"note": WEIGHT_BASED_NOTE},
+            "wall_time_s": time.time() - started}
+
+
+# SAE-Bench's per-feature weight-based metrics (get_featurewise_weight_based_metrics), summarised over features
+WEIGHT_BASED_METRICS = ("max_decoder_cosine_sim", "max_encoder_cosine_sim", "encoder_decoder_cosine_sim",
+                        "encoder_norm")
+WEIGHT_BASED_NOTE = ("SAE-Bench's featurewise weight-based metrics, summarised over the F features: max_*_cosine_sim "
+                     "is each feature's largest signed cosine to another feature's decoder (encoder) vector; "
+                     "encoder_decoder_cosine_sim the cosine between a feature's encoder and decoder vectors.")
+
+
+def distribution(values: list) -> dict:
+    """Mean, median, min and max of a per-feature list."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return {"mean": v.mean().item(), "median": v.quantile(0.5).item(), "min": v.min().item(), "max": v.max().item()}

@@ -731,6 +731,45 @@ def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
             "partner_abs_cos_mean": grouper.partner_similarity}
 
 
+def max_abs_cos(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[len(rows)]: for each row i in `rows` of W [F, d], max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)| (OrtSAE's
+    nearest-neighbour similarity); nan where no such j exists. Computed `chunk` rows at a time, so memory is
+    O(chunk · len(cols)) and no F×F matrix is formed."""
+    unit = F.normalize(W.detach().float(), dim=1)
+    targets = unit[cols].T
+    out = torch.full((len(rows),), float("nan"))
+    for start in range(0, len(rows), chunk):
+        r = rows[start:start + chunk]
+        sims = (unit[r] @ targets).abs_()
+        sims.masked_fill_(r[:, None] == cols[None, :], -1.0)  # a row is not its own neighbour
+        best = sims.max(dim=1).values if len(cols) else torch.full((len(r),), -1.0)
+        out[start:start + len(r)] = best.where(best >= 0, torch.tensor(float("nan"))).cpu()
+    return out
+
+
+def cos_summary(values: torch.Tensor) -> dict:
+    """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values (nan ones left out)."""
+    v = values[~values.isnan()]
+    if len(v) == 0:
+        return {"n": 0, "mean": None, "median": None, "share_above_0.5": None, "share_above_0.7": None}
+    return {"n": len(v), "mean": v.mean().item(), "median": v.quantile(0.5).item(),
+            "share_above_0.5": (v > 0.5).float().mean().item(), "share_above_0.7": (v > 0.7).float().mean().item()}
+
+
+def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
+    """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each group g of
+    `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g ("within") and to the
+    rows outside g ("across")."""
+    everything = torch.arange(len(W_dec), device=W_dec.device)
+    groups = groups.to(W_dec.device)
+    out = {"all": cos_summary(max_abs_cos(W_dec, everything, everything))}
+    for name, g in (("forget", activations.FORGET), ("retain", activations.RETAIN), ("shared", SHARED)):
+        inside, outside = (groups == g).nonzero().flatten(), (groups != g).nonzero().flatten()
+        out[name] = {"within": cos_summary(max_abs_cos(W_dec, inside, inside)),
+                     "across": cos_summary(max_abs_cos(W_dec, inside, outside))}
+    return out
+
+
 class KappaEarlyStopping:
     """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup checks."""
 
@@ -1128,6 +1167,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                      "min_freq": cfg.min_freq, "passive": cfg.variant == "topk" or cfg.variant == "fixed_ortho"},
         "final_checkpoint_step": best["step"],
         "final": separation_metrics(sae.W_dec, grouper),  # of the saved (best) checkpoint with its own groups
+        "geometry": feature_geometry(sae.W_dec, grouper.assignment()),  # max |cos| to the nearest other feature
         "forget_features": grouper.forget_idx.tolist(),  # the forget group of the saved checkpoint (unlearning restricts to it)
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience, "applies": cfg.variant != "topk",
                            "stopped": stopper.reason is not None, "reason": stopper.reason or "ran all steps",
@@ -1178,7 +1218,8 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
              f"ce_loss_score {core['model_performance_preservation']['ce_loss_score']:.4f}, "
              f"kl_div_score {core['model_behavior_preservation']['kl_div_score']:.4f}, L0 {core['sparsity']['l0']:.1f}\n"
              f"separation: groups {sep['n_forget']} forget / {sep['n_retain']} retain | cross-group |cos| mean "
-             f"{sep['cross_abs_cos_mean']} max {sep['cross_abs_cos_max']} | κ forget {sep['kappa_forget']} retain {sep['kappa_retain']}\n")
+             f"{sep['cross_abs_cos_mean']} max {sep['cross_abs_cos_max']} | κ forget {sep['kappa_forget']} retain {sep['kappa_retain']} | "
+             f"nearest-neighbour |cos| mean {final_info['knowledge separation results']['geometry']['all']['mean']:.4f}\n")
     if "unlearning evaluation results" in final_info:
         u = final_info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]
         mcq = u["unlearning_score"] if u["unlearning_score"] is not None else f"n/a ({u['n_forget_questions']} forget questions survive)"

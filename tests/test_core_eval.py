@@ -96,7 +96,8 @@ def test_perfect_sae_scores_perfectly_and_result_is_json(model_and_texts, tmp_pa
     assert m["shrinkage"]["l2_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert m["token_stats"] == {"total_tokens_eval_reconstruction": 2 * 4 * 32,
                                 "total_tokens_eval_sparsity_variance": 3 * 4 * 32}
-    assert set(result) == {"unique_id", "sae_set", "sae_id", "eval_cfg", "metrics", "wall_time_s"}
+    assert set(result) == {"unique_id", "sae_set", "sae_id", "eval_cfg", "metrics", "featurewise_weight_based_metrics",
+                           "wall_time_s"}
     assert set(m) == {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
                       "shrinkage", "sparsity", "token_stats"}
     assert result["unique_id"] == "tiny_layer_0_sae_custom_sae"
@@ -154,3 +155,13 @@ def test_too_little_text_fails_before_evaluating(model_and_texts, tmp_path):
     perfect_sae(tmp_path)
     with pytest.raises(ValueError, match="texts fill only"):
         core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path)), model, texts[:5], CFG, "cpu")
+
+
+def test_weight_based_metrics_are_sae_benchs_and_match_the_decoder(model_and_texts, tmp_path):
+    """The perfect SAE's decoder rows are ±e_i: each row's largest signed cosine to another row is 0 (its
+    negative partner gives -1, every other row 0), and encoder and decoder vectors coincide (cosine 1)."""
+    model, texts = model_and_texts
+    perfect_sae(tmp_path)
+    w = core_eval.run_core_eval(SAE.load_from_disk(str(tmp_path)), model, texts, CFG, "cpu")["featurewise_weight_based_metrics"]
+    assert w["max_decoder_cosine_sim"] == {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
+    assert w["encoder_decoder_cosine_sim"]["min"] == pytest.approx(1.0) and w["encoder_norm"]["max"] == pytest.approx(1.0)

@@ -350,3 +350,35 @@ def test_adaptive_ortho_lowers_cross_group_cosine_on_planted_data():
     assert topk["n_forget"] >= 4 and topk["n_retain"] >= 4 and ortho["n_forget"] >= 4 and ortho["n_retain"] >= 4
     assert ortho["cross_abs_cos_mean"] < 0.7 * topk["cross_abs_cos_mean"], (topk, ortho)
     assert ev_ortho > ev_topk - 0.05, (ev_topk, ev_ortho)
+
+
+def test_max_abs_cos_equals_a_naive_reference_in_any_chunking():
+    torch.manual_seed(0)
+    W = torch.randn(50, 6)
+    unit = W / W.norm(dim=1, keepdim=True)
+    C = (unit @ unit.T).abs()
+    C.fill_diagonal_(-1)
+    rows, cols = torch.tensor([0, 3, 7, 12, 49]), torch.tensor([3, 7, 20, 21, 40])
+    naive = torch.tensor([max(C[i, j].item() for j in cols.tolist() if j != i) for i in rows.tolist()])
+    for chunk in (1, 2, 1024):
+        torch.testing.assert_close(experiment.max_abs_cos(W, torch.arange(50), torch.arange(50), chunk), C.max(1).values)
+        torch.testing.assert_close(experiment.max_abs_cos(W, rows, cols, chunk), naive)
+    lonely = experiment.max_abs_cos(W, torch.tensor([5]), torch.tensor([5]))  # its only candidate is itself
+    assert lonely.isnan().all()
+
+
+def test_feature_geometry_finds_planted_duplicates():
+    """Orthonormal rows, then row 1 = -row 0 (|cos| 1, both forget) and row 6 = 0.6 row 2 + 0.8 e (forget vs retain,
+    |cos| 0.6): within-forget max |cos| is 1 for rows 0, 1 and 0 for the others; across, row 2 sees 0.6."""
+    d = 16
+    W = torch.eye(d)[:10].clone()
+    W[1] = -W[0]
+    W[6] = 0.6 * W[2] + 0.8 * torch.eye(d)[12]
+    groups = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, -1, -1])
+    geo = experiment.feature_geometry(W, groups)
+    assert geo["all"]["n"] == 10 and geo["all"]["share_above_0.7"] == pytest.approx(0.2)  # rows 0 and 1
+    assert geo["all"]["share_above_0.5"] == pytest.approx(0.4)  # and rows 2 and 6
+    assert geo["forget"]["within"]["mean"] == pytest.approx(0.5) and geo["forget"]["within"]["median"] == pytest.approx(0.5)
+    assert geo["forget"]["across"]["mean"] == pytest.approx(0.6 / 4)  # only row 2 has a neighbour outside (row 6)
+    assert geo["retain"]["across"]["share_above_0.5"] == pytest.approx(0.25)
+    assert geo["shared"]["within"]["mean"] == pytest.approx(0.0)
