@@ -66,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 PRE_QUESTION_FORMAT = "The following are multiple choice questions (with answers) about {subject}.\n"
 PRE_WMDP_BIO = "The following are multiple choice questions (with answers) about biology.\n"
@@ -101,7 +102,8 @@ class UnlearningConfig:
     # --- compute ---
     batch_size: int = 8              # sequences per forward to the hook layer (and per unmodified full forward)
     tail_batch_size: int = 16        # rows (of any configs) per forward of the remaining layers
-    skip_unchanged_rows: bool = True # do not re-run rows in which no selected feature fires (exact up to rounding)
+    skip_unchanged_rows: bool = True # do not re-run rows in which no selected feature fires, nor a ΔCE row's
+                                     # positions before its first edited one (exact up to rounding)
     seed: int = 0                    # question sampling
     question_cache_dir: str = None   # folder to keep the per-model question filter in (it does not depend on the
                                      # SAE); None: recompute every time
@@ -187,21 +189,43 @@ def to_hook(model, tokens: torch.Tensor, hook_layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tail(model, resid: torch.Tensor, hook_layer: int) -> torch.Tensor:
-    """The residual after the last block, from blocks.{hook_layer}.hook_resid_post [B, L, d]."""
-    return model(resid, start_at_layer=hook_layer + 1, stop_at_layer=model.cfg.n_layers)
+def tail(model, resid: torch.Tensor, hook_layer: int, past: dict = None, record: bool = False):
+    """The residual after the last block, from blocks.{hook_layer}.hook_resid_post.
+
+    resid [B, m, d] holds positions p..p+m−1. `past` {layer: (keys, values) [B, p, kv_heads, d_head]} are the
+    remaining layers' keys and values of positions 0..p−1 from an earlier pass over the same prefix (TransformerLens
+    caches keys before the rotary embedding and offsets queries by p), so the prefix is not recomputed; None: p = 0.
+    With `record`, also returns this pass's {layer: (keys, values)} over all its positions (for a later `past`)."""
+    entries = [None] * model.cfg.n_layers
+    for i in range(hook_layer + 1, model.cfg.n_layers):
+        if past is not None:
+            keys, values = past[i]
+        else:
+            keys = values = resid.new_empty(len(resid), 0, model.cfg.n_key_value_heads or model.cfg.n_heads,
+                                            model.cfg.d_head)
+        entries[i] = TransformerLensKeyValueCacheEntry(keys, values, frozen=not record)
+    final = model(resid, start_at_layer=hook_layer + 1, stop_at_layer=model.cfg.n_layers, past_kv_cache=entries)
+    if not record:
+        return final
+    return final, {i: (e.past_keys, e.past_values) for i, e in enumerate(entries) if e is not None}
 
 
-def ce_sums(model, final_resid: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
-    """Per row, the summed next-token loss over positions 0..L-2 (unembedding a few rows at a time)."""
-    B, L = tokens.shape
-    rows = max(1, chunk_tokens // L)
+def token_nll(model, final_resid: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+    """[B, m − 1] next-token losses (float64) of positions 0..m−2 of final_resid [B, m, d] predicting tokens [B, m]
+    1..m−1 (unembedding a few rows at a time)."""
+    B, m = tokens.shape
+    rows = max(1, chunk_tokens // m)
     out = []
     for i in range(0, B, rows):
         logits = logits_from_final_resid(model, final_resid[i:i + rows, :-1])
         nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[i:i + rows, 1:].flatten(), reduction="none")
-        out.append(nll.view(-1, L - 1).sum(dim=1).double())
+        out.append(nll.view(-1, m - 1).double())
     return torch.cat(out)
+
+
+def ce_sums(model, final_resid: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+    """Per row, the summed next-token loss over positions 0..L-2."""
+    return token_nll(model, final_resid, tokens, chunk_tokens).sum(dim=1)
 
 
 def letter_token_ids(tokenizer) -> list:
@@ -402,7 +426,9 @@ def surviving_questions(model, questions: list, cfg: UnlearningConfig, letter_id
 
 class EvalSet:
     """Sequences evaluated under every config: 'ce' (per-row summed next-token loss) or 'mcq' (per-row letter
-    probabilities at the last position). Keeps each batch's hook residuals and the unmodified per-row values."""
+    probabilities at the last position). Keeps each batch's hook residuals and the unmodified per-row values; for
+    'ce' also the unmodified per-position losses and the remaining layers' keys and values, so that a re-run row
+    starts at its first edited position."""
 
     def __init__(self, model, kind: str, batches: list, hook_layer: int, device: str, letter_ids=None):
         self.kind, self.batches, self.letter_ids = kind, [], letter_ids
@@ -410,50 +436,74 @@ class EvalSet:
             tokens = tokens.to(device)
             last = last.to(device) if last is not None else None
             resid = to_hook(model, tokens, hook_layer)
-            base = self.metric(model, tail(model, resid, hook_layer), tokens, last)
-            self.batches.append({"tokens": tokens, "last": last, "resid": resid, "base": base})
+            b = {"tokens": tokens, "last": last, "resid": resid}
+            if kind == "ce":
+                final, b["kv"] = tail(model, resid, hook_layer, record=True)
+                b["nll"] = token_nll(model, final, tokens)
+                b["base"] = b["nll"].sum(dim=1).cpu()
+            else:
+                b["base"] = mcq_probs(model, tail(model, resid, hook_layer), last, letter_ids).cpu()
+            self.batches.append(b)
 
-    def metric(self, model, final, tokens, last):
+    def prefix_reuse(self) -> bool:
+        return self.kind == "ce"
+
+    def rerun(self, model, hook_layer: int, batch: dict, rows: torch.Tensor, resid: torch.Tensor, start: int):
+        """Per-row values for rows [n] of `batch` whose residual from position `start` on is resid [n, L − start, d]
+        (positions before `start` as in the unmodified pass)."""
         if self.kind == "ce":
-            return ce_sums(model, final, tokens).cpu()
-        return mcq_probs(model, final, last, self.letter_ids).cpu()
+            past = {i: (k[rows, :start], v[rows, :start]) for i, (k, v) in batch["kv"].items()}
+            final = tail(model, resid, hook_layer, past=past)
+            nll = token_nll(model, final, batch["tokens"][rows, start:])
+            return (batch["nll"][rows, :start].sum(dim=1) + nll.sum(dim=1)).cpu()
+        final = tail(model, resid, hook_layer)
+        return mcq_probs(model, final, batch["last"][rows], self.letter_ids).cpu()
 
 
 @torch.no_grad()
 def run_sweep(model, sae, hook_layer: int, sets: dict, configs: list, cfg: UnlearningConfig) -> tuple:
     """For each config (features, multiplier) and each EvalSet, the per-row values with the intervention
-    ({set name: [per-batch tensors]} per config) and the fraction of rows that had to be re-run."""
+    ({set name: [per-batch tensors]} per config) and the fraction of rows that had to be re-run.
+
+    With skip_unchanged_rows, a row in which no selected feature fires keeps its unmodified value, and a re-run
+    'ce' row starts at its first edited position p (keys and values of 0..p−1 from the unmodified pass): the
+    causal model's outputs before p cannot change. Re-run rows are sorted by p and batched; a batch starts at its
+    smallest p."""
     results = [{name: [b["base"].clone() for b in s.batches] for name, s in sets.items()} for _ in configs]
     n_rows, n_run = 0, 0
     bar = tqdm(total=sum(len(s.batches) for s in sets.values()), desc=f"unlearning sweep ({len(configs)} configs)", unit="batch")
     for name, s in sets.items():
         for bi, b in enumerate(s.batches):
             bar.update()
-            resid, B = b["resid"], b["resid"].shape[0]
+            resid, (B, L) = b["resid"], b["resid"].shape[:2]
             f, error = encode_for_clamp(sae, resid)
             valid = torch.ones(resid.shape[:2], dtype=torch.bool, device=resid.device)
             if b["last"] is not None:
-                valid = torch.arange(resid.shape[1], device=resid.device)[None] <= b["last"][:, None]
-            queue = []  # (config index, row index, modified residual row)
+                valid = torch.arange(L, device=resid.device)[None] <= b["last"][:, None]
+            queue = []  # (first edited position, config index, row index, modified residual row)
             for ci, (features, multiplier) in enumerate(configs):
                 n_rows += B
                 if len(features) == 0:
                     continue
                 idx = torch.as_tensor(features, dtype=torch.long, device=f.device)
-                rows = ((f[..., idx] > 0).any(dim=-1) & valid).any(dim=1) if cfg.skip_unchanged_rows \
-                    else torch.ones(B, dtype=torch.bool, device=f.device)
+                active = (f[..., idx] > 0).any(dim=-1) & valid  # [B, L]
+                rows = active.any(dim=1) if cfg.skip_unchanged_rows else torch.ones(B, dtype=torch.bool, device=f.device)
                 rows = torch.nonzero(rows).flatten()
                 if len(rows) == 0:
                     continue
+                first = active[rows].int().argmax(dim=1)  # first active position (0 where none)
+                if not (cfg.skip_unchanged_rows and s.prefix_reuse()):
+                    first = torch.zeros_like(first)
                 new, _ = clamp_from_codes(sae, f[rows], error[rows], features, multiplier)
-                queue.extend((ci, int(r), new[j]) for j, r in enumerate(rows))
+                queue.extend((int(p), ci, int(r), new[j]) for j, (r, p) in enumerate(zip(rows, first)))
             n_run += len(queue)
+            queue.sort(key=lambda q: (q[0], q[1], q[2]))
             for i in range(0, len(queue), cfg.tail_batch_size):
                 chunk = queue[i:i + cfg.tail_batch_size]
-                rows = torch.tensor([r for _, r, _ in chunk], device=resid.device)
-                final = tail(model, torch.stack([x for _, _, x in chunk]), hook_layer)
-                vals = s.metric(model, final, b["tokens"][rows], b["last"][rows] if b["last"] is not None else None)
-                for (ci, r, _), v in zip(chunk, vals):
+                start = chunk[0][0]
+                rows = torch.tensor([r for _, _, r, _ in chunk], device=resid.device)
+                vals = s.rerun(model, hook_layer, b, rows, torch.stack([x[start:] for *_, x in chunk]), start)
+                for (_, ci, r, _), v in zip(chunk, vals):
                     results[ci][name][bi][r] = v
     bar.close()
     return results, (n_run / n_rows if n_rows else 0.0)

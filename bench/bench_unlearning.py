@@ -4,6 +4,8 @@ forward with the clamp hook per config, on the embedded SmolLM2-135M-Instruct (l
     python -m bench.bench_unlearning                 # speedup only (a few minutes on 2 shared cores)
     python -m bench.bench_unlearning --full-eval     # also run_unlearning_eval with the defaults; --sae DIR for a
                                                      # trained SAE (SAE-Lens folder), --out FILE for its JSON
+    python -m bench.bench_unlearning --skip-speedup --prefix-ab run_1/sae   # re-run rows from their first edited
+                                                     # position (cached prefix) against whole rows, interleaved
 
 Both paths compute the same per-context next-token losses (checked); the kept-residual path is run with
 skip_unchanged_rows off, so the ratio is the layer skipping + config batching alone, and on again to show what
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 import data
+import experiment
 import models
 import unlearning
 
@@ -58,6 +61,38 @@ def kept_residuals(model, sae, hook_layer, tokens, configs, cfg):
     return [torch.cat(r["ce"]) for r in results], frac
 
 
+def prefix_ab(model, sae, hook_layer, forget_docs, retain_docs, reps):
+    """run_sweep on the eval's selection-split text (both sides) with the eval's own feature selection, 4 configs,
+    with a re-run row starting at its first edited position (keys and values of the prefix cached) and without."""
+    tok, cfg = model.tokenizer, unlearning.UnlearningConfig()
+    texts = {side: unlearning.held_out_text(tok, docs, cfg, tok.bos_token_id, tok.eos_token_id, side)
+             for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
+    ignore = unlearning.special_ids(tok)
+    rates = {side: unlearning.firing_rates(model, sae, texts[side]["rate"], hook_layer, 8, ignore) for side in texts}
+    configs = [(tuple(unlearning.select_features(rates["forget"], rates["retain"], th, 20)), m)
+               for th in (0.001, 0.01) for m in (50, 200)]
+    sets = {side: unlearning.EvalSet(model, "ce", [(texts[side]["select"][i:i + 8], None)
+                                                   for i in range(0, len(texts[side]["select"]), 8)], hook_layer, "cpu")
+            for side in texts}
+    times = {"whole rows": [], "from first edit": []}
+    results = {}
+    for rep in range(reps):  # interleaved
+        for name, reuse in (("whole rows", False), ("from first edit", True)):
+            for s in sets.values():
+                s.prefix_reuse = lambda reuse=reuse: reuse
+            t = time.perf_counter()
+            results[name], frac = unlearning.run_sweep(model, sae, hook_layer, sets, configs, cfg)
+            times[name].append(time.perf_counter() - t)
+        diff = max(float((torch.cat(a[k]) - torch.cat(b[k])).abs().max())
+                   for a, b in zip(results["whole rows"], results["from first edit"]) for k in sets)
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
+              + f"; max |difference| of a row's summed loss {diff:.1e} nats; rows re-run {frac:.0%}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{len(texts['forget']['select'])} + {len(texts['retain']['select'])} contexts, {len(configs)} configs, "
+          f"median of {reps}: whole rows {med['whole rows']:.1f} s, from first edit {med['from first edit']:.1f} s "
+          f"-> {med['whole rows'] / med['from first edit']:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=15)
@@ -69,6 +104,7 @@ def main():
     ap.add_argument("--skip-speedup", action="store_true")
     ap.add_argument("--sae", default=None, help="SAE-Lens folder for --full-eval (default: the random SAE)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--prefix-ab", default=None, help="a trained SAE folder: time prefix reuse on and off")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -112,6 +148,9 @@ def main():
         print(f"  kept residuals (no skipping): {med['kept']:.1f} s  -> speedup {med['full'] / med['kept']:.2f}x")
         print(f"  kept residuals + row skip:    {med['kept+skip']:.1f} s  -> speedup {med['full'] / med['kept+skip']:.2f}x "
               f"(rows re-run: {frac:.0%})")
+
+    if args.prefix_ab:
+        prefix_ab(model, experiment.load_sae(args.prefix_ab), L, forget_docs, retain_docs, args.reps)
 
     if args.full_eval:
         if args.sae:

@@ -173,7 +173,40 @@ def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, k
 
 # ------------------------------------------------------------------------------------------------- start_at_layer
 
+def rotary_model(tokenizer):
+    """Rotary positions, grouped-query attention and a sliding window shorter than the contexts on alternate
+    layers (as Gemma-2): what a prefix's cached keys must get right."""
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=96, d_head=8, n_heads=4, n_key_value_heads=2,
+                                  d_mlp=64, d_vocab=len(VOCAB), act_fn="gelu", normalization_type="RMS",
+                                  positional_embedding_type="rotary", rotary_dim=8, attn_types=["global", "local", "global"],
+                                  window_size=5, device="cpu", seed=1)
+    m = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        m.W_U.mul_(8.0)
+    return m
+
+
+def test_tail_from_a_cached_prefix_equals_the_full_tail(tokenizer):
+    for m in (rotary_model(tokenizer),):
+        tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS, n=3)
+        resid = unlearning.to_hook(m, tokens, HOOK_LAYER)
+        full, kv = unlearning.tail(m, resid, HOOK_LAYER, record=True)
+        edited = resid.clone()
+        edited[:, 9:] += torch.randn_like(edited[:, 9:])  # positions 9.. changed
+        expected = unlearning.tail(m, edited, HOOK_LAYER)
+        for start in (0, 4, 9):
+            past = {i: (k[:, :start], v[:, :start]) for i, (k, v) in kv.items()}
+            got = unlearning.tail(m, edited[:, start:], HOOK_LAYER, past=past)
+            assert torch.allclose(got, expected[:, start:], atol=1e-4), start
+        assert not torch.allclose(expected[:, 9:], full[:, 9:], atol=1e-2)
+
+
 def test_kept_residual_path_equals_full_forward(model, tokenizer):
+    for m in (model, rotary_model(tokenizer)):
+        check_kept_residual_path(m, tokenizer)
+
+
+def check_kept_residual_path(model, tokenizer):
     tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS, n=5)
     resid = unlearning.to_hook(model, tokens, HOOK_LAYER)
     final = unlearning.tail(model, resid, HOOK_LAYER)
@@ -184,9 +217,13 @@ def test_kept_residual_path_equals_full_forward(model, tokenizer):
     sae = random_sae()
     s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
     configs = [((), 25), ((2, 5), 25), ((2, 5, 7), 100), ((11,), 50)]
+    starts, rerun = [], s.rerun
+    s.rerun = lambda *args: starts.append(args[-1]) or rerun(*args)  # record where each re-run batch starts
     for skip in (True, False):
         cfg = unlearning.UnlearningConfig(tail_batch_size=3, skip_unchanged_rows=skip)
+        starts.clear()
         results, frac = unlearning.run_sweep(model, sae, HOOK_LAYER, {"ce": s}, configs, cfg)
+        assert (max(starts) > 0) == skip  # with skipping, some rows start after a cached prefix
         for (feats, m), r in zip(configs, results):
             hooked = model.run_with_hooks(tokens, return_type="loss", loss_per_token=True,
                                           fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, list(feats), m))])
