@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sae_lens import SAE, TopKSAE, TopKSAEConfig, register_sae_class
 from tqdm.auto import tqdm
 
+import absorption
 import activations
 import core_eval
 import data
@@ -96,6 +97,8 @@ class Config:
     core_eval_batches: int = _opt(4, "SAE-Bench core: reconstruction batches (each: model with/without SAE, with ablation)")
     core_eval_sparsity_batches: int = _opt(8, "SAE-Bench core: sparsity/variance batches")
     core_eval_batch_prompts: int = _opt(8, "SAE-Bench core: contexts per batch")
+    absorption: bool = _opt(False, "run SAE-Bench's feature-absorption eval (first-letter probes) on the trained SAE; its probe is cached per model and layer")
+    absorption_words: int = _opt(0, "absorption: vocabulary words for the first-letter probe, drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
     unlearning: bool = _opt(True, "run the unlearning evaluation (feature clamping on held-out forget/retain text and questions)")
     unlearning_retain_thresholds: str = _opt("0.001,0.01", "unlearning sweep: drop features firing on more than this share of retain tokens")
     unlearning_n_features: str = _opt("10,20", "unlearning sweep: number of features clamped")
@@ -145,6 +148,7 @@ def validate(cfg: Config) -> None:
         (cfg.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode", f"wandb_mode={cfg.wandb_mode!r}: use auto, online, offline or disabled"),
         (cfg.variant in VARIANTS, "variant", f"variant={cfg.variant!r}: use one of {', '.join(VARIANTS)}"),
         (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit", f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: use one of {', '.join(GROUP_BIAS_EDITS)}"),
+        (cfg.absorption_words >= 0, "absorption_words", f"absorption_words={cfg.absorption_words} must be >= 0 (0: all)"),
         (cfg.unlearning_ce_contexts >= 2, "unlearning_ce_contexts", f"unlearning_ce_contexts={cfg.unlearning_ce_contexts} must be >= 2 (a standard error needs two)"),
         (cfg.ortho_target in ("partner", "hinge"), "ortho_target", f"ortho_target={cfg.ortho_target!r}: use partner or hinge"),
         (0 <= cfg.alpha < 1, "alpha", f"alpha={cfg.alpha} must be in [0, 1)"),
@@ -992,7 +996,8 @@ def _finite(obj):
 # Checkpoints: resume a killed run where it stopped, bit-identical on CPU
 
 # Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
-NOT_TRAINING_FIELDS = {"out_dir", "overwrite", "checkpoint_every", "wandb_mode", "device", "core_eval_batches",
+NOT_TRAINING_FIELDS = {"out_dir", "overwrite", "checkpoint_every", "wandb_mode", "device", "core_eval_batches", "absorption",
+                       "absorption_words",
                        "core_eval_sparsity_batches", "core_eval_batch_prompts", "unlearning", "unlearning_retain_thresholds",
                        "unlearning_n_features", "unlearning_multipliers", "unlearning_ce_tolerance", "unlearning_ce_contexts",
                        "unlearning_group_bias_edit",
@@ -1220,6 +1225,12 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
              f"separation: groups {sep['n_forget']} forget / {sep['n_retain']} retain | cross-group |cos| mean "
              f"{sep['cross_abs_cos_mean']} max {sep['cross_abs_cos_max']} | κ forget {sep['kappa_forget']} retain {sep['kappa_retain']} | "
              f"nearest-neighbour |cos| mean {final_info['knowledge separation results']['geometry']['all']['mean']:.4f}\n")
+    if "absorption evaluation results" in final_info:
+        a = final_info["absorption evaluation results"]
+        entry += ("absorption: mean absorption fraction "
+                  f"{a['eval_result_metrics']['mean']['mean_absorption_fraction_score']:.4f}, full absorption "
+                  f"{a['eval_result_metrics']['mean']['mean_full_absorption_score']:.4f}\n" if "eval_result_metrics" in a
+                  else f"absorption: not measured ({a['reason']})\n")
     if "unlearning evaluation results" in final_info:
         u = final_info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]
         mcq = u["unlearning_score"] if u["unlearning_score"] is not None else f"n/a ({u['n_forget_questions']} forget questions survive)"
@@ -1332,6 +1343,9 @@ def run(cfg: Config) -> dict:
                                         n_eval_reconstruction_batches=cfg.core_eval_batches,
                                         n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
     core = core_eval.run_core_eval(saved, model, retain_eval_docs, core_cfg, device)
+    absorption_cfg = absorption.AbsorptionConfig(n_words=cfg.absorption_words or None)
+    absorbed = absorption.run_absorption(saved, model, device, absorption_cfg, work_dir=Path(cfg.cache_dir) / "absorption") \
+        if cfg.absorption else None
     unlearn = evaluate_unlearning(cfg, saved, model, hook_name, forget, retain_eval_docs, forget_questions,
                                   retain_questions, separation) if cfg.unlearning else None
     sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, saved, model_info["name"], device) if cfg.unlearning else None
@@ -1345,6 +1359,7 @@ def run(cfg: Config) -> dict:
         },
         "core evaluation results": core,
         "knowledge separation results": separation,
+        **({"absorption evaluation results": absorbed} if absorbed is not None else {}),
         **({"unlearning evaluation results": unlearn} if unlearn is not None else {}),
         **({"SAE-Bench unlearning evaluation results": sae_bench_unlearn} if sae_bench_unlearn is not None else {}),
         "provenance": {"model": model_info, "forget_corpus": forget.provenance(), "retain_corpus": retain.provenance(),

@@ -31,6 +31,7 @@ METRICS = {  # run field: (table column, axis label with units)
     "l0": ("L0", "L0 (active latents per token)"),
     "cross_cos": ("cross-group |cos| mean", "cross-group |cos| mean (unitless)"),
     "nn_cos": ("nearest-neighbour |cos| mean", "decoder rows' max |cos| to another row, mean (unitless)"),
+    "absorption": ("mean absorption fraction", "SAE-Bench mean absorption fraction (lower is better)"),
     "kappa_forget": ("κ forget", "κ forget group (σmax/σmin)"),
     "kappa_retain": ("κ retain", "κ retain group (σmax/σmin)"),
     "held_out_score": ("held-out score (nats)", "forget ΔCE at retain ΔCE = tolerance, held out (nats/token)"),
@@ -38,8 +39,8 @@ METRICS = {  # run field: (table column, axis label with units)
     "mcq": ("MCQ score", "MCQ score (1 − forget accuracy)"),
 }
 TEXT_SCORE = "text score = largest forget ΔCE among the sweep's configs whose retain ΔCE ≤ tolerance"
-SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "held_out_score", "text_score", "mcq", "cross_cos", "nn_cos", "kappa_forget",
-                 "kappa_retain"]
+SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "held_out_score", "text_score", "mcq", "cross_cos", "nn_cos", "absorption",
+                 "kappa_forget", "kappa_retain"]
 LOG_SCALE = {"kappa_forget", "kappa_retain"}
 SECTIONS = ["core evaluation results", "knowledge separation results", "provenance"]  # final_info.json needs these
 
@@ -114,7 +115,8 @@ def load_run(path: Path, name: str):
            "ce_loss_score": core["model_performance_preservation"]["ce_loss_score"], "l0": core["sparsity"]["l0"],
            "cross_cos": sep["final"]["cross_abs_cos_mean"], "kappa_forget": sep["final"]["kappa_forget"],
            "kappa_retain": sep["final"]["kappa_retain"],
-           "nn_cos": sep["geometry"]["all"]["mean"] if "geometry" in sep else None, "wall_min": provenance["wall_time_s"] / 60,
+           "nn_cos": sep["geometry"]["all"]["mean"] if "geometry" in sep else None,
+           "absorption": absorption_fraction(info), "wall_min": provenance["wall_time_s"] / 60,
            "early_stop_step": sep["early_stopping"]["step"] if sep["early_stopping"]["stopped"] else None,
            "log": read_log(path / "train_log.jsonl"), "notes": []}
     unlearning = info.get("unlearning evaluation results")
@@ -132,6 +134,13 @@ def load_run(path: Path, name: str):
     if run["log"] is None:
         run["notes"].append("no train_log.jsonl, left out of the training curves")
     return run
+
+
+def absorption_fraction(info: dict):
+    """SAE-Bench's mean absorption fraction, where the run measured one (None if off or refused)."""
+    result = info.get("absorption evaluation results") or {}
+    return result["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] if "eval_result_metrics" in result \
+        else None
 
 
 def group_runs(runs: list) -> dict:

@@ -56,9 +56,13 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
 
 def test_saved_sae_loads_with_sae_lens(finished_run):
     from sae_lens import SAE
+    import experiment  # registers the group-bias SAE class with SAE-Lens
     root, _ = finished_run
     sae = SAE.load_from_disk(str(root / "run_1" / "sae"), device="cpu")
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (576, 1152, 16)
+    # the default variant, adaptive_ortho, comes back with its trained group biases and groups
+    assert isinstance(sae, experiment.GroupBiasTopKSAE) and sae.group_bias.abs().sum() > 0
+    assert set(sae.feature_group.unique().tolist()) <= {-1, 0, 1} and (sae.feature_group >= 0).any()
     assert sae.cfg.metadata.hook_name == "blocks.15.hook_resid_post"
 
 
