@@ -382,3 +382,34 @@ def test_feature_geometry_finds_planted_duplicates():
     assert geo["forget"]["across"]["mean"] == pytest.approx(0.6 / 4)  # only row 2 has a neighbour outside (row 6)
     assert geo["retain"]["across"]["share_above_0.5"] == pytest.approx(0.25)
     assert geo["shared"]["within"]["mean"] == pytest.approx(0.0)
+
+
+def test_ablation_switches_turn_off_one_component_each():
+    """--group_biases=false: adaptive_ortho without group biases; --lambda2_max=0: grouping and group biases, no
+    orthogonality force (its term adds exactly zero gradient)."""
+    assert not experiment.uses_group_biases(experiment.Config(variant="adaptive_ortho", group_biases=False))
+    assert experiment.uses_group_biases(experiment.Config(variant="adaptive_ortho"))
+    assert not experiment.uses_group_biases(experiment.Config(variant="topk"))
+    torch.manual_seed(0)
+    sae = AutoEncoderTopK(12, 40, 4, group_biases=True)
+    grouper = FeatureGrouper(40, every=10**9, threshold=0.5, min_freq=1e-3)
+    grouper.forget_idx, grouper.retain_idx = torch.tensor([3, 7, 1]), torch.tensor([5, 0, 9])
+    grouper.partner_sign = torch.tensor([1.0, -1.0, 1.0])
+    x, labels = torch.randn(64, 12), (torch.rand(64) < 0.5).long()
+    grads = {}
+    for lambda2 in (0.0, 5.0):
+        ortho = experiment.make_ortho(experiment.Config(variant="adaptive_ortho", lambda2_max=lambda2, t0=0))
+        trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
+                              dead_window_tokens=10**9, ortho=ortho, grouper=grouper)
+        total, _ = trainer.loss(x, labels)
+        sae.zero_grad()
+        total.backward()
+        ortho.add_gradient(sae.W_dec)
+        grads[lambda2] = sae.W_dec.grad.clone()
+    plain = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
+                        dead_window_tokens=10**9, ortho=None, grouper=grouper)
+    total, _ = plain.loss(x, labels)
+    sae.zero_grad()
+    total.backward()
+    torch.testing.assert_close(grads[0.0], sae.W_dec.grad)  # λ2 = 0: the same gradient as no ortho term
+    assert not torch.allclose(grads[5.0], sae.W_dec.grad)
