@@ -324,9 +324,8 @@ def sweep_from_means(points, n=4, spread=0.0):
         feats = (int(th * 1000), nf)  # a distinct feature tuple per curve
         plan.append((th, nf, m, feats))
         deltas[(feats, m)] = {name: mean + offsets for name, mean in means.items()}
-        both = {side: (means[f"{side}_select"] + means[f"{side}_report"]) / 2 for side in ("forget", "retain")}
-        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m, "forget_delta_ce": both["forget"],
-                     "retain_delta_ce": both["retain"], **extra})
+        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m, "forget_delta_ce": means["forget_select"],
+                     "retain_delta_ce": means["retain_select"], **extra})
     return rows, plan, deltas
 
 
@@ -372,11 +371,13 @@ def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
     assert curve["multiplier"] == pytest.approx(62.5) and curve["flag"] is None
     assert curve["forget_delta_ce"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
     assert curve["retain_delta_ce"] == pytest.approx(0.02)
-    # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1 on both splits: SE of 12 values ±0.1
-    expected_se = np.std([0.1 * (1 if i % 2 else -1) for i in range(12)], ddof=1) / np.sqrt(12)
+    # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1 on the selection split: SE of 6 values ±0.1
+    expected_se = np.std([0.1 * (1 if i % 2 else -1) for i in range(6)], ddof=1) / np.sqrt(6)
     assert curve["forget_delta_ce_se"] == pytest.approx(expected_se)
-    assert s["best_curve_at_tolerance"] == curve
+    assert s["best_curve_at_tolerance"] == curve == s["held_out"]["selection"]
     assert s["text_score"] == pytest.approx(1.0)  # the grid's own answer: ×50, below the interpolated 1.5
+    # the report split is read only at the bracketing pair
+    assert unlearning.report_configs(plan, deltas, 0.02) == {((1, 10), 50), ((1, 10), 100)}
 
 
 def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_report_split():
@@ -463,8 +464,12 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     for row in d["sweep"]:
         assert row["n_selected"] == 1
         assert row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0 and row["retain_delta_ce_se"] == 0.0
-        assert row["forget_delta_ce"] == pytest.approx((row["select"]["forget_delta_ce"] + row["report"]["forget_delta_ce"]) / 2)
         assert row["forget_delta_ce_se"] > 0
+    # the report split ran only at the chosen curve's last multiplier (retain ΔCE never reaches the tolerance)
+    # (every curve selects feature 0 alone, so the rows at ×100 all share that one config)
+    assert d["n_report_configs"] == 1
+    assert all((r["report"] is not None) == (r["multiplier"] == 100) for r in d["sweep"])
+    assert all(r["report"]["forget_delta_ce"] > 1.0 for r in d["sweep"] if r["report"])
     # retain ΔCE stays 0 < tolerance: every curve gives its last multiplier, flagged; the held-out score is the
     # report split's forget ΔCE there
     for curve in met["curves_at_tolerance"]:
