@@ -763,15 +763,17 @@ def cos_summary(values: torch.Tensor) -> dict:
 def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
     """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each group g of
     `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g ("within") and to the
-    rows outside g ("across")."""
-    everything = torch.arange(len(W_dec), device=W_dec.device)
+    rows outside g ("across"). The groups partition the rows, so a row's overall value is the larger of its two:
+    F² products in all."""
     groups = groups.to(W_dec.device)
-    out = {"all": cos_summary(max_abs_cos(W_dec, everything, everything))}
+    nearest = torch.full((len(W_dec),), float("nan"))
+    out = {}
     for name, g in (("forget", activations.FORGET), ("retain", activations.RETAIN), ("shared", SHARED)):
         inside, outside = (groups == g).nonzero().flatten(), (groups != g).nonzero().flatten()
-        out[name] = {"within": cos_summary(max_abs_cos(W_dec, inside, inside)),
-                     "across": cos_summary(max_abs_cos(W_dec, inside, outside))}
-    return out
+        within, across = max_abs_cos(W_dec, inside, inside), max_abs_cos(W_dec, inside, outside)
+        nearest[inside.cpu()] = torch.fmax(within, across)  # fmax: nan (no candidate) loses
+        out[name] = {"within": cos_summary(within), "across": cos_summary(across)}
+    return {"all": cos_summary(nearest)} | out
 
 
 class KappaEarlyStopping:

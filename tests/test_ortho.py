@@ -376,6 +376,8 @@ def test_feature_geometry_finds_planted_duplicates():
     W[6] = 0.6 * W[2] + 0.8 * torch.eye(d)[12]
     groups = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, -1, -1])
     geo = experiment.feature_geometry(W, groups)
+    full = experiment.max_abs_cos(W, torch.arange(10), torch.arange(10))  # the overall value, computed directly
+    assert geo["all"] == experiment.cos_summary(full)
     assert geo["all"]["n"] == 10 and geo["all"]["share_above_0.7"] == pytest.approx(0.2)  # rows 0 and 1
     assert geo["all"]["share_above_0.5"] == pytest.approx(0.4)  # and rows 2 and 6
     assert geo["forget"]["within"]["mean"] == pytest.approx(0.5) and geo["forget"]["within"]["median"] == pytest.approx(0.5)
