@@ -32,7 +32,9 @@ EV_NOTE = ("explained_variance is SAE-Bench 0.6.0's 1 - E_t||x-x_hat||^2 / (E_t|
            "the mean; explained_variance_legacy is SAE-Bench's token-wise mean of 1 - ||x-x_hat||^2 / ||x - batch "
            "mean||^2; explained_variance_conventional is 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2, x_bar "
            "the per-dimension mean over all evaluated tokens t: the same tokens as SAE-Bench's sparsity/variance "
-           "batches, BOS/EOS/pad positions excluded.")
+           "batches, BOS/EOS/pad positions excluded; explained_variance_conventional_without_outliers is the "
+           "same over the tokens with ||x|| <= outlier_norm_threshold (training's rule: max_norm_multiple x the "
+           "median training-token norm), which drops attention-sink tokens; the results tables use it.")
 
 
 @dataclass
@@ -91,8 +93,11 @@ def hook_activations(model: HookedTransformer, tokens: torch.Tensor, hook_name: 
 
 
 @torch.no_grad()
-def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor], ignore: set[int]) -> float:
-    """1 − Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖², x̄ = per-dimension mean over all kept tokens t of all batches.
+def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor], ignore: set[int],
+                                    max_norm: float = None) -> dict:
+    """1 − Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖², x̄ = per-dimension mean over the tokens t summed over: all kept tokens
+    of all batches ("all"), and those with ‖x_t‖ <= max_norm ("typical": training's outlier rule, which drops
+    attention-sink tokens whose norms are ~100× the median), with the number of tokens dropped.
 
     Accumulated in float64 over the concatenated tokens: with a large mean activation, Σ‖x‖² − N‖x̄‖² in float32
     would cancel catastrophically.
@@ -103,7 +108,10 @@ def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor]
         xs.append(x.double().cpu())
         residuals.append((x - sae.decode(sae.encode(x))).double().cpu())
     x, r = torch.cat(xs), torch.cat(residuals)
-    return (1 - r.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    ev = lambda x, r: (1 - r.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    typical = x.norm(dim=1) <= max_norm if max_norm else torch.ones(len(x), dtype=torch.bool)
+    return {"all": ev(x, r), "typical": ev(x[typical], r[typical]), "n_tokens": len(x),
+            "n_dropped": int((~typical).sum())}
 
 
 def _plain(value):
@@ -114,9 +122,11 @@ def _plain(value):
     return None if math.isnan(value) else value
 
 
-def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str) -> dict:
+def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str,
+                  max_norm: float = None) -> dict:
     """SAE-Bench core metrics of `sae` on `texts`, in the layout SAE-Bench writes under "core evaluation results",
-    plus the conventional explained variance and the wall time."""
+    plus the conventional explained variance over all tokens and without those of norm > max_norm (model units;
+    None: none dropped), and the wall time."""
     started = time.time()
     meta = sae.cfg.metadata
     sae_set = f"{meta['model_name']}_layer_{meta['hook_layer']}_sae"
@@ -138,8 +148,11 @@ def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: Cor
     metrics, feature_metrics = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
                                          ignore_tokens=ignore, verbose=True)
     metrics = {group: {k: _plain(v) for k, v in values.items()} for group, values in metrics.items()}
-    metrics["reconstruction_quality"]["explained_variance_conventional"] = conventional_explained_variance(model, sae, sv_batches, ignore)
-    metrics["reconstruction_quality"]["explained_variance_note"] = EV_NOTE
+    ev = conventional_explained_variance(model, sae, sv_batches, ignore, max_norm)
+    metrics["reconstruction_quality"] |= {
+        "explained_variance_conventional": ev["all"], "explained_variance_conventional_without_outliers": ev["typical"],
+        "outlier_norm_threshold": max_norm, "outlier_tokens_dropped": ev["n_dropped"], "ev_tokens": ev["n_tokens"],
+        "explained_variance_note": EV_NOTE}
     weight_based = {name: distribution(feature_metrics[name]) for name in WEIGHT_BASED_METRICS}
     return {"unique_id": f"{sae_set}_{sae_id}", "sae_set": sae_set, "sae_id": sae_id,
             "eval_cfg": dataclasses.asdict(eval_cfg), "metrics": metrics,

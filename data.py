@@ -20,6 +20,7 @@ import sys
 import tarfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -161,12 +162,21 @@ def load_corpus(spec: str, cache_dir: Path) -> Corpus:
     return local_corpus(spec)
 
 
-def split_documents(documents: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle documents with `seed` and hold out `eval_fraction` of them: (train, eval), disjoint by document."""
+class DocumentSplit(NamedTuple):
+    train: list  # training activations
+    val: list    # the validation loss that picks the checkpoint
+    eval: list   # every evaluation (core, ΔCE, firing rates, absorption)
+
+
+def split_documents(documents: list, eval_fraction: float, seed: int, val_fraction: float = 0.0) -> DocumentSplit:
+    """Shuffle documents with `seed`; the first eval_fraction of them are eval, the next val_fraction val, the
+    rest train: three parts disjoint by document. The eval part does not depend on val_fraction."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(eval_fraction * len(documents)))
-    return [documents[i] for i in order[n_eval:]], [documents[i] for i in order[:n_eval]]
+    n_val = max(1, round(val_fraction * len(documents))) if val_fraction > 0 else 0
+    pick = lambda idx: [documents[i] for i in idx]
+    return DocumentSplit(pick(order[n_eval + n_val:]), pick(order[n_eval:n_eval + n_val]), pick(order[:n_eval]))
 
 
 def pack_contexts(tokenizer, documents: list, context_length: int, n_tokens: int, bos_id: int) -> torch.Tensor:

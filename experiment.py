@@ -66,8 +66,9 @@ class Config:
     retain_corpus: str = _opt(data.BIGBENCH_WIKIPEDIA, "'bigbench-wikipedia' (embedded), 'wikitext' (hub) or a local .jsonl/.txt file")
     context_length: int = _opt(128, "tokens per context, BOS included (BOS activations are not trained on)")
     train_tokens: int = _opt(0, "activations harvested for training, half forget half retain; 0: 400k on CPU, 4M on CUDA")
-    val_tokens: int = _opt(16_384, "held-out activations (from evaluation documents) for the validation loss")
-    eval_fraction: float = _opt(0.1, "share of each corpus's documents held out from training, for evaluation")
+    val_tokens: int = _opt(16_384, "validation activations (from the validation documents) for the loss that picks the checkpoint")
+    eval_fraction: float = _opt(0.1, "share of each corpus's documents held out for every evaluation (core, ΔCE, firing rates, absorption)")
+    val_fraction: float = _opt(0.05, "share of each corpus's documents held out from training and from every evaluation, for the validation loss")
     data_seed: int = _opt(0, "seed of the document split and context order (part of the activation-cache key)")
     harvest_batch_size: int = _opt(16, "contexts per model forward while harvesting")
     # SAE and trainer
@@ -82,15 +83,17 @@ class Config:
     dead_window_tokens: int = _opt(0, "a latent that has not fired for this many tokens is dead (AuxK); 0: 1/20 of the training tokens")
     max_norm_multiple: float = _opt(10.0, "drop activations whose norm exceeds this multiple of the median norm (attention-sink outliers); 0: keep all")
     # knowledge separation (issue 3)
-    variant: str = _opt("adaptive_ortho", "'topk' (plain TopK SAE), 'fixed_ortho' (λ2_max·mean off-diagonal cos² over all feature pairs from step 0), 'adaptive_ortho' (scheduled forget/retain cross-group orthogonality with partners and group biases)")
-    alpha: float = _opt(0.1, "adaptive_ortho: cosine each forget feature may share with its matched retain partner (partner target) or the cross-group |cos| allowed before any penalty (hinge target); 0: strict orthogonality")
-    lambda2_max: float = _opt(1000.0, "weight of the orthogonality loss (a mean squared cosine deviation, so ~1/d per pair at random): adaptive_ortho reaches it at t0, fixed_ortho uses it from step 0")
+    variant: str = _opt("adaptive_ortho", "'topk' (plain TopK SAE), 'fixed_ortho' (the cross-group loss with λ2 = lambda2_max from step 0 and α = 0), 'allpairs_ortho' (OrtSAE's penalty on every feature's largest cos² to any other feature, no groups), 'adaptive_ortho' (the cross-group loss with λ2 ramped over t0 and α-controlled sharing with matched partners)")
+    alpha: float = _opt(0.1, "adaptive_ortho: cosine each forget feature may share with its matched retain partner (partner target) or the cross-group |cos| allowed before any penalty (hinge target); 0: strict orthogonality (fixed_ortho always uses 0)")
+    lambda2_max: float = _opt(1000.0, "weight of the cross-group loss (a mean squared cosine deviation, so ~1/d per pair at random): adaptive_ortho reaches it at t0, fixed_ortho uses it from step 0")
+    allpairs_lambda2: float = _opt(150.0, "allpairs_ortho: weight of its penalty, set so that the mean force on a penalised decoder row equals the cross-group loss's at lambda2_max (python -m bench.ortho_force)")
     t0: int = _opt(300, "adaptive_ortho: steps over which λ2(t) = lambda2_max·min(1, t/t0) ramps up")
-    group_biases: bool = _opt(True, "adaptive_ortho: group-specific decoder biases b_forget, b_retain (false: the ablation without them; topk and fixed_ortho have none)")
+    group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases b_forget, b_retain (false: the ablation without them; topk and allpairs_ortho have none)")
     ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² (P: matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per cross-group pair")
     group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, log κ) every this many steps; also the horizon of the firing-frequency EMAs")
     specificity_threshold: float = _opt(0.5, "a feature is forget (retain) when s = (p_f − p_r)/(p_f + p_r) > t (< −t); 0.5 means it fires >= 3x as often on one domain")
     min_freq: float = _opt(1e-3, "features firing on fewer than this fraction of tokens ((p_f + p_r)/2) stay shared: their specificity is noise")
+    max_group_fraction: float = _opt(0.5, "the forget and the retain group each hold at most this fraction of d_model latents (the most domain-specific), so that n_F + n_R <= d and strict cross-group orthogonality (α = 0) can be met; 0: no cap")
     kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this counts as ill-conditioned; measured at the regroups of healthy runs: topk 27-71 (short run), default adaptive_ortho 12-2,734 (orthogonality squeezes each group into fewer directions)")
     kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks with a group's κ above kappa_max")
     # evaluation
@@ -121,7 +124,8 @@ def parse_config(argv=None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
-VARIANTS = ("topk", "fixed_ortho", "adaptive_ortho")
+VARIANTS = ("topk", "fixed_ortho", "allpairs_ortho", "adaptive_ortho")
+GROUPED = ("fixed_ortho", "adaptive_ortho")  # variants whose loss acts on the forget/retain groups
 
 
 class ConfigError(ValueError):
@@ -142,6 +146,9 @@ def validate(cfg: Config) -> None:
         (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be > 0"),
         (cfg.context_length >= 2, "context_length", f"context_length={cfg.context_length} must be >= 2 (BOS + one token)"),
         (0 < cfg.eval_fraction < 1, "eval_fraction", f"eval_fraction={cfg.eval_fraction} must be in (0, 1)"),
+        (0 < cfg.val_fraction < 1 - cfg.eval_fraction, "val_fraction", f"val_fraction={cfg.val_fraction} must be in (0, 1 − eval_fraction)"),
+        (cfg.allpairs_lambda2 >= 0, "allpairs_lambda2", f"allpairs_lambda2={cfg.allpairs_lambda2} must be >= 0"),
+        (0 <= cfg.max_group_fraction <= 1, "max_group_fraction", f"max_group_fraction={cfg.max_group_fraction} must be in [0, 1]"),
         (0 <= cfg.decay_start <= 1, "decay_start", f"decay_start={cfg.decay_start} must be in [0, 1]"),
         (cfg.auxk_alpha >= 0, "auxk_alpha", f"auxk_alpha={cfg.auxk_alpha} must be >= 0"),
         (cfg.layer >= -1, "layer", f"layer={cfg.layer} must be >= 0 (or -1 for the model's default)"),
@@ -521,16 +528,18 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 # Knowledge separation: orthogonality losses, feature grouping, condition numbers
 
 
-def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float, target: str) -> torch.Tensor:
+def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float, target: str,
+                        w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
     """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d] unit rows.
 
     C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched partners
     (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m), 0 elsewhere.
-      partner: L = ‖C − α·P‖²_F / (n_F·n_R)      each partner pair is pulled to cos = α·sign (the sign it had at
-               matching, so a pair never has to cross 0), every other pair to 0
-      hinge:   L = ‖relu(|C| − α)‖²_F / (n_F·n_R)  only |cos| above α is penalised, no partner needed
-    Dividing by n_F·n_R (the number of pairs) makes L a per-pair mean, so λ2 means the same at any group sizes;
-    an empty group gives exactly 0 (no pairs).
+      partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at matching, so a
+                                pair never has to cross 0), every other pair to 0
+      hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
+    L = Σ_ij w_F,i·w_R,j·E_ij² / (n_F·n_R), w ∈ [0, 1] the rows' membership weights (default 1; a row that has just
+    joined its group ramps in, see FeatureGrouper.member_weights). Dividing by n_F·n_R (the number of pairs) makes
+    L a per-pair mean, so λ2 means the same at any group sizes; an empty group gives exactly 0 (no pairs).
     """
     if len(W_F) == 0 or len(W_R) == 0:
         return W_F.new_zeros(())
@@ -540,26 +549,42 @@ def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torc
     else:
         m = torch.arange(len(partner_sign), device=C.device)
         E = C.index_put((m, m), -alpha * partner_sign.to(C.dtype), accumulate=True)
-    return E.pow(2).sum() / (len(W_F) * len(W_R))
+    E2 = E.pow(2)
+    if w_F is not None:
+        E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
+    return E2.sum() / (len(W_F) * len(W_R))
 
 
-def gram_penalty(W: torch.Tensor) -> torch.Tensor:
-    """‖W Wᵀ − I_F‖²_F for W [F, d], through the d×d Gram matrix M = WᵀW: since tr((WWᵀ)²) = tr((WᵀW)²) and
-    tr(WWᵀ) = ‖W‖²_F,   ‖W Wᵀ − I_F‖²_F = ‖WᵀW‖²_F − 2‖W‖²_F + F,   gradient 4·W(WᵀW − I_d).
-    Cost O(F·d²) forward and backward instead of the O(F²·d) of forming W Wᵀ: F/d = 8 times less at the CPU
-    defaults, and the F×F matrix is never formed. The value is a difference of terms of similar size (for unit rows
-    ‖WᵀW‖² = F + Σ_{i≠j} cos²), so it is summed in float64.
-    """
-    M = W.T @ W
-    return (M.double().pow(2).sum() - 2 * W.double().pow(2).sum() + len(W)).to(W.dtype)
+def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row i in `rows` of W [F, d]: (max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)|, that j), [len(rows)] each;
+    (nan, −1) where no such j exists. `chunk` rows at a time, so memory is O(chunk · len(cols)) and no F×F
+    matrix is formed. No gradient."""
+    with torch.no_grad():
+        unit = F.normalize(W.detach().float(), dim=1)
+        targets = unit[cols].T
+        values = torch.full((len(rows),), float("nan"), device=W.device)
+        index = torch.full((len(rows),), -1, dtype=torch.long, device=W.device)
+        if len(cols) == 0:
+            return values, index
+        for start in range(0, len(rows), chunk):
+            r = rows[start:start + chunk]
+            sims = (unit[r] @ targets).abs_()
+            sims.masked_fill_(r[:, None] == cols[None, :], -1.0)  # a row is not its own neighbour
+            best, at = sims.max(dim=1)
+            found = best >= 0
+            values[start:start + len(r)] = best.where(found, torch.tensor(float("nan"), device=W.device))
+            index[start:start + len(r)] = cols[at].where(found, torch.tensor(-1, device=W.device))
+        return values, index
 
 
-class FixedOrthogonalityLoss:
-    """fixed_ortho: λ2 constant from step 0, α = 0, all feature pairs:
-    L_ortho = ‖Ŵ Ŵᵀ − I‖²_F / (F(F−1)), Ŵ = W_dec [F, d] (unit rows, so the diagonal is 0 and this is the mean
-    squared off-diagonal cosine: the same per-pair scale as the adaptive loss, so one λ2 fits both).
-    Cost O(F·d²) per step (gram_penalty).
-    """
+class AllPairsOrthogonalityLoss:
+    """allpairs_ortho (OrtSAE, arXiv 2509.22033): L = (1/F) Σ_i max_{j≠i} cos²(W_i, W_j), W = W_dec [F, d].
+
+    Every feature is pushed away from its nearest other feature, which can be met when F > d (unlike
+    ‖WWᵀ − I‖², whose minimum is the Welch bound); no groups. The neighbour j(i) is found each step without gradient
+    (nearest_neighbours, exact rather than OrtSAE's random chunks), and the gradient flows through cos(W_i, W_j(i)).
+    λ2 constant from step 0 (allpairs_lambda2)."""
 
     def __init__(self, lambda2: float):
         self.lambda2_max = lambda2
@@ -568,19 +593,22 @@ class FixedOrthogonalityLoss:
         return self.lambda2_max
 
     def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
-        n = len(W_dec)
-        return self.lambda2_max, gram_penalty(W_dec) / max(1, n * (n - 1))
+        every = torch.arange(len(W_dec), device=W_dec.device)
+        _, j = nearest_neighbours(W_dec, every, every)
+        cos = (W_dec * W_dec[j]).sum(dim=1)  # unit rows
+        return self.lambda2_max, cos.pow(2).mean()
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
         """Nothing to add: the penalty reads W_dec itself, so backward has already put its gradient in W_dec.grad."""
 
 
-class AdaptiveOrthogonalityLoss:
-    """adaptive_ortho: L = L_recon + λ1·L_sparse + λ2(t)·L_ortho, λ2(t) = λ2_max·min(1, t/t0).
+class CrossGroupOrthogonalityLoss:
+    """L = L_recon + λ1·L_sparse + λ2(t)·L_ortho, λ2(t) = λ2_max·min(1, t/t0).
 
     For TopK, sparsity is enforced by k, so L_sparse is the AuxK dead-latent term and λ1 = auxk_alpha.
     L_ortho = cross_group_penalty between the grouper's forget and retain decoder rows (unit norm, since W_dec rows
-    are renormalised every step and their radial gradient removed), with the partner or hinge target.
+    are renormalised every step and their radial gradient removed), with the partner or hinge target and the
+    grouper's membership weights. adaptive_ortho: the ramp and α; fixed_ortho: t0 = 0 (λ2 constant) and α = 0.
     """
 
     def __init__(self, lambda2_max: float, t0: int, alpha: float, target: str):
@@ -592,12 +620,13 @@ class AdaptiveOrthogonalityLoss:
     def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
         """(λ2(t), L_ortho). L_ortho is taken on a detached copy of the group rows; add_gradient puts its gradient into
         W_dec.grad after backward. (Through autograd, the gather's backward would zero-fill a fresh [F, d] gradient
-        and add it to W_dec's every step: ~3 ms, a quarter of this term's cost at the default shape.)"""
+        and add it to W_dec's every step.)"""
         self.index = torch.cat([grouper.forget_idx, grouper.retain_idx]).to(W_dec.device)
         self.rows = W_dec.detach().index_select(0, self.index).requires_grad_()
         n_forget = len(grouper.forget_idx)
+        w_F, w_R = grouper.member_weights(t)
         return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:], grouper.partner_sign,
-                                                    self.alpha, self.target)
+                                                    self.alpha, self.target, w_F, w_R)
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
         """W_dec.grad[index] += ∂(λ2·L_ortho)/∂rows, once backward has run (no gradient when a group is empty)."""
@@ -627,22 +656,26 @@ class FeatureGrouper:
     the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every (the EMA horizon is the
     regroup period), bias-corrected by 1 − β^t as Adam does.
     Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold}, retain =
-    {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq; the rest is shared. Then each forget latent
-    is paired greedily (on |cos| of decoder rows) with a distinct retain latent, and both index lists are ordered so
-    partners come first in the same order (the partner matrix is diagonal).
+    {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its max_group_size most
+    specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs whose two latents are still in their
+    groups are kept (with their sign); the other forget latents are paired greedily (on |cos| of decoder rows) with
+    the free retain latents. Both index lists put partners first in the same order (the partner matrix is diagonal).
     Defaults measured on the default run's cached activations with a trained topk SAE (100k tokens): median firing
     rate 4.7e-3 (k/F = 6.9e-3), 2% of latents below 1e-3; s quartiles −0.39 / −0.04 / 0.32; threshold 0.5 gives
-    ~680 forget and ~800 retain latents of 4608, 0.7 only ~260 / ~320.
+    ~680 forget and ~800 retain latents of 4608 before the cap.
     """
 
-    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float):
+    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float, max_group_size: int = 0):
         self.dict_size, self.every, self.threshold, self.min_freq = dict_size, every, threshold, min_freq
+        self.max_group_size = max_group_size
         self.beta = 1 - 1 / every
         self.ema = torch.zeros(2, dict_size, dtype=torch.float64)  # row = domain label (RETAIN 0, FORGET 1)
         self.updates = torch.zeros(2)
         self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
         self.partner_sign = torch.zeros(0)
         self.partner_similarity = float("nan")
+        self.joined = torch.zeros(dict_size, dtype=torch.long)  # step at which a latent joined its current group
+        self.regroups = 0
 
     @torch.no_grad()
     def update(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
@@ -660,21 +693,45 @@ class FeatureGrouper:
         """[2, F] bias-corrected firing rates per domain (row g = label g)."""
         return self.ema / (1 - self.beta ** self.updates).clamp_min(1e-12)[:, None]
 
+    def most_specific(self, candidates: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The (at most max_group_size) candidates [F] bool with the largest score, in index order."""
+        idx = candidates.nonzero().flatten()
+        if 0 < self.max_group_size < len(idx):
+            idx = idx[score[idx].argsort(descending=True, stable=True)[:self.max_group_size]].sort().values
+        return idx
+
     @torch.no_grad()
-    def regroup(self, W_dec: torch.Tensor) -> None:
+    def regroup(self, W_dec: torch.Tensor, t: int = 0) -> None:
         p = self.frequencies()
         p_r, p_f = p[activations.RETAIN], p[activations.FORGET]
-        s = (p_f - p_r) / (p_f + p_r).clamp_min(1e-12)
+        s = ((p_f - p_r) / (p_f + p_r).clamp_min(1e-12)).float()
         alive = (p_f + p_r) / 2 >= max(self.min_freq, 1e-12)
-        forget, retain = (alive & (s > self.threshold)).nonzero().flatten(), (alive & (s < -self.threshold)).nonzero().flatten()
-        W = W_dec.detach().cpu()
-        C = W[forget] @ W[retain].T
+        forget = self.most_specific(alive & (s > self.threshold), s)
+        retain = self.most_specific(alive & (s < -self.threshold), -s)
+        before, m = self.assignment(), len(self.partner_sign)
+        old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
+        valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)
+        kept_f, kept_r, kept_sign = old_f[valid], old_r[valid], self.partner_sign.cpu()[valid]
+        free_f, free_r = forget[~torch.isin(forget, kept_f)], retain[~torch.isin(retain, kept_r)]
+        W = W_dec.detach().float().cpu()
+        C = W[free_f] @ W[free_r].T
         rows, cols = match_partners(C)
         rest = lambda idx, taken: idx[~torch.isin(torch.arange(len(idx)), taken)]
-        self.forget_idx = torch.cat([forget[rows], rest(forget, rows)]).to(W_dec.device)
-        self.retain_idx = torch.cat([retain[cols], rest(retain, cols)]).to(W_dec.device)
-        self.partner_sign = C[rows, cols].sign().to(W_dec.device)
-        self.partner_similarity = C[rows, cols].abs().mean().item() if len(rows) else float("nan")
+        self.forget_idx = torch.cat([kept_f, free_f[rows], rest(free_f, rows)]).to(W_dec.device)
+        self.retain_idx = torch.cat([kept_r, free_r[cols], rest(free_r, cols)]).to(W_dec.device)
+        self.partner_sign = torch.cat([kept_sign, C[rows, cols].sign()]).to(W_dec.device)
+        n = len(self.partner_sign)
+        cos = (W[self.forget_idx[:n].cpu()] * W[self.retain_idx[:n].cpu()]).sum(dim=1)
+        self.partner_similarity = cos.abs().mean().item() if n else float("nan")
+        # the first grouping takes effect at once; later joiners ramp in (member_weights)
+        self.joined[self.assignment() != before] = t if self.regroups else t - self.every
+        self.regroups += 1
+
+    def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_F [n_F], w_R [n_R]), w = clamp((t − joined)/every, 0, 1): a latent that joined its group at the last
+        regroup enters the penalty over one regroup period, so a regroup does not make the penalty jump."""
+        w = ((t - self.joined).float() / self.every).clamp(0, 1)
+        return (w[self.forget_idx.cpu()].to(self.forget_idx.device), w[self.retain_idx.cpu()].to(self.retain_idx.device))
 
     def assignment(self) -> torch.Tensor:
         """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
@@ -691,8 +748,9 @@ class FeatureGrouper:
             setattr(self, name, value)
 
     def full_state(self) -> dict:
-        """state() plus the firing-rate EMAs (for checkpoints; load_state takes either)."""
-        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone()}
+        """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes either)."""
+        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(), "joined": self.joined.clone(),
+                               "regroups": self.regroups}
 
 
 def condition_number(W: torch.Tensor) -> float:
@@ -735,22 +793,6 @@ def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
             "partner_abs_cos_mean": grouper.partner_similarity}
 
 
-def max_abs_cos(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """[len(rows)]: for each row i in `rows` of W [F, d], max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)| (OrtSAE's
-    nearest-neighbour similarity); nan where no such j exists. Computed `chunk` rows at a time, so memory is
-    O(chunk · len(cols)) and no F×F matrix is formed."""
-    unit = F.normalize(W.detach().float(), dim=1)
-    targets = unit[cols].T
-    out = torch.full((len(rows),), float("nan"))
-    for start in range(0, len(rows), chunk):
-        r = rows[start:start + chunk]
-        sims = (unit[r] @ targets).abs_()
-        sims.masked_fill_(r[:, None] == cols[None, :], -1.0)  # a row is not its own neighbour
-        best = sims.max(dim=1).values if len(cols) else torch.full((len(r),), -1.0)
-        out[start:start + len(r)] = best.where(best >= 0, torch.tensor(float("nan"))).cpu()
-    return out
-
-
 def cos_summary(values: torch.Tensor) -> dict:
     """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values (nan ones left out)."""
     v = values[~values.isnan()]
@@ -770,7 +812,7 @@ def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
     out = {}
     for name, g in (("forget", activations.FORGET), ("retain", activations.RETAIN), ("shared", SHARED)):
         inside, outside = (groups == g).nonzero().flatten(), (groups != g).nonzero().flatten()
-        within, across = max_abs_cos(W_dec, inside, inside), max_abs_cos(W_dec, inside, outside)
+        within, across = (nearest_neighbours(W_dec, inside, others)[0].cpu() for others in (inside, outside))
         nearest[inside.cpu()] = torch.fmax(within, across)  # fmax: nan (no candidate) loses
         out[name] = {"within": cos_summary(within), "across": cos_summary(across)}
     return {"all": cos_summary(nearest)} | out
@@ -887,7 +929,7 @@ class TrainerTopK:
         self.t += 1
         stats["regrouped"] = self.grouper is not None and self.t % self.grouper.every == 0
         if stats["regrouped"]:
-            self.grouper.regroup(self.sae.W_dec)
+            self.grouper.regroup(self.sae.W_dec, self.t)
             if self.sae.group_bias is not None:
                 self.sae.feature_group.copy_(self.grouper.assignment().to(self.sae.feature_group.device))
         return stats | {"lr": self.scheduler.get_last_lr()[0]}
@@ -923,12 +965,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus, retain: data.Corpus):
-    """Harvest (or read back) train and validation activations; returns the cache entry and its key fields."""
+def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus, retain: data.Corpus,
+                        documents: dict):
+    """Harvest (or read back) train and validation activations from the training and validation documents of
+    `documents` ({"forget"|"retain": data.DocumentSplit}); returns the cache entry and its key fields."""
     key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision")},
            "layer": cfg.layer, "hook_name": hook_name, "context_length": cfg.context_length,
            "train_tokens": cfg.train_tokens, "val_tokens": cfg.val_tokens, "eval_fraction": cfg.eval_fraction,
-           "data_seed": cfg.data_seed, "forget": forget.provenance(), "retain": retain.provenance()}
+           "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "forget": forget.provenance(),
+           "retain": retain.provenance()}
     entry = Path(cfg.cache_dir) / "activations" / activations.cache_key(key)
     if (entry / "manifest.json").exists():
         try:
@@ -944,9 +989,8 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
     splits = {}
     for split, n_tokens in (("train", cfg.train_tokens), ("val", cfg.val_tokens)):
         contexts, labels = [], []
-        for corpus, label in ((forget, activations.FORGET), (retain, activations.RETAIN)):
-            train_docs, eval_docs = data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed)
-            docs = train_docs if split == "train" else eval_docs
+        for corpus, side, label in ((forget, "forget", activations.FORGET), (retain, "retain", activations.RETAIN)):
+            docs = getattr(documents[side], split)
             try:
                 ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
             except ValueError as e:  # the corpus is too small for the budget: say so before harvesting anything
@@ -973,15 +1017,17 @@ def open_wandb(cfg: Config):
 
 
 def uses_group_biases(cfg: Config) -> bool:
-    return cfg.variant == "adaptive_ortho" and cfg.group_biases
+    return cfg.variant in GROUPED and cfg.group_biases
 
 
 def make_ortho(cfg: Config):
     """The orthogonality term of `cfg.variant` (None for topk)."""
     if cfg.variant == "fixed_ortho":
-        return FixedOrthogonalityLoss(cfg.lambda2_max)
+        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, t0=0, alpha=0.0, target="partner")
+    if cfg.variant == "allpairs_ortho":
+        return AllPairsOrthogonalityLoss(cfg.allpairs_lambda2)
     if cfg.variant == "adaptive_ortho":
-        return AdaptiveOrthogonalityLoss(cfg.lambda2_max, cfg.t0, cfg.alpha, cfg.ortho_target)
+        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, cfg.t0, cfg.alpha, cfg.ortho_target)
     return None
 
 
@@ -1060,6 +1106,16 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on validation "
+                   "documents disjoint from training and from every evaluation; the same rule for every variant")
+
+
+def ortho_lambda2_default(variant: str) -> float:
+    """The Config default of the variant's λ2 field (plot.py names λ2 in a label only where it differs)."""
+    name = "allpairs_lambda2" if variant == "allpairs_ortho" else "lambda2_max"
+    return Config.__dataclass_fields__[name].default
+
+
 def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """Train the SAE on the cached activations; returns (sae, input scale, final training info, separation results).
 
@@ -1079,7 +1135,8 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
     sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg)).to(cfg.device)
     steps = max(1, int(cfg.epochs * len(keep) / cfg.batch_size))
-    grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq)
+    grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
+                             max_group_size=int(cfg.max_group_fraction * acts.shape[1]))
     ortho = make_ortho(cfg)
     trainer = TrainerTopK(sae, steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha, cfg.dead_window_tokens,
                           ortho=ortho, grouper=grouper)
@@ -1155,6 +1212,9 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     if run is not None:
         run.finish()
     steps_run = step + 1
+    final_step = {"step": step, **validation_loss(sae, val_acts, scale, cfg.device),
+                  "separation": separation_metrics(sae.W_dec, grouper),
+                  "nearest_neighbour_abs_cos": feature_geometry(sae.W_dec, grouper.assignment())["all"]}
     sae.load_state_dict(best["sae"])
     grouper.load_state(best["grouper"])
     info = {"training_steps": steps, "steps_run": steps_run, "best_checkpoint_step": best["step"],
@@ -1164,16 +1224,21 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
             "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss (TopK enforces sparsity by k)",
             "input_scale": scale, "train_tokens_harvested": len(acts), "tokens_dropped_as_outliers": int(len(acts) - len(keep)),
             "median_activation_norm": float(np.median(norms)), "train_wall_time_s": wall_before + time.time() - start,
-            "resumed_from_step": start_step if start_step > 0 else None, **validation_loss(sae, val_acts, scale, cfg.device)}
+            "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
+            **validation_loss(sae, val_acts, scale, cfg.device)}
     separation = {
         "variant": cfg.variant, "alpha": cfg.alpha if cfg.variant == "adaptive_ortho" else 0.0,
         "ortho_target": cfg.ortho_target if cfg.variant == "adaptive_ortho" else None,
-        "lambda2_max": cfg.lambda2_max if ortho else 0.0, "t0": cfg.t0, "group_biases": uses_group_biases(cfg),
+        "lambda2_max": ortho.lambda2_max if ortho else 0.0,
+        "lambda2_default": ortho_lambda2_default(cfg.variant), "t0": cfg.t0 if cfg.variant == "adaptive_ortho" else 0,
+        "group_biases": uses_group_biases(cfg),
         "lambda2_final": ortho.lambda2(trainer.t) if ortho else 0.0,
         "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
-                     "min_freq": cfg.min_freq, "passive": cfg.variant == "topk" or cfg.variant == "fixed_ortho"},
+                     "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
+                     "passive": cfg.variant not in GROUPED},
         "final_checkpoint_step": best["step"],
         "final": separation_metrics(sae.W_dec, grouper),  # of the saved (best) checkpoint with its own groups
+        "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
         "geometry": feature_geometry(sae.W_dec, grouper.assignment()),  # max |cos| to the nearest other feature
         "forget_features": grouper.forget_idx.tolist(),  # the forget group of the saved checkpoint (unlearning restricts to it)
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience, "applies": cfg.variant != "topk",
@@ -1218,10 +1283,13 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     sep = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in final_info["knowledge separation results"]["final"].items()}
     entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
              f"variant {cfg.variant}{f' (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})' if cfg.variant == 'adaptive_ortho' else ''}"
-             f"{f' (λ2 {cfg.lambda2_max})' if cfg.variant == 'fixed_ortho' else ''} | seed {cfg.seed} | model {final_info['provenance']['model']['name']} | layer {cfg.layer} | "
+             f"{f' (λ2 {cfg.lambda2_max})' if cfg.variant == 'fixed_ortho' else ''}"
+             f"{f' (λ2 {cfg.allpairs_lambda2})' if cfg.variant == 'allpairs_ortho' else ''}"
+             f"{' (no group biases)' if cfg.variant in GROUPED and not cfg.group_biases else ''} | seed {cfg.seed} | model {final_info['provenance']['model']['name']} | layer {cfg.layer} | "
              f"dict {cfg.dict_size} k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
              f"val explained variance {training['val_explained_variance']:.4f} | "
-             f"core: explained variance (conventional) {core['reconstruction_quality']['explained_variance_conventional']:.4f}, "
+             f"core: explained variance (conventional) {core['reconstruction_quality']['explained_variance_conventional']:.4f}"
+             f" ({core['reconstruction_quality']['explained_variance_conventional_without_outliers']:.4f} without outliers), "
              f"ce_loss_score {core['model_performance_preservation']['ce_loss_score']:.4f}, "
              f"kl_div_score {core['model_behavior_preservation']['kl_div_score']:.4f}, L0 {core['sparsity']['l0']:.1f}\n"
              f"separation: groups {sep['n_forget']} forget / {sep['n_retain']} retain | cross-group |cos| mean "
@@ -1246,12 +1314,11 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
         f.write(entry)
 
 
-def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, forget: data.Corpus, retain_eval_docs: list,
-                        forget_questions: dict, retain_questions: dict, separation: dict) -> dict:
+def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits: dict, forget_questions: dict,
+                        retain_questions: dict, separation: dict) -> dict:
     """unlearning.run_unlearning_eval on held-out documents, with the clamp's edit defined by
     `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted to the
     SAE's own forget group. The question filter depends only on the model, so it is cached across runs."""
-    _, forget_eval_docs = data.split_documents(forget.documents, cfg.eval_fraction, cfg.data_seed)
     floats = lambda text: tuple(float(v) for v in text.split(","))
     unlearn_cfg = unlearning.UnlearningConfig(
         retain_thresholds=floats(cfg.unlearning_retain_thresholds), n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
@@ -1259,9 +1326,9 @@ def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, forget
         n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
         max_questions_per_subject=cfg.unlearning_questions_per_subject,
         question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
-    forget_group = torch.tensor(separation["forget_features"], dtype=torch.long) if cfg.variant != "topk" else None
+    forget_group = torch.tensor(separation["forget_features"], dtype=torch.long) if cfg.variant in GROUPED else None
     result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model, hook_name,
-                                            cfg.layer, forget_eval_docs, retain_eval_docs, forget_questions,
+                                            cfg.layer, splits["forget"].eval, splits["retain"].eval, forget_questions,
                                             retain_questions, unlearn_cfg, cfg.device, forget_group=forget_group)
     result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
     return result
@@ -1332,7 +1399,9 @@ def run(cfg: Config) -> dict:
     forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
                       (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
     forget_questions, retain_questions, questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
-    entry, key = prepare_activations(cfg, model, model_info, hook_name, forget, retain)
+    splits = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed, cfg.val_fraction)
+              for side, corpus in (("forget", forget), ("retain", retain))}
+    entry, key = prepare_activations(cfg, model, model_info, hook_name, forget, retain, splits)
 
     sae, scale, train_info, separation = train(cfg, entry, out)
     metadata = {"model_name": model_info["name"], "hook_name": hook_name, "hook_layer": cfg.layer,
@@ -1340,16 +1409,16 @@ def run(cfg: Config) -> dict:
     sae.save(out / "sae", scale, metadata)
     saved = load_sae(out / "sae", device)  # what every evaluation sees: the SAE as saved, in model units
 
-    _, retain_eval_docs = data.split_documents(retain.documents, cfg.eval_fraction, cfg.data_seed)
     core_cfg = core_eval.CoreEvalConfig(context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
                                         n_eval_reconstruction_batches=cfg.core_eval_batches,
                                         n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
-    core = core_eval.run_core_eval(saved, model, retain_eval_docs, core_cfg, device)
+    core = core_eval.run_core_eval(saved, model, splits["retain"].eval, core_cfg, device,
+                                   max_norm=cfg.max_norm_multiple * train_info["median_activation_norm"] or None)
     absorption_cfg = absorption.AbsorptionConfig(n_words=cfg.absorption_words or None)
     absorbed = absorption.run_absorption(saved, model, device, absorption_cfg, work_dir=Path(cfg.cache_dir) / "absorption") \
         if cfg.absorption else None
-    unlearn = evaluate_unlearning(cfg, saved, model, hook_name, forget, retain_eval_docs, forget_questions,
-                                  retain_questions, separation) if cfg.unlearning else None
+    unlearn = evaluate_unlearning(cfg, saved, model, hook_name, splits, forget_questions, retain_questions,
+                                  separation) if cfg.unlearning else None
     sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, saved, model_info["name"], device) if cfg.unlearning else None
 
     final_info = {

@@ -20,6 +20,7 @@ def make_trainer(variant: str, d: int, n: int, k: int, n_forget: int, n_retain: 
     torch.manual_seed(0)
     sae = experiment.AutoEncoderTopK(d, n, k, group_biases=variant == "adaptive_ortho")
     grouper = experiment.FeatureGrouper(n, every=10**9, threshold=0.5, min_freq=1e-3)  # never regroups while timed
+    grouper.joined.fill_(-10**9)  # members long since: the penalty at full weight
     perm = torch.randperm(n)
     grouper.forget_idx, grouper.retain_idx = perm[:n_forget], perm[n_forget:n_forget + n_retain]
     grouper.partner_sign = torch.ones(min(n_forget, n_retain))

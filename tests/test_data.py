@@ -35,10 +35,15 @@ def tiny_model(tokenizer):
 
 def test_split_is_disjoint_deterministic_and_complete():
     docs = [f"doc {i}" for i in range(100)]
-    train, held_out = data.split_documents(docs, 0.1, seed=3)
-    assert len(held_out) == 10 and not set(train) & set(held_out) and set(train) | set(held_out) == set(docs)
-    assert data.split_documents(docs, 0.1, seed=3) == (train, held_out)
-    assert data.split_documents(docs, 0.1, seed=4)[1] != held_out
+    train, val, held_out = data.split_documents(docs, 0.1, seed=3, val_fraction=0.05)
+    assert (len(held_out), len(val), len(train)) == (10, 5, 85)
+    assert not set(train) & set(held_out) and not set(val) & (set(train) | set(held_out))
+    assert set(train) | set(val) | set(held_out) == set(docs)
+    assert data.split_documents(docs, 0.1, seed=3, val_fraction=0.05) == (train, val, held_out)
+    assert data.split_documents(docs, 0.1, seed=4).eval != held_out
+    # the eval part does not move when a validation part is carved out of the training part
+    no_val = data.split_documents(docs, 0.1, seed=3)
+    assert no_val.eval == held_out and no_val.val == [] and no_val.train == val + train
 
 
 def test_pack_contexts_starts_with_bos_and_follows_the_stream(tokenizer):
@@ -88,6 +93,11 @@ def corpus(name, words, n_docs=60):
     return data.Corpus(name, "test", "1", "none", docs)
 
 
+def document_splits(cfg, forget, retain):
+    return {side: data.split_documents(c.documents, cfg.eval_fraction, cfg.data_seed, cfg.val_fraction)
+            for side, c in (("forget", forget), ("retain", retain))}
+
+
 def test_activation_cache_is_read_back_and_rebuilt_on_a_new_key(tmp_path, tiny_model, monkeypatch):
     forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
     cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=140, val_tokens=28,
@@ -96,15 +106,18 @@ def test_activation_cache_is_read_back_and_rebuilt_on_a_new_key(tmp_path, tiny_m
     calls = []
     real = tiny_model.run_with_cache
     monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
+                                              document_splits(cfg, forget, retain))
     n_forward = len(calls)
     assert n_forward > 0
     acts, labels = activations.load_split(entry, "train")
     assert acts.shape == (140, 16) and labels.sum() == 70  # BOS dropped; half forget, half retain
-    entry2, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    entry2, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
+                                              document_splits(cfg, forget, retain))
     assert entry2 == entry and len(calls) == n_forward  # read back: no model forward
     changed = experiment.dataclasses.replace(cfg, context_length=15)
-    entry3, _ = experiment.prepare_activations(changed, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    entry3, _ = experiment.prepare_activations(changed, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
+                                              document_splits(cfg, forget, retain))
     assert entry3 != entry and len(calls) > n_forward
 
 
@@ -148,14 +161,16 @@ def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, tiny_model, monke
     cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=70, val_tokens=28,
                             harvest_batch_size=4)
     info = {"name": "tiny", "source": "local"}
-    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
+                                              document_splits(cfg, forget, retain))
     good = np.load(entry / "train_acts.npy").copy()
     with open(entry / "train_acts.npy", "r+b") as f:  # truncate the shard
         f.truncate(f.seek(0, 2) - 64)
     calls = []
     real = tiny_model.run_with_cache
     monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rebuilt, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain)
+    rebuilt, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
+                                              document_splits(cfg, forget, retain))
     assert rebuilt == entry and calls  # the model ran again
     acts, _ = activations.load_split(entry, "train")  # checksums hold again
     np.testing.assert_allclose(acts, good, rtol=1e-6, atol=1e-6)

@@ -17,8 +17,11 @@ FIGURES = ["tradeoff", "alpha_sweep", "training", "unlearning_curves"]
 
 
 def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, text_score=0.5, mcq=None,
-              unlearning=True, log=True, early_stop=None, steps=250):
-    """A finished run as experiment.py writes it, with the given values."""
+              unlearning=True, log=True, early_stop=None, steps=250, held_out=None, held_out_se=None,
+              typical_ev=None, separation=None):
+    """A finished run as experiment.py writes it, with the given values. held_out, held_out_se and typical_ev (EV
+    conventional without outliers) are written only when given, as an older run lacks them; `separation` is merged
+    into the knowledge separation results (e.g. lambda2_max, lambda2_default, group_biases)."""
     info = copy.deepcopy(TEMPLATE)
     training = info.pop("training results for layer 15")
     training["config"] |= {"layer": layer, "seed": seed, "variant": variant, "alpha": alpha}
@@ -27,14 +30,20 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     ortho = variant != "topk"
     sep |= {"variant": variant, "alpha": alpha if variant == "adaptive_ortho" else 0.0,
             "ortho_target": "partner" if variant == "adaptive_ortho" else None, "lambda2_max": 1000.0 if ortho else 0.0}
+    sep |= separation or {}
     sep["final"] |= {"kappa_forget": 100.0 + 10 * seed, "kappa_retain": 50.0, "cross_abs_cos_mean": 0.05 - alpha / 10}
     sep["early_stopping"] |= {"applies": ortho, "stopped": early_stop is not None, "step": early_stop or steps - 1}
     info["core evaluation results"]["metrics"]["reconstruction_quality"]["explained_variance_conventional"] = val_ev - 0.03
     info["core evaluation results"]["metrics"]["model_performance_preservation"]["ce_loss_score"] = 0.95 - alpha / 10
+    if typical_ev is not None:
+        info["core evaluation results"]["metrics"]["reconstruction_quality"] |= {
+            "explained_variance_conventional_without_outliers": typical_ev}
     unlearn = info.pop("unlearning evaluation results")
     if unlearning:
         scores = unlearn["eval_result_metrics"]["unlearning"]
         scores |= {"text_score": text_score, "unlearning_score": mcq, "n_forget_questions": 0 if mcq is None else 40}
+        new = {"held_out_score": held_out, "held_out_score_se": held_out_se}
+        scores |= {k: v for k, v in new.items() if v is not None}
         scores["text_score_config"]["retain_delta_ce"] = 0.015
         details = unlearn["eval_result_details"]
         for i, row in enumerate(details["sweep"]):
@@ -109,7 +118,7 @@ def test_every_figure_and_the_table_are_written(result):
 def test_table_holds_the_planted_numbers_and_seed_statistics(result):
     _, out, printed = result
     table = (out / "results.md").read_text()
-    assert "| run_1 | topk | – | 0 | 0.7500 | 0.7200 | 0.9500 |" in table
+    assert "| run_1 | topk | – | 0 | 0.7500 | 0.7200 | n/a | 0.9500 |" in table  # n/a: no EV w/o outliers
     assert "1.2345" in table and "3.0000" in table
     assert "| adaptive_ortho | 0.1 | 3 | run_4, run_5, run_6 |" in table
     scores, evs = [1.0, 2.0, 4.0], [0.70, 0.72, 0.77]
@@ -167,3 +176,45 @@ def test_nothing_to_plot_is_an_error(tmp_path):
     (tmp_path / "run_1").mkdir()
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "run_1"), f"--out_dir={tmp_path / 'plots'}"])
+
+
+def test_new_fields_load_and_older_runs_give_none(tmp_path):
+    new = plot.load_run(write_run(tmp_path / "new", held_out=1.5, held_out_se=0.25, typical_ev=0.8), "new")
+    assert (new["held_out_score"], new["held_out_score_se"], new["conv_ev_typical"]) == (1.5, 0.25, 0.8)
+    old = plot.load_run(write_run(tmp_path / "old"), "old")
+    assert (old["held_out_score"], old["held_out_score_se"], old["conv_ev_typical"]) == (None, None, None)
+
+
+@pytest.mark.parametrize("separation, label", [
+    ({"variant": "topk", "lambda2_max": 0.0}, "topk"),
+    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 15.0}, "fixed_ortho"),
+    ({"variant": "fixed_ortho", "lambda2_max": 10.0}, "fixed_ortho λ2=10"),
+    ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho"),
+    ({"variant": "allpairs_ortho", "lambda2_max": 30.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=30"),
+    ({"variant": "allpairs_ortho", "lambda2_max": 1000.0}, "allpairs_ortho"),  # no lambda2_default: DEFAULT_LAMBDA2
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner", "group_biases": True},
+     "adaptive_ortho"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner"}, "adaptive_ortho"),  # older
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner", "group_biases": False},
+     "adaptive_ortho no-group-biases"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 0.0, "ortho_target": "partner", "group_biases": True},
+     "adaptive_ortho λ2=0"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "hinge"}, "adaptive_ortho/hinge"),
+])
+def test_setting_labels_keep_the_ablations_apart(separation, label):
+    assert plot.setting_label(separation) == label
+
+
+def test_setting_colours_and_order():
+    settings = ["adaptive_ortho", "allpairs_ortho", "adaptive_ortho λ2=0", "fixed_ortho", "topk",
+                "adaptive_ortho no-group-biases"]
+    colors = plot.setting_colors([{"setting": s} for s in settings])
+    assert list(colors)[:3] == ["topk", "fixed_ortho", "allpairs_ortho"]
+    assert [colors[s] for s in ("topk", "fixed_ortho", "allpairs_ortho")] == ["black", "tab:gray", "tab:brown"]
+    adaptive = [plot.to_hex(colors[s]) for s in settings if s.startswith("adaptive")]
+    assert len(set(adaptive)) == 3 and not {"#7f7f7f", "#8c564b"} & set(adaptive)  # tab:gray, tab:brown
+    rows = [("adaptive_ortho", 0.3), ("adaptive_ortho no-group-biases", 0.3), ("allpairs_ortho", None),
+            ("adaptive_ortho", 0.1), ("topk", None), ("fixed_ortho", None)]
+    assert sorted(rows, key=lambda r: plot.setting_order(*r)) == [
+        ("topk", None), ("fixed_ortho", None), ("allpairs_ortho", None), ("adaptive_ortho", 0.1),
+        ("adaptive_ortho", 0.3), ("adaptive_ortho no-group-biases", 0.3)]

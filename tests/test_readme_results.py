@@ -1,0 +1,131 @@
+"""The README's results tables are plot.py's output from the run folders, never typed; readme_results and
+plot.py --readme on synthetic runs (test_plot.write_run's fake run folders)."""
+import math
+from pathlib import Path
+
+import pytest
+
+import plot
+from test_plot import write_run
+
+README = Path(plot.__file__).resolve().parent / "README.md"
+REGENERATE = "run `python plot.py --readme README.md`"
+L15, L3 = "smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"
+
+
+def test_readme_results_are_what_plot_py_computes_from_the_run_folders():
+    """The README's block between the markers equals readme_results of every run_* folder, as plot.py --readme
+    README.md writes it: a typed or stale number fails."""
+    text = README.read_bytes().decode()
+    try:
+        start, end = plot.results_span(text)
+    except ValueError as err:
+        pytest.fail(f"README.md has no generated results block ({err}): {REGENERATE}")
+    runs, _ = plot.load_runs(plot.find_run_dirs([]))
+    assert runs, "no finished run_* folder beside plot.py"
+    expected = plot.replace_results(text, plot.readme_results(plot.group_runs(runs)))
+    e_start, e_end = plot.results_span(expected)
+    assert text[start:end] == expected[e_start:e_end], \
+        f"README.md's results block is not what plot.py computes from the run_* folders: {REGENERATE}"
+
+
+@pytest.fixture
+def root(tmp_path):
+    """topk: 3 seeds; fixed_ortho: 1 seed; adaptive_ortho α = 0.3: seed 0 twice and seed 1; one run each of
+    adaptive_ortho α = 0.1, its no-group-biases ablation and allpairs_ortho (numbered out of table order); one
+    adaptive_ortho run of another layer (a group with no reference)."""
+    root = tmp_path / "runs"
+    for seed, (score, ev) in enumerate([(0.3, 0.80), (0.5, 0.81), (0.7, 0.82)]):
+        write_run(root / f"run_{seed}", "topk", seed=seed, held_out=score, held_out_se=0.1, typical_ev=ev)
+    write_run(root / "run_3", "fixed_ortho", held_out=0.6, held_out_se=0.2, typical_ev=0.79)
+    for name, seed, score, se, ev in [("run_4", 0, 1.0, 0.2, 0.75), ("run_5", 1, 5.0, 0.5, 0.78),
+                                      ("run_6", 0, 3.0, 0.4, 0.77)]:
+        write_run(root / name, "adaptive_ortho", alpha=0.3, seed=seed, held_out=score, held_out_se=se,
+                  typical_ev=ev)
+    write_run(root / "run_7", "adaptive_ortho", alpha=0.3, held_out=2.0, separation={"group_biases": False})
+    write_run(root / "run_8", "allpairs_ortho", held_out=0.4,
+              separation={"lambda2_max": 15.0, "lambda2_default": 15.0})
+    write_run(root / "run_9", "adaptive_ortho", alpha=0.1, held_out=1.5)
+    write_run(root / "run_10", "adaptive_ortho", alpha=0.1, layer=3, held_out=1.0)
+    return root
+
+
+@pytest.fixture
+def block(root):
+    runs, skipped = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    assert len(runs) == 11 and not skipped
+    return plot.readme_results(plot.group_runs(runs))
+
+
+def lines_starting(block: str, prefix: str) -> list:
+    return [line for line in block.splitlines() if line.startswith(prefix)]
+
+
+def test_difference_standard_error_is_welch_over_seed_means(block):
+    """adaptive α = 0.3: seed means (1 + 3)/2 = 2 and 5, so mean 3.5, s² = 4.5, n 2; topk 0.3, 0.5, 0.7: mean 0.5,
+    s² = 0.04, n 3. Difference 3.0, SE = sqrt(4.5/2 + 0.04/3)."""
+    se = math.sqrt(4.5 / 2 + 0.04 / 3)
+    assert f"{se:.4f}" == "1.5044"
+    row, = lines_starting(block, "| adaptive_ortho | 0.3 | − topk |")
+    assert row.split(" | ")[3] == "+3.0000 ± 1.5044 (n 2 vs 3)"
+    ev_se = math.sqrt(0.0002 / 2 + 0.0001 / 3)  # EV without outliers: seed means 0.76, 0.78 against 0.80, 0.81, 0.82
+    assert row.split(" | ")[5] == f"-0.0400 ± {ev_se:.4f} (n 2 vs 3) |"
+
+
+def test_a_repeated_seed_is_averaged_first(block):
+    """Seed 0 ran twice (held-out 1.0 and 3.0, SE 0.2 and 0.4): one seed of 2.0 (SE 0.3) beside seed 1's 5.0
+    (SE 0.5), so n = 2 seeds, not 3 runs."""
+    row, = lines_starting(block, "| adaptive_ortho | 0.3 | 2 |")
+    assert row.startswith("| adaptive_ortho | 0.3 | 2 | run_4 + run_6, run_5 | 3.5000 ± 2.1213 | 0.4000 ± 0.1414 |")
+    assert f"{math.sqrt(4.5):.4f} | {math.sqrt(0.02):.4f}" == "2.1213 | 0.1414"
+
+
+def test_one_seed_gives_no_standard_error(block):
+    assert "| fixed_ortho | – | − topk | +0.1000 ± n/a (n 1 vs 3) |" in block
+    assert "| adaptive_ortho | 0.3 | − fixed_ortho | +2.9000 ± n/a (n 2 vs 1) |" in block
+    row, = lines_starting(block, "| allpairs_ortho | – | − topk |")
+    assert row.split(" | ")[3] == "-0.1000 ± n/a (n 1 vs 3)" and row.endswith(" | n/a |")  # n/a: no EV w/o outliers
+
+
+def test_rows_order_references_and_groups(block):
+    means = [line.split(" | ")[:2] for line in lines_starting(block, "| ")
+             if " | − " not in line and not line.startswith("| variant")]
+    assert means == [["| topk", "–"], ["| fixed_ortho", "–"], ["| allpairs_ortho", "–"],
+                         ["| adaptive_ortho", "0.1"], ["| adaptive_ortho", "0.3"],
+                         ["| adaptive_ortho no-group-biases", "0.3"], ["| adaptive_ortho", "0.1"]]  # L3
+    assert not lines_starting(block, "| topk | – | −") and "| fixed_ortho | – | − fixed_ortho |" not in block
+    assert len(lines_starting(block, "| adaptive_ortho no-group-biases | 0.3 | − ")) == 2
+    assert f"**Group {L15}**" in block and f"**Group {L3}**" in block
+    assert block.rstrip().endswith("No topk or fixed_ortho run in this group: no differences.")
+    prose = block.replace("\n", " ")
+    assert prose.count("± = sample std over seeds") == 2
+    assert prose.count("± = standard error of the difference") == 1
+
+
+def test_readme_option_replaces_only_the_block(root, block, tmp_path):
+    before = "# Title ünïcode\r\nprose 1.234\n\n" + plot.README_START + "\nold typed 9.99\n\n"
+    after = plot.README_END + "\nafter\n  no final newline"
+    readme = tmp_path / "README.md"
+    readme.write_bytes((before + after).encode())
+    out = tmp_path / "plots"
+    plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
+    text = readme.read_bytes()
+    head = before[:before.index(plot.README_START) + len(plot.README_START) + 1]
+    assert text.startswith(head.encode()) and text.endswith(after.encode())
+    assert text.decode()[len(head):-len(after)] == "\n" + block.strip("\n") + "\n\n"
+    assert plot.replace_results(text.decode(), block) == text.decode()  # a second run changes nothing
+    assert block in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["# no markers\n", f"{plot.README_START}\nno end\n",
+                                  f"{plot.README_END}\n{plot.README_START}\n",
+                                  f"{plot.README_START}\n{plot.README_START}\n{plot.README_END}\n",
+                                  f"see `{plot.README_START}` and `{plot.README_END}` in prose\n"])
+def test_missing_markers_are_a_clear_error(root, tmp_path, text):
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    out = tmp_path / "plots"
+    with pytest.raises(SystemExit) as err:
+        plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
+    assert plot.README_START in str(err.value) and plot.README_END in str(err.value)
+    assert readme.read_text() == text and not out.exists()  # checked before any work
