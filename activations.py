@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from files import sha256_file
+
 FORMAT_VERSION = 1
 FORGET, RETAIN = 1, 0
 
@@ -25,11 +27,6 @@ FORGET, RETAIN = 1, 0
 def cache_key(fields: dict) -> str:
     blob = json.dumps(fields | {"format_version": FORMAT_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @torch.inference_mode()
@@ -64,7 +61,7 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
             harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy", f"harvest {split}")
             for suffix in ("acts", "labels"):
                 path = tmp / f"{split}_{suffix}.npy"
-                files[path.name] = {"sha256": _sha256(path), "shape": list(np.load(path, mmap_mode="r").shape)}
+                files[path.name] = {"sha256": sha256_file(path), "shape": list(np.load(path, mmap_mode="r").shape)}
         (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1, default=str))
     except BaseException as e:  # disk full, Ctrl-C, a failing model: leave no partial files behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +88,7 @@ def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray
     arrays = []
     for suffix in ("acts", "labels"):
         path = entry / f"{split}_{suffix}.npy"
-        if verify and _sha256(path) != manifest["files"][path.name]["sha256"]:
+        if verify and sha256_file(path) != manifest["files"][path.name]["sha256"]:
             raise RuntimeError(f"cache file {path} does not match its manifest checksum: delete {entry} to rebuild")
         arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
     return arrays[0], np.asarray(arrays[1])

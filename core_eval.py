@@ -12,7 +12,6 @@ SAE-Bench's `explained_variance` does not measure variance about the mean activa
 issue 659), so we add the conventional one, computed on exactly the tokens of its sparsity/variance batches.
 """
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,9 @@ from sae_lens import SAE
 from sae_lens.training.activations_store import ActivationsStore
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+
+from files import json_safe
+from models import special_token_ids
 
 EV_NOTE = ("explained_variance is SAE-Bench 0.6.0's 1 - E_t||x-x_hat||^2 / (E_t||x||^2 - (E_t||x||^2 / d)^2), "
            "E_t a mean over batches of per-batch token means: its 'total variance' is the second moment about zero "
@@ -45,11 +47,6 @@ class CoreEvalConfig:
     n_eval_sparsity_variance_batches: int = 8  # L0/MSE/EV batches: 2 forward passes up to the hook each (ours + SAE-Bench's)
     exclude_special_tokens_from_reconstruction: bool = True  # splice the SAE in only at non-BOS/EOS/pad positions, as SAE-Bench's published runs
     seed: int = 42  # shuffles the documents before packing, as SAE-Bench's multiple_evals does
-
-
-def special_token_ids(tokenizer) -> set[int]:
-    """BOS, EOS and pad ids: the positions SAE-Bench leaves out of its metrics (and we out of ours)."""
-    return {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
 
 
 def make_store(model: HookedTransformer, sae: SAE, texts: list[str], cfg: CoreEvalConfig, device: str) -> ActivationsStore:
@@ -85,7 +82,7 @@ def sparsity_variance_batches(model, sae, texts, cfg: CoreEvalConfig, device: st
 
 
 @torch.no_grad()
-def hook_activations(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, layer: int, ignore: set[int]) -> torch.Tensor:
+def hook_activations(model: HookedTransformer, tokens: torch.Tensor, hook_name: str, layer: int, ignore: list[int]) -> torch.Tensor:
     """Activations [n_kept, d] at `hook_name` for every position whose token is not in `ignore`."""
     _, cache = model.run_with_cache(tokens, names_filter=hook_name, stop_at_layer=layer + 1)
     keep = ~torch.isin(tokens, torch.tensor(sorted(ignore), dtype=tokens.dtype, device=tokens.device))
@@ -93,7 +90,7 @@ def hook_activations(model: HookedTransformer, tokens: torch.Tensor, hook_name: 
 
 
 @torch.no_grad()
-def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor], ignore: set[int],
+def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor], ignore: list[int],
                                     max_norm: float = None) -> dict:
     """1 − Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖², x̄ = per-dimension mean over the tokens t summed over: all kept tokens
     of all batches ("all"), and those with ‖x_t‖ <= max_norm ("typical": training's outlier rule, which drops
@@ -112,14 +109,6 @@ def conventional_explained_variance(model, sae: SAE, batches: list[torch.Tensor]
     typical = x.norm(dim=1) <= max_norm if max_norm else torch.ones(len(x), dtype=torch.bool)
     return {"all": ev(x, r), "typical": ev(x[typical], r[typical]), "n_tokens": len(x),
             "n_dropped": int((~typical).sum())}
-
-
-def _plain(value):
-    """JSON-safe scalar: float, int stays int, NaN becomes None (SAE-Bench writes -1, which reads like a value)."""
-    if isinstance(value, int):
-        return value
-    value = float(value)
-    return None if math.isnan(value) else value
 
 
 def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: CoreEvalConfig, device: str,
@@ -147,7 +136,7 @@ def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: Cor
     sv_batches = sparsity_variance_batches(model, sae, texts, cfg, device)
     metrics, feature_metrics = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
                                          ignore_tokens=ignore, verbose=True)
-    metrics = {group: {k: _plain(v) for k, v in values.items()} for group, values in metrics.items()}
+    metrics = json_safe(metrics)  # nan -> None (SAE-Bench writes -1, which reads like a value)
     ev = conventional_explained_variance(model, sae, sv_batches, ignore, max_norm)
     metrics["reconstruction_quality"] |= {
         "explained_variance_conventional": ev["all"], "explained_variance_conventional_without_outliers": ev["typical"],

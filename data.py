@@ -10,7 +10,6 @@ final_info.json. Documents are split into train and held-out eval by a fixed see
 trains the SAE.
 """
 import collections
-import hashlib
 import importlib.metadata
 import json
 import random
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from files import sha256_file, write_bytes_atomic
 
 HPO = "hpo"
 BIGBENCH_WIKIPEDIA = "bigbench-wikipedia"
@@ -53,11 +54,6 @@ def _package_file(package: str, relative: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{relative} not found in package {package}: run the README's setup command")
     return path
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hpo_corpus() -> Corpus:
@@ -106,9 +102,7 @@ def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
             if _english(text):
                 articles.append(text)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
-        tmp.replace(out)
+        write_bytes_atomic(out, "".join(json.dumps({"text": a}) + "\n" for a in articles).encode())
         archive.unlink()
     documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     return Corpus(BIGBENCH_WIKIPEDIA, f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, English articles",
@@ -149,7 +143,7 @@ def local_corpus(path: str) -> Corpus:
         documents = [d.strip() for d in p.read_text().split("\n\n") if d.strip()]
     if not documents:
         raise ValueError(f"corpus file {path} holds no documents")
-    return Corpus(str(p), f"local file {p.resolve()}", _sha256(p)[:16], "as stated by the file's owner", documents)
+    return Corpus(str(p), f"local file {p.resolve()}", sha256_file(p)[:16], "as stated by the file's owner", documents)
 
 
 def load_corpus(spec: str, cache_dir: Path) -> Corpus:

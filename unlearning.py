@@ -70,6 +70,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from files import json_safe, write_json_atomic
+from models import special_token_ids
+
 PRE_QUESTION_FORMAT = "The following are multiple choice questions (with answers) about {subject}.\n"
 PRE_WMDP_BIO = "The following are multiple choice questions (with answers) about biology.\n"
 LETTERS = "ABCD"
@@ -281,10 +284,6 @@ def pack_eval_contexts(tokenizer, documents: list, context_length: int, n_contex
     return torch.cat([torch.full((n, 1), bos), t], dim=1), used
 
 
-def special_ids(tokenizer) -> list:
-    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
-
-
 @torch.no_grad()
 def firing_rates(model, sae, tokens: torch.Tensor, hook_layer: int, batch_size: int, ignore: list) -> np.ndarray:
     """Fraction of non-special tokens on which each feature is > 0 (SAE-Bench's feature sparsity)."""
@@ -417,9 +416,7 @@ def surviving_questions(model, questions: list, cfg: UnlearningConfig, letter_id
     survivors, n_scored = filter_questions(questions, orders, score)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"survivors": survivors, "n_questions": len(questions)}))
-        tmp.replace(path)
+        write_json_atomic(path, {"survivors": survivors, "n_questions": len(questions)}, indent=None)
     return survivors, {"n_scored_prompts": n_scored, "from_cache": None}
 
 
@@ -685,7 +682,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
     t = time.time()
     print(f"unlearning: firing rates on {sum(len(texts[s]['rate']) for s in texts)} held-out contexts")
-    rates = {side: firing_rates(model, sae, texts[side]["rate"].to(device), hook_layer, cfg.batch_size, special_ids(tok))
+    rates = {side: firing_rates(model, sae, texts[side]["rate"].to(device), hook_layer, cfg.batch_size, special_token_ids(tok))
              for side in ("forget", "retain")}
     timing["firing_rates"] = time.time() - t
 
@@ -774,7 +771,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
         return {"mean": float(r.mean()), "n_zero": int((r == 0).sum()), "n_below_0.001": int((r < 0.001).sum()),
                 "n_below_0.01": int((r < 0.01).sum())}
 
-    return _json({
+    return json_safe({
         "eval_type_id": "unlearning",
         "eval_config": asdict(cfg) | {"hook_name": hook_name, "hook_layer": hook_layer,
                                       "answer_orders_used": [list(o) for o in answer_orders(cfg.answer_orders)],
@@ -799,18 +796,3 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
             "timing_s": timing,
         },
     })
-
-
-def _json(obj):
-    """Plain Python types only; non-finite floats become None."""
-    if isinstance(obj, dict):
-        return {str(k): _json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, torch.Tensor):
-        return _json(obj.tolist())
-    return obj

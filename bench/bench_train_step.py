@@ -23,7 +23,6 @@ import importlib.util
 import platform
 import statistics
 import sys
-import time
 import types
 from datetime import date
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import experiment
-from bench.bench_ortho_cost import make_trainer
+from bench.common import make_trainer, random_batch, time_interleaved
 
 
 def dense_reference_check(trainer: experiment.TrainerTopK, x: torch.Tensor, dead: int) -> dict:
@@ -117,8 +116,7 @@ def sparsify_step(d, n, k, x, dead):
 
 
 def our_step(variant, d, n, k, x, labels, dead, n_forget, n_retain):
-    trainer, cfg = make_trainer(variant, d, n, k, n_forget, n_retain)
-    trainer.t = max(cfg.t0, 1)  # λ2(t) at its maximum for adaptive_ortho
+    trainer = make_trainer(variant, d, n, k, n_forget, n_retain)
 
     def step():
         if dead:
@@ -145,7 +143,7 @@ def main():
         torch.set_num_threads(args.threads)
     d, n, k, B = args.d, args.dict_size, args.k, args.batch
     torch.manual_seed(0)
-    x, labels = torch.randn(B, d) / d ** 0.5, (torch.rand(B) < 0.5).long()
+    x, labels = random_batch(B, d)
 
     topk_step, topk_trainer = our_step("topk", d, n, k, x, labels, args.dead, args.n_forget, args.n_retain)
     errors = dense_reference_check(topk_trainer, x, args.dead)
@@ -168,15 +166,7 @@ def main():
                 print(f"{name}: not installed (pip install --no-deps -r bench/requirements.txt); skipped")
             else:
                 workloads[name] = step
-    for step in workloads.values():  # warm up
-        step()
-    times = {name: [] for name in workloads}
-    for _ in range(args.reps):
-        for name, step in workloads.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = time_interleaved(workloads, args.reps, args.steps)
     med = {name: statistics.median(t) for name, t in times.items()}
     rate = {name: B / t for name, t in med.items()}
 

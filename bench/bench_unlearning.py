@@ -67,7 +67,7 @@ def prefix_ab(model, sae, hook_layer, forget_docs, retain_docs, reps):
     tok, cfg = model.tokenizer, unlearning.UnlearningConfig()
     texts = {side: unlearning.held_out_text(tok, docs, cfg, tok.bos_token_id, tok.eos_token_id, side)
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
-    ignore = unlearning.special_ids(tok)
+    ignore = models.special_token_ids(tok)
     rates = {side: unlearning.firing_rates(model, sae, texts[side]["rate"], hook_layer, 8, ignore) for side in texts}
     configs = [(tuple(unlearning.select_features(rates["forget"], rates["retain"], th, 20)), m)
                for th in (0.001, 0.01) for m in (50, 200)]

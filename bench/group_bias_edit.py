@@ -60,7 +60,7 @@ def main():
         _, docs = data.split_documents(data.load_corpus(spec, Path(cfg.cache_dir)).documents, cfg.eval_fraction,
                                        cfg.data_seed)
         texts[side] = unlearning.held_out_text(tok, docs, ucfg, tok.bos_token_id, tok.eos_token_id, side)
-    ignore = unlearning.special_ids(tok)
+    ignore = models.special_token_ids(tok)
     rates = {s: unlearning.firing_rates(model, sae, texts[s]["rate"], cfg.layer, 8, ignore) for s in texts}
     features = unlearning.select_features(rates["forget"], rates["retain"], 0.001, 20)
     sets = {s: unlearning.EvalSet(model, "ce", [(texts[s]["select"][i:i + 8], None)

@@ -21,9 +21,7 @@ from sae_bench.evals.absorption.prompting import create_icl_prompt
 from sae_bench.evals.absorption.vocab import LETTERS, get_alpha_tokens
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 import absorption
 import models
@@ -33,6 +31,7 @@ S, T = 8.0, 2.0  # letter and word components of the planted embeddings
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TEMPLATE_TOKENS = ["has", "the", "first", "letter:"] + list(LETTERS.upper())  # prompt words and ICL answers
 CFG = absorption.FAST  # the vocabulary here (809 words) is below its n_words: all words are used
+MODEL = {"n_layers": 1, "d_model": D, "n_ctx": 128, "d_head": 16, "d_mlp": 64}  # make_tiny_model's config
 
 
 def pseudo_words(per_letter: int, rng: random.Random, letters: str = LETTERS) -> list[str]:
@@ -51,39 +50,21 @@ def pseudo_words(per_letter: int, rng: random.Random, letters: str = LETTERS) ->
     return sorted(words)
 
 
-def word_level_tokenizer(folder: Path, tokens: list[str]):
-    """Whitespace-split word-level tokenizer over SPECIALS + tokens."""
-    tok = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(SPECIALS + tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
-    # Loaded from a folder, as the real model's: TransformerLens re-loads the tokenizer by name_or_path.
-    return AutoTokenizer.from_pretrained(folder)
+@pytest.fixture(scope="module")
+def tokenizer(make_word_tokenizer):
+    """Whitespace-split word-level tokenizer over SPECIALS + the template tokens + pseudo-words."""
+    return make_word_tokenizer(SPECIALS + TEMPLATE_TOKENS + pseudo_words(30, random.Random(0)))
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return word_level_tokenizer(tmp_path_factory.mktemp("tokenizer"),
-                                TEMPLATE_TOKENS + pseudo_words(30, random.Random(0)))
-
-
-def tiny_model(tokenizer) -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=1, d_model=D, n_ctx=128, d_head=16, n_heads=4, d_mlp=64,
-                                  d_vocab=len(tokenizer.get_vocab()), act_fn="gelu", normalization_type="LN",
-                                  device="cpu", seed=0)
-    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+def random_model(tokenizer, make_tiny_model):
+    return make_tiny_model(tokenizer, **MODEL)
 
 
 @pytest.fixture(scope="module")
-def random_model(tokenizer):
-    return tiny_model(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def planted(tokenizer):
+def planted(tokenizer, make_tiny_model):
     """(model, u): the residual at HOOK is W_E[word] = S*e_letter + T*u[word] for every alpha token."""
-    model = tiny_model(tokenizer)
+    model = make_tiny_model(tokenizer, **MODEL)
     gen = torch.Generator().manual_seed(1)
     u = {}
     with torch.no_grad():
@@ -174,12 +155,12 @@ def test_random_model_refuses_with_reason(random_model, tmp_path):
     assert len(list(tmp_path.glob(f"probes/pos-5_words{notes['n_words']}_*/custom/layer_0/probe.pth"))) == 1
 
 
-def test_letter_without_training_words_refuses(tmp_path):
+def test_letter_without_training_words_refuses(make_word_tokenizer, make_tiny_model):
     """No word (nor ICL answer) starts with x, y or z: SAE-Bench's k-sparse probing would raise a KeyError."""
     letters = LETTERS[:23]
-    tok = word_level_tokenizer(tmp_path, TEMPLATE_TOKENS[:4] + list(letters.upper())
-                               + pseudo_words(12, random.Random(0), letters))
-    result = absorption.run_absorption(random_sae(), tiny_model(tok), "cpu", CFG)
+    tok = make_word_tokenizer(SPECIALS + TEMPLATE_TOKENS[:4] + list(letters.upper())
+                              + pseudo_words(12, random.Random(0), letters))
+    result = absorption.run_absorption(random_sae(), make_tiny_model(tok, **MODEL), "cpu", CFG)
     assert result["ran"] is False and result["reason"].startswith("letters x, y, z have no word")
 
 

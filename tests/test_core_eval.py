@@ -14,9 +14,6 @@ import torch
 from sae_lens import SAE
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import core_eval
 
@@ -27,22 +24,12 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 @pytest.fixture(scope="module")
-def model_and_texts(tmp_path_factory):
+def model_and_texts(make_word_tokenizer, make_tiny_model):
     rng = random.Random(0)
     words = [f"w{i}" for i in range(296)]
     texts = [" ".join(rng.choices(words, k=rng.randint(12, 25))) for _ in range(50)]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    folder = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
-    # Loaded from a folder, as the real model's: TransformerLens re-loads the tokenizer by name_or_path.
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=D, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(vocab),
-                                  act_fn="gelu", normalization_type="LN", device="cpu", seed=0)
-    model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    tokenizer = make_word_tokenizer(SPECIALS + words)
+    model = make_tiny_model(tokenizer, n_layers=2, d_model=D, n_ctx=64, d_head=8, d_mlp=64)
     with torch.no_grad():
         model.blocks[0].mlp.b_out.copy_(5.0 * torch.ones(D) / D ** 0.5 + torch.linspace(-1, 1, D))
     return model, texts

@@ -4,9 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import activations
 import data
@@ -17,20 +14,13 @@ WORDS = ("the cell gene protein blood heart river city king war music film game 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)] * 3, trainers.WordLevelTrainer(special_tokens=["<bos>", "<eos>", "<unk>"]))
-    folder = tmp_path_factory.mktemp("tokenizer")  # saved and reloaded, as a hub tokenizer would be
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+def tokenizer(make_word_tokenizer):
+    return make_word_tokenizer(["<bos>", "<eos>", "<unk>"] + sorted(WORDS), split_punctuation=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=len(tokenizer),
-                                  act_fn="gelu", normalization_type="LN", seed=0)
-    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+def tiny_model(tokenizer, make_tiny_model):
+    return make_tiny_model(tokenizer, n_layers=2, d_model=16, n_ctx=32, d_head=4)
 
 
 def test_split_is_disjoint_deterministic_and_complete():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import activations
 import data
 import experiment
+from files import sha256_file
 
 D, N_TRAIN, N_VAL = 16, 3000, 400
 
@@ -36,7 +37,7 @@ def make_entry(root: Path) -> Path:
         np.save(entry / f"{split}_labels.npy", labels)
         for suffix in ("acts", "labels"):
             path = entry / f"{split}_{suffix}.npy"
-            files[path.name] = {"sha256": activations._sha256(path), "shape": list(np.load(path).shape)}
+            files[path.name] = {"sha256": sha256_file(path), "shape": list(np.load(path).shape)}
     (entry / "manifest.json").write_text(json.dumps({"key": {}, "files": files}))
     return entry
 

@@ -11,9 +11,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import unlearning
 from data import Question
@@ -29,27 +26,14 @@ TEMPLATE = ("{% for m in messages %}<bos>user {{ m['content'] }}<eos>{% endfor %
 HOOK_LAYER, HOOK = 1, "blocks.1.hook_resid_post"
 
 
-def make_tokenizer(folder, chat: bool):
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    if chat:
-        fast.chat_template = TEMPLATE
-    fast.save_pretrained(folder)  # reloaded from a folder: TransformerLens re-loads the tokenizer by name_or_path
-    return AutoTokenizer.from_pretrained(folder)
+@pytest.fixture(scope="module")
+def tokenizer(make_word_tokenizer):
+    return make_word_tokenizer(VOCAB, split_punctuation=True, chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"), chat=True)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=96, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(VOCAB),
-                                  act_fn="gelu", normalization_type="LN", device="cpu", seed=0)
-    m = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+def model(tokenizer, make_tiny_model):
+    m = make_tiny_model(tokenizer, n_layers=3, d_model=32, n_ctx=96, d_head=8, d_mlp=64)
     with torch.no_grad():  # a less flat output distribution than the default init gives
         m.W_U.mul_(8.0)
     return m
@@ -173,21 +157,19 @@ def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, k
 
 # ------------------------------------------------------------------------------------------------- start_at_layer
 
-def rotary_model(tokenizer):
+def rotary_model(make_tiny_model, tokenizer):
     """Rotary positions, grouped-query attention and a sliding window shorter than the contexts on alternate
     layers (as Gemma-2): what a prefix's cached keys must get right."""
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=96, d_head=8, n_heads=4, n_key_value_heads=2,
-                                  d_mlp=64, d_vocab=len(VOCAB), act_fn="gelu", normalization_type="RMS",
-                                  positional_embedding_type="rotary", rotary_dim=8, attn_types=["global", "local", "global"],
-                                  window_size=5, device="cpu", seed=1)
-    m = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    m = make_tiny_model(tokenizer, n_layers=3, d_model=32, n_ctx=96, d_head=8, n_key_value_heads=2, d_mlp=64,
+                        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                        attn_types=["global", "local", "global"], window_size=5, seed=1)
     with torch.no_grad():
         m.W_U.mul_(8.0)
     return m
 
 
-def test_tail_from_a_cached_prefix_equals_the_full_tail(tokenizer):
-    for m in (rotary_model(tokenizer),):
+def test_tail_from_a_cached_prefix_equals_the_full_tail(tokenizer, make_tiny_model):
+    for m in (rotary_model(make_tiny_model, tokenizer),):
         tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS, n=3)
         resid = unlearning.to_hook(m, tokens, HOOK_LAYER)
         full, kv = unlearning.tail(m, resid, HOOK_LAYER, record=True)
@@ -201,8 +183,8 @@ def test_tail_from_a_cached_prefix_equals_the_full_tail(tokenizer):
         assert not torch.allclose(expected[:, 9:], full[:, 9:], atol=1e-2)
 
 
-def test_kept_residual_path_equals_full_forward(model, tokenizer):
-    for m in (model, rotary_model(tokenizer)):
+def test_kept_residual_path_equals_full_forward(model, tokenizer, make_tiny_model):
+    for m in (model, rotary_model(make_tiny_model, tokenizer)):
         check_kept_residual_path(m, tokenizer)
 
 
@@ -238,14 +220,14 @@ QUESTIONS = [Question("what is f1 ?", ["f2", "r3", "f4", "r5"], 0, "biology"),
              Question("what is ?", ["r2", "f2", "r4", "f9"], 1, "history")]
 
 
-def test_prompt_format_follows_sae_bench_and_chat_template(tokenizer, tmp_path):
+def test_prompt_format_follows_sae_bench_and_chat_template(tokenizer, make_word_tokenizer):
     body, ans = unlearning.question_text(QUESTIONS[1], (2, 0, 1, 3))
     assert body == ("The following are multiple choice questions (with answers) about biology.\n"
                     "what is r1 r2 r3 ?\nA. f4 f5 f6\nB. f2\nC. r3\nD. r5") and ans == 0
     ids, _ = unlearning.prompt_tokens(tokenizer, QUESTIONS[1], (2, 0, 1, 3))
     assert tokenizer.decode(ids).split() == ("<bos> user " + body + " <eos> <bos> model Answer : (").replace(
         ".", " . ").replace("(", " ( ").replace(")", " ) ").replace("?", " ? ").replace(":", " : ").split()
-    plain = make_tokenizer(tmp_path, chat=False)
+    plain = make_word_tokenizer(VOCAB, split_punctuation=True)
     ids, _ = unlearning.prompt_tokens(plain, QUESTIONS[1])
     assert ids[0] == plain.bos_token_id and plain.convert_ids_to_tokens(ids[-2:]) == ["Answer", ":"]
     assert unlearning.letter_token_ids(tokenizer) == [[VOCAB.index(l)] for l in "ABCD"]
@@ -404,15 +386,14 @@ def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_rep
 # ------------------------------------------------------------------------------------------------- planted end to end
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted(make_word_tokenizer, make_tiny_model):
     """Blocks write nothing (W_O, W_out, biases, W_pos zero; no normalisation), so every residual is W_E[token].
     W_E[t] = e_t (+ a·u for forget words), W_U[:, next(t)] = k·W_E[t] with words following a cycle per domain; the
     SAE's feature 0 reads u (fires on forget words only), features 1-4 read retain words, feature 5 always fires."""
-    tok = make_tokenizer(tmp_path_factory.mktemp("tok_planted"), chat=True)
+    tok = make_word_tokenizer(VOCAB, split_punctuation=True, chat_template=TEMPLATE)
     V, D, a, k = len(VOCAB), len(VOCAB) + 2, 1.0, 6.0
-    cfg = HookedTransformerConfig(n_layers=2, d_model=D, n_ctx=64, d_head=4, n_heads=2, d_mlp=16, d_vocab=V,
-                                  act_fn="relu", normalization_type=None, device="cpu", seed=0)
-    m = HookedTransformer(cfg, tokenizer=tok).eval()
+    m = make_tiny_model(tok, n_layers=2, d_model=D, n_ctx=64, d_head=4, n_heads=2, d_mlp=16, act_fn="relu",
+                        normalization_type=None)
     u = torch.zeros(D)
     u[V] = 1.0
     with torch.no_grad():
