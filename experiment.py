@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ import activations
 import core_eval
 import data
 import models
+import results
 import sae_bench_unlearning
 import unlearning
 from files import json_safe, write_bytes_atomic, write_json_atomic
@@ -47,70 +49,132 @@ from files import json_safe, write_bytes_atomic, write_json_atomic
 
 
 def _opt(default, help):
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "training": True})
+
+
+def _setting(default, help):
+    """A field that does not change what training computes: a checkpoint resumes under another value of it."""
+    return field(default=default, metadata={"help": help, "training": False})
 
 
 @dataclass
 class Config:
-    # run
-    out_dir: str = _opt("run_0", "folder for final_info.json, the SAE, the training log")
-    overwrite: bool = _opt(False, "start afresh in out_dir: replace a finished run (final_info.json) or ignore a checkpoint")
-    checkpoint_every: int = _opt(100, "write a training checkpoint (out_dir/checkpoints/last.pt) every this many steps; the same command resumes from it")
-    seed: int = _opt(0, "seed of the SAE initialisation and the batch order")
-    device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
-    cache_dir: str = _opt(str(models.default_cache_dir()), "converted model and activation cache (env ORTHO_SAE_CACHE)")
-    wandb_mode: str = _opt("auto", "'auto' (online if a wandb API key is configured, else disabled), 'online', 'offline', 'disabled'")
+    # where and how it runs: none of these changes what training computes
+    out_dir: str = _setting("run_0", "folder for final_info.json, the SAE, the training log")
+    overwrite: bool = _setting(False, "start afresh in out_dir: replace a finished run "
+                               "(final_info.json) or ignore a checkpoint")
+    checkpoint_every: int = _setting(100, "write a training checkpoint (out_dir/checkpoints/last.pt) "
+                                     "every this many steps; the same command resumes from it")
+    device: str = _setting("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
+    cache_dir: str = _setting(str(models.default_cache_dir()), "converted model and activation cache "
+                              "(env ORTHO_SAE_CACHE)")
+    wandb_mode: str = _setting("auto", "'auto' (online if a wandb API key is configured, else "
+                               "disabled), 'online', 'offline', 'disabled'")
     # model and data
-    model: str = _opt("auto", "'auto', 'pythia-70m-deduped', 'smollm2-135m-instruct', a hub id or a local HF model folder")
-    layer: int = _opt(-1, "residual stream after this block is the SAE's input; -1: the model's default (Pythia-70M 3, SmolLM2 15)")
-    forget_corpus: str = _opt(data.HPO, "'hpo' (embedded biology text) or a local .jsonl/.txt file such as WMDP bio-forget-corpus.jsonl")
-    retain_corpus: str = _opt(data.BIGBENCH_WIKIPEDIA, "'bigbench-wikipedia' (embedded), 'wikitext' (hub) or a local .jsonl/.txt file")
-    context_length: int = _opt(128, "tokens per context, BOS included (BOS activations are not trained on)")
-    train_tokens: int = _opt(0, "activations harvested for training, half forget half retain; 0: 400k on CPU, 4M on CUDA")
-    val_tokens: int = _opt(16_384, "validation activations (from the validation documents) for the loss that picks the checkpoint")
-    eval_fraction: float = _opt(0.1, "share of each corpus's documents held out for every evaluation (core, ΔCE, firing rates, absorption)")
-    val_fraction: float = _opt(0.05, "share of each corpus's documents held out from training and from every evaluation, for the validation loss")
-    data_seed: int = _opt(0, "seed of the document split and context order (part of the activation-cache key)")
+    model: str = _opt("auto", "'auto', 'pythia-70m-deduped', 'smollm2-135m-instruct', a hub id or a "
+                      "local HF model folder")
+    layer: int = _opt(-1, "residual stream after this block is the SAE's input; -1: the model's "
+                      "default (Pythia-70M 3, SmolLM2 15)")
+    forget_corpus: str = _opt(data.HPO, "'hpo' (embedded biology text) or a local .jsonl/.txt file "
+                              "such as WMDP bio-forget-corpus.jsonl")
+    retain_corpus: str = _opt(data.BIGBENCH_WIKIPEDIA, "'bigbench-wikipedia' (embedded), 'wikitext' "
+                              "(hub) or a local .jsonl/.txt file")
+    context_length: int = _opt(128, "tokens per context, BOS included (BOS activations are not trained "
+                               "on)")
+    train_tokens: int = _opt(0, "activations harvested for training, half forget half retain; 0: 400k "
+                             "on CPU, 4M on CUDA")
+    val_tokens: int = _opt(16_384, "validation activations (from the validation documents) for the "
+                           "loss that picks the checkpoint")
+    eval_fraction: float = _opt(0.1, "share of each corpus's documents held out for every evaluation "
+                                "(core, ΔCE, firing rates, absorption)")
+    val_fraction: float = _opt(0.05, "share of each corpus's documents held out from training and from "
+                               "every evaluation, for the validation loss")
+    data_seed: int = _opt(0, "seed of the document split and context order (part of the "
+                          "activation-cache key)")
     harvest_batch_size: int = _opt(16, "contexts per model forward while harvesting")
     # SAE and trainer
+    seed: int = _opt(0, "seed of the SAE initialisation and the batch order")
     dict_size: int = _opt(0, "number of SAE latents F; 0: 8 x d_model on CPU, 32 x d_model on CUDA")
     k: int = _opt(32, "active latents per token (TopK)")
     batch_size: int = _opt(2048, "activations per training step")
     epochs: float = _opt(4.0, "passes over the harvested training activations")
-    lr: float = _opt(0.0, "Adam learning rate; 0: 2e-4 / sqrt(F / 16384) (dictionary_learning's TopK rule)")
+    lr: float = _opt(0.0, "Adam learning rate; 0: 2e-4 / sqrt(F / 16384) (dictionary_learning's TopK "
+                     "rule)")
     warmup_steps: int = _opt(50, "linear learning-rate warmup")
-    decay_start: float = _opt(0.8, "fraction of training after which the learning rate decays linearly to 0")
+    decay_start: float = _opt(0.8, "fraction of training after which the learning rate decays linearly "
+                              "to 0")
     auxk_alpha: float = _opt(1 / 32, "weight of the AuxK loss on dead latents (OpenAI TopK paper)")
-    dead_window_tokens: int = _opt(0, "a latent that has not fired for this many tokens is dead (AuxK); 0: 1/20 of the training tokens")
-    max_norm_multiple: float = _opt(10.0, "drop activations whose norm exceeds this multiple of the median norm (attention-sink outliers); 0: keep all")
-    # knowledge separation (issue 3)
-    variant: str = _opt("adaptive_ortho", "'topk' (plain TopK SAE), 'fixed_ortho' (the cross-group loss with λ2 = lambda2_max from step 0 and α = 0), 'allpairs_ortho' (OrtSAE's penalty on every feature's largest cos² to any other feature, no groups), 'adaptive_ortho' (the cross-group loss with λ2 ramped over t0 and α-controlled sharing with matched partners)")
-    alpha: float = _opt(0.1, "adaptive_ortho: cosine each forget feature may share with its matched retain partner (partner target) or the cross-group |cos| allowed before any penalty (hinge target); 0: strict orthogonality (fixed_ortho always uses 0)")
-    lambda2_max: float = _opt(1000.0, "weight of the cross-group loss (a mean squared cosine deviation, so ~1/d per pair at random): adaptive_ortho reaches it at t0, fixed_ortho uses it from step 0")
-    allpairs_lambda2: float = _opt(150.0, "allpairs_ortho: weight of its penalty, set so that the mean force on a penalised decoder row equals the cross-group loss's at lambda2_max (python -m bench.ortho_force)")
+    dead_window_tokens: int = _opt(0, "a latent that has not fired for this many tokens is dead "
+                                   "(AuxK); 0: 1/20 of the training tokens")
+    max_norm_multiple: float = _opt(10.0, "drop activations whose norm exceeds this multiple of the "
+                                    "median norm (attention-sink outliers); 0: keep all")
+    # knowledge separation
+    variant: str = _opt("adaptive_ortho", "'topk' (plain TopK SAE), 'fixed_ortho' (the cross-group "
+                        "loss with λ2 = lambda2_max from step 0 and α = 0), 'allpairs_ortho' (OrtSAE's "
+                        "penalty on every feature's largest cos² to any other feature, no groups), "
+                        "'adaptive_ortho' (the cross-group loss with λ2 ramped over t0 and "
+                        "α-controlled sharing with matched partners)")
+    alpha: float = _opt(0.1, "adaptive_ortho: cosine each forget feature may share with its matched "
+                        "retain partner (partner target) or the cross-group |cos| allowed before any "
+                        "penalty (hinge target); 0: strict orthogonality (fixed_ortho always uses 0)")
+    lambda2_max: float = _opt(1000.0, "weight of the cross-group loss (a mean squared cosine "
+                              "deviation, so ~1/d per pair at random): adaptive_ortho reaches it at "
+                              "t0, fixed_ortho uses it from step 0")
+    allpairs_lambda2: float = _opt(150.0, "allpairs_ortho: weight of its penalty, set so that the mean "
+                                   "force on a penalised decoder row equals the cross-group loss's at "
+                                   "lambda2_max (python -m bench.ortho_force)")
     t0: int = _opt(300, "adaptive_ortho: steps over which λ2(t) = lambda2_max·min(1, t/t0) ramps up")
-    group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases b_forget, b_retain (false: the ablation without them; topk and allpairs_ortho have none)")
-    ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² (P: matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per cross-group pair")
-    group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, log κ) every this many steps; also the horizon of the firing-frequency EMAs")
-    specificity_threshold: float = _opt(0.5, "a feature is forget (retain) when s = (p_f − p_r)/(p_f + p_r) > t (< −t); 0.5 means it fires >= 3x as often on one domain")
-    min_freq: float = _opt(1e-3, "features firing on fewer than this fraction of tokens ((p_f + p_r)/2) stay shared: their specificity is noise")
-    max_group_fraction: float = _opt(0.5, "the forget and the retain group each hold at most this fraction of d_model latents (the most domain-specific), so that n_F + n_R <= d and strict cross-group orthogonality (α = 0) can be met; 0: no cap")
-    kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this counts as ill-conditioned; measured at the regroups of healthy runs: topk 27-71 (short run), default adaptive_ortho 12-2,734 (orthogonality squeezes each group into fewer directions)")
-    kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks with a group's κ above kappa_max")
-    # evaluation
-    core_eval_batches: int = _opt(4, "SAE-Bench core: reconstruction batches (each: model with/without SAE, with ablation)")
-    core_eval_sparsity_batches: int = _opt(8, "SAE-Bench core: sparsity/variance batches")
-    core_eval_batch_prompts: int = _opt(8, "SAE-Bench core: contexts per batch")
-    absorption: bool = _opt(False, "run SAE-Bench's feature-absorption eval (first-letter probes) on the trained SAE; its probe is cached per model and layer")
-    absorption_words: int = _opt(0, "absorption: vocabulary words for the first-letter probe, drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
-    unlearning: bool = _opt(True, "run the unlearning evaluation (feature clamping on held-out forget/retain text and questions)")
-    unlearning_retain_thresholds: str = _opt("0.001,0.01", "unlearning sweep: drop features firing on more than this share of retain tokens")
-    unlearning_n_features: str = _opt("10,20", "unlearning sweep: number of features clamped")
-    unlearning_multipliers: str = _opt("25,50,100,200", "unlearning sweep: clamped features are set to -multiplier (model units)")
-    unlearning_ce_tolerance: float = _opt(0.02, "unlearning scores: the retain ΔCE (nats/token) at which forget ΔCE is read (interpolated), and the most a config may cost for the text score")
-    unlearning_ce_contexts: int = _opt(24, "unlearning: held-out ΔCE contexts per side for each of the selection and the report split")
-    unlearning_group_bias_edit: str = _opt("held", "how a clamp treats group biases: 'held' (edit = (f' − f)·W_dec, the group-bias term kept at the codes before the clamp: the same edit for every variant) or 'relu' (group weights recomputed from relu(f'): clamped features carry no mass)")
-    unlearning_questions_per_subject: int = _opt(25, "multiple-choice questions sampled per subject before the answer-order filter")
+    group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases "
+                              "b_forget, b_retain (false: the ablation without them; topk and "
+                              "allpairs_ortho have none)")
+    ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² (P: "
+                             "matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per "
+                             "cross-group pair")
+    group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, "
+                            "log κ) every this many steps; also the horizon of the firing-frequency "
+                            "EMAs")
+    specificity_threshold: float = _opt(0.5, "a feature is forget (retain) when s = (p_f − p_r)/(p_f + "
+                                        "p_r) > t (< −t); 0.5 means it fires >= 3x as often on one "
+                                        "domain")
+    min_freq: float = _opt(1e-3, "features firing on fewer than this fraction of tokens ((p_f + "
+                           "p_r)/2) stay shared: their specificity is noise")
+    max_group_fraction: float = _opt(0.5, "the forget and the retain group each hold at most this "
+                                     "fraction of d_model latents (the most domain-specific), so that "
+                                     "n_F + n_R <= d and strict cross-group orthogonality (α = 0) can "
+                                     "be met; 0: no cap")
+    kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this "
+                            "counts as ill-conditioned (healthy runs stay below a few thousand; "
+                            "orthogonality squeezes each group into fewer directions)")
+    kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks "
+                               "with a group's κ above kappa_max")
+    # evaluation: after training, none of these changes what training computes
+    core_eval_batches: int = _setting(4, "SAE-Bench core: reconstruction batches (each: model "
+                                      "with/without SAE, with ablation)")
+    core_eval_sparsity_batches: int = _setting(8, "SAE-Bench core: sparsity/variance batches")
+    core_eval_batch_prompts: int = _setting(8, "SAE-Bench core: contexts per batch")
+    absorption: bool = _setting(False, "run SAE-Bench's feature-absorption eval (first-letter probes) "
+                                "on the trained SAE; its probe is cached per model and layer")
+    absorption_words: int = _setting(0, "absorption: vocabulary words for the first-letter probe, "
+                                     "drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
+    unlearning: bool = _setting(True, "run the unlearning evaluation (feature clamping on held-out "
+                                "forget/retain text and questions)")
+    unlearning_retain_thresholds: str = _setting("0.001,0.01", "unlearning sweep: drop features firing "
+                                                 "on more than this share of retain tokens")
+    unlearning_n_features: str = _setting("10,20", "unlearning sweep: number of features clamped")
+    unlearning_multipliers: str = _setting("25,50,100,200", "unlearning sweep: clamped features are "
+                                           "set to -multiplier (model units)")
+    unlearning_ce_tolerance: float = _setting(0.02, "unlearning scores: the retain ΔCE (nats/token) at "
+                                              "which forget ΔCE is read (interpolated), and the most a "
+                                              "config may cost for the text score")
+    unlearning_ce_contexts: int = _setting(24, "unlearning: held-out ΔCE contexts per side for each of "
+                                           "the selection and the report split")
+    unlearning_group_bias_edit: str = _setting("held", "how a clamp treats group biases: 'held' (edit "
+                                               "= (f' − f)·W_dec, the group-bias term kept at the "
+                                               "codes before the clamp: the same edit for every "
+                                               "variant) or 'relu' (group weights recomputed from "
+                                               "relu(f'): clamped features carry no mass)")
+    unlearning_questions_per_subject: int = _setting(25, "multiple-choice questions sampled per "
+                                                     "subject before the answer-order filter")
 
 
 def parse_config(argv=None) -> Config:
@@ -212,14 +276,14 @@ def topk_rows(pre: torch.Tensor, k: int, blocks: tuple[int, ...] = (8, 4)) -> tu
     """(values, indices) [B, k] of the k largest entries in each row of pre [B, F]: the same selection as
     pre.topk(k, sorted=False) (up to the order within a row and the choice among tied values), in stages.
 
-    torch's CPU topk costs ~3 ns per entry plus ~2 µs per row; at F = 4608, k = 32 it takes 40% as long as the encoder
-    GEMM that produced `pre`. Each stage cuts a row into m = F/block strided blocks {c, c+m, …, c+(block−1)m} and
+    torch's CPU topk has a per-row cost comparable to the encoder GEMM's at the default shape (BENCHMARKS.md).
+    Each stage cuts a row into m = F/block strided blocks {c, c+m, …, c+(block−1)m} and
     takes every block's max: one vectorised pass over [B, block, m]. Each of a row's k largest entries lies in one of
     the k blocks with the largest maxima (an entry in any other block is ≤ its block's max ≤ the k-th largest block
     max, which k entries in other blocks reach). Those k blocks are found the same way, one level down (the block
     maxima [B, m] are a row of their own, cut into blocks[1]), and the answer is the topk over their k·block entries.
     At the default shape: [B, 4608] → maxima [B, 576] → [B, 144], then topk over 144, 128 and 256 entries instead of
-    4608: 0.6x the time of pre.topk, and 0.85x that of the single level (8,) measured at 455 × 4608.
+    4608.
     A level that saves nothing (F not a multiple of its block, or k·block > F/4) is a plain topk.
     """
     B, F = pre.shape
@@ -242,7 +306,7 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tens
     """
     B, n = indices.shape
     flat = indices.flatten()
-    order = flat.to(torch.int32).argsort(stable=True)  # int32 keys sort 2x faster than int64
+    order = flat.to(torch.int32).argsort(stable=True)  # int32 keys sort faster than int64
     crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=indices.device)
     torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
     rows_of_entries = torch.div(order, n, rounding_mode="floor").to(torch.int32)
@@ -336,6 +400,13 @@ class MeanSquaredNorm(torch.autograd.Function):
         return r * (2 * grad / len(r))
 
 
+class Codes(NamedTuple):
+    values: torch.Tensor       # [B, k] the TopK latents' activations
+    indices: torch.Tensor      # [B, k] their latent indices
+    aux_values: torch.Tensor   # [B, k_aux] AuxK's dead latents
+    aux_indices: torch.Tensor
+
+
 class AutoEncoderTopK(nn.Module):
     """TopK SAE on inputs scaled to unit mean squared norm.
 
@@ -372,16 +443,15 @@ class AutoEncoderTopK(nn.Module):
         return self.W_enc_T.T
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # SAE-Lens files and checkpoints written before W_enc_T hold W_enc [d, F]
+        # SAE-Lens files hold W_enc [d, F]
         if prefix + "W_enc" in state_dict:
             state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").T
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0):
-        """(values [B, k], indices [B, k]) of the k largest ReLU pre-activations; with `aux_latents`, also the
-        (values, indices) [B, k_aux] of the largest among those latents (for AuxK)."""
-        values, indices, aux_values, aux_indices = TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux)
-        return (values, indices) if aux_latents is None else (values, indices, aux_values, aux_indices)
+    def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0) -> "Codes":
+        """Codes: values, indices [B, k] of the k largest ReLU pre-activations; aux_values, aux_indices
+        [B, k_aux] of the largest among `aux_latents` (for AuxK; [B, 0] without them)."""
+        return Codes(*TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux))
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
@@ -392,7 +462,8 @@ class AutoEncoderTopK(nn.Module):
         return x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x))
+        codes = self.encode(x)
+        return self.decode(codes.values, codes.indices)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -819,6 +890,13 @@ def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
     return {"all": cos_summary(nearest)} | out
 
 
+def regroup(sae: "AutoEncoderTopK", grouper: FeatureGrouper, t: int) -> None:
+    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new assignment."""
+    grouper.regroup(sae.W_dec, t)
+    if sae.group_bias is not None:
+        sae.feature_group.copy_(grouper.assignment().to(sae.feature_group.device))
+
+
 class KappaEarlyStopping:
     """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup checks."""
 
@@ -857,8 +935,8 @@ class TrainerTopK:
         self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = sae, steps, auxk_alpha, dead_window_tokens
         self.ortho, self.grouper, self.t = ortho, grouper, 0
         self.k_aux = sae.d_in // 2
-        # fused: one kernel per parameter instead of a dozen elementwise passes (3x faster on CPU; the same update
-        # up to float rounding)
+        # fused: one kernel per parameter instead of a dozen elementwise passes (the same update up to float
+        # rounding; BENCHMARKS.md)
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         decay_from = int(decay_start * steps)
 
@@ -879,10 +957,6 @@ class TrainerTopK:
         self.t = state["t"]
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for p in self.optimizer.param_groups[0]["params"]:  # Adam moments of W_enc [d, F] from before W_enc_T
-            for name, moment in self.optimizer.state[p].items():
-                if moment.dim() == 2 and moment.shape != p.shape and moment.shape == p.T.shape:
-                    self.optimizer.state[p][name] = moment.T.contiguous()
         self.scheduler.load_state_dict(state["scheduler"])
 
     def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor) -> torch.Tensor:
@@ -895,7 +969,7 @@ class TrainerTopK:
     def loss(self, x: torch.Tensor, labels: torch.Tensor = None) -> tuple[torch.Tensor, dict]:
         """Loss and the statistics logged for it; updates the dead-latent counters and (with labels) the grouper."""
         dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten().to(x.device)
-        values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)
+        values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)  # Codes
         x_hat = self.sae.decode(values, indices)
         residual = x - x_hat
         recon = MeanSquaredNorm.apply(residual)
@@ -928,11 +1002,6 @@ class TrainerTopK:
         self.scheduler.step()
         self.sae.normalize_decoder()
         self.t += 1
-        stats["regrouped"] = self.grouper is not None and self.t % self.grouper.every == 0
-        if stats["regrouped"]:
-            self.grouper.regroup(self.sae.W_dec, self.t)
-            if self.sae.group_bias is not None:
-                self.sae.feature_group.copy_(self.grouper.assignment().to(self.sae.feature_group.device))
         return stats | {"lr": self.scheduler.get_last_lr()[0]}
 
 
@@ -1036,12 +1105,7 @@ def make_ortho(cfg: Config):
 # Checkpoints: resume a killed run where it stopped, bit-identical on CPU
 
 # Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
-NOT_TRAINING_FIELDS = {"out_dir", "overwrite", "checkpoint_every", "wandb_mode", "device", "core_eval_batches", "absorption",
-                       "absorption_words",
-                       "core_eval_sparsity_batches", "core_eval_batch_prompts", "unlearning", "unlearning_retain_thresholds",
-                       "unlearning_n_features", "unlearning_multipliers", "unlearning_ce_tolerance", "unlearning_ce_contexts",
-                       "unlearning_group_bias_edit",
-                       "unlearning_questions_per_subject"}
+NOT_TRAINING_FIELDS = {f.name for f in dataclasses.fields(Config) if not f.metadata["training"]}
 
 
 class TrainingInterrupted(Exception):
@@ -1108,138 +1172,203 @@ def ortho_lambda2_default(variant: str) -> float:
     return Config.__dataclass_fields__[name].default
 
 
-def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
-    """Train the SAE on the cached activations; returns (sae, input scale, final training info, separation results).
+@dataclass
+class TrainingData:
+    """The cached activations as training reads them: train rows (those kept: norm <= max_norm_multiple × median),
+    their norms, the kept validation rows, and the scale that makes E‖x‖² = 1 over the kept training rows
+    (dictionary_learning's normalisation)."""
+    acts: np.ndarray
+    labels: np.ndarray
+    keep: np.ndarray
+    norms: np.ndarray
+    val_acts: np.ndarray
+    scale: float
 
-    The returned SAE is the checkpoint with the lowest validation loss (validated every 50 steps, at every regroup
-    and at the end). At every regroup the separation metrics are logged; for the ortho variants a group κ above
-    kappa_max for kappa_patience consecutive regroups stops training early.
+    @classmethod
+    def load(cls, entry: Path, max_norm_multiple: float) -> "TrainingData":
+        acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
+        val_acts, _ = activations.load_split(entry, "val", verify=False)
+        keep, norms = activations.typical_rows(acts, max_norm_multiple)
+        val_keep, _ = activations.typical_rows(val_acts, max_norm_multiple)
+        scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
+        return cls(acts, labels, keep, norms, val_acts[val_keep], scale)
+
+
+class Training:
+    """One SAE's training: the SAE, trainer, grouper and κ stopper, the regroup history and the best checkpoint.
+    state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are the loop's events."""
+
+    def __init__(self, cfg: Config, data: TrainingData):
+        self.cfg, self.data = cfg, data
+        d = data.acts.shape[1]
+        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg)).to(cfg.device)
+        self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
+        self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
+                                      max_group_size=int(cfg.max_group_fraction * d))
+        self.ortho = make_ortho(cfg)
+        self.trainer = TrainerTopK(self.sae, self.steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha,
+                                   cfg.dead_window_tokens, ortho=self.ortho, grouper=self.grouper)
+        self.stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
+        self.step, self.finished, self.wall_s = 0, False, 0.0  # step: the next step to run
+        self.history, self.stats, self.best = [], {}, {"val_recon": float("inf")}
+
+    def state_dict(self) -> dict:
+        return {"config": json.dumps(training_fields(self.cfg)), "step": self.step, "finished": self.finished,
+                "sae": self.sae.state_dict(), "trainer": self.trainer.state(), "grouper": self.grouper.full_state(),
+                "stopper": {"strikes": self.stopper.strikes, "reason": self.stopper.reason},
+                "history": json.dumps(self.history), "stats": json.dumps(self.stats), "best": self.best,
+                "wall_s": self.wall_s, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.trainer.load_state(state["trainer"])
+        self.grouper.load_state(state["grouper"])
+        self.stopper.strikes, self.stopper.reason = state["stopper"]["strikes"], state["stopper"]["reason"]
+        self.history, self.stats = json.loads(state["history"]), json.loads(state["stats"])
+        self.step, self.finished, self.best, self.wall_s = state["step"], state["finished"], state["best"], state["wall_s"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def regroup(self, step: int) -> tuple[dict, bool]:
+        """The regroup event after `step`: new groups and partners (and the group-bias assignment), the separation
+        metrics, and the κ check (ortho variants; topk only watches). Returns (metrics, stop)."""
+        regroup(self.sae, self.grouper, self.trainer.t)
+        metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
+        self.history.append(metrics)
+        return metrics, self.cfg.variant != "topk" and self.stopper.check(metrics, step)
+
+    def validate(self, step: int) -> dict:
+        """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
+        result = validation_loss(self.sae, self.data.val_acts, self.data.scale, self.cfg.device)
+        if result["val_recon"] < self.best["val_recon"]:
+            self.best = {"val_recon": result["val_recon"], "step": step, "grouper": self.grouper.state(),
+                         "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()}}
+        return result
+
+
+def save_training(path: Path, training: Training, log) -> None:
+    """Checkpoint: the training state and the log's length (a resumed run truncates lines written after it)."""
+    log.flush()
+    save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})
+
+
+def resume_training(path: Path, training: Training, log_path: Path) -> None:
+    """Load the checkpoint at `path` into `training` and drop the log lines written after it."""
+    state = load_checkpoint(path, training.cfg)
+    training.load_state_dict(state)
+    with open(log_path, "r+b") as log:
+        log.truncate(state["log_bytes"])
+    print(f"train: resuming from {path} at step {training.step} of {training.steps}"
+          + (" (training had finished)" if training.finished else ""))
+
+
+def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
+    """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
+
+    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged; for the
+    ortho variants a group κ above kappa_max for kappa_patience consecutive regroups stops training early.
     Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
     out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
     """
     log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
-    acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
-    val_acts, _ = activations.load_split(entry, "val", verify=False)
-    keep, norms = activations.typical_rows(acts, cfg.max_norm_multiple)
-    val_keep, _ = activations.typical_rows(val_acts, cfg.max_norm_multiple)
-    val_acts = val_acts[val_keep]
-    # scale so that E‖x‖² = 1 over the kept tokens (dictionary_learning's normalisation)
-    scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
-    sae = AutoEncoderTopK(acts.shape[1], cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg)).to(cfg.device)
-    steps = max(1, int(cfg.epochs * len(keep) / cfg.batch_size))
-    grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
-                             max_group_size=int(cfg.max_group_fraction * acts.shape[1]))
-    ortho = make_ortho(cfg)
-    trainer = TrainerTopK(sae, steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha, cfg.dead_window_tokens,
-                          ortho=ortho, grouper=grouper)
-    stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
-    history, best, start_step, stats, wall_before, finished = [], {"val_recon": float("inf")}, 0, {}, 0.0, False
+    data = TrainingData.load(entry, cfg.max_norm_multiple)
+    training, start_step = Training(cfg, data), 0
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg)
-        sae.load_state_dict(state["sae"])
-        trainer.load_state(state["trainer"])
-        grouper.load_state(state["grouper"])
-        stopper.strikes, stopper.reason = state["stopper_strikes"], state["stop_reason"]
-        history, stats = json.loads(state["history"]), json.loads(state["last_stats"])
-        best = state["best"]
-        start_step, wall_before, finished = state["step"], state["train_wall_time_s"], state["finished"]
-        torch.set_rng_state(state["torch_rng"])
-        with open(log_path, "r+b") as log:  # drop lines written after the checkpoint: they are written again
-            log.truncate(state["log_bytes"])
-        print(f"train: resuming from {ckpt_path} at step {start_step} of {steps}" + (" (training had finished)" if finished else ""))
+        resume_training(ckpt_path, training, log_path)
+        start_step = training.step
     # batch 0 initialises b_dec; training step s uses batch s + 1, so a resumed run skips what was used
-    batches = activations.shuffled_batches(acts, labels, cfg.batch_size, cfg.seed, rows=keep, skip=start_step + (start_step > 0))
+    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
+                                           skip=start_step + (start_step > 0))
     if start_step == 0:
-        first, _ = next(batches)
         with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(first.to(cfg.device) / scale))
-
-    def checkpoint(next_step: int, log, done: bool) -> None:
-        log.flush()
-        save_checkpoint(ckpt_path, {
-            "config": json.dumps(training_fields(cfg)), "step": next_step, "finished": done, "sae": sae.state_dict(),
-            "trainer": trainer.state(), "grouper": grouper.full_state(), "stopper_strikes": stopper.strikes,
-            "stop_reason": stopper.reason, "history": json.dumps(history), "last_stats": json.dumps(stats),
-            "best": best, "train_wall_time_s": wall_before + time.time() - start, "torch_rng": torch.get_rng_state(),
-            "log_bytes": log.tell()})
-
-    run = open_wandb(cfg)
-    start = time.time()
-    step = start_step - 1
+            training.sae.b_dec.copy_(geometric_median(next(batches)[0].to(cfg.device) / data.scale))
+    steps, wandb_run, started, wall_before = training.steps, open_wandb(cfg), time.time(), training.wall_s
+    last = start_step - 1
     with open(log_path, "ab" if start_step else "wb") as log, StopRequest() as stop_request:
-        for step in (bar := tqdm(range(start_step, steps if not finished else start_step), desc="train SAE", unit="step",
-                                 initial=start_step, total=steps)):
+        bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE", unit="step",
+                   initial=start_step, total=steps)
+        for step in bar:
             x, y = next(batches)
-            stats = trainer.step(x.to(cfg.device) / scale, y.to(cfg.device))
-            if not math.isfinite(stats["loss"]):
-                terms = ", ".join(f"{k} {stats[k]}" for k in ("recon", "auxk", "ortho") if k in stats)
-                raise FloatingPointError(f"step {step}: loss is {stats['loss']} ({terms}); the last good checkpoint "
-                                         f"{ckpt_path} is kept, no final_info.json was written")
-            record = {"step": step, **stats}
-            stop = False
-            if stats["regrouped"]:
-                record["separation"] = separation_metrics(sae.W_dec, grouper) | {"step": step}
-                history.append(record["separation"])
-                stop = cfg.variant != "topk" and stopper.check(record["separation"], step)  # topk only watches
-            if step % 50 == 0 or step == steps - 1 or stats["regrouped"] or stop:
-                record |= validation_loss(sae, val_acts, scale, cfg.device)
-                if record["val_recon"] < best["val_recon"]:
-                    best = {"val_recon": record["val_recon"], "step": step, "grouper": grouper.state(),
-                            "sae": {k: v.detach().clone() for k, v in sae.state_dict().items()}}
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", ev=f"{stats['explained_variance']:.3f}", dead=stats["dead_latents"])
+            record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
+            check_finite(record, step, ckpt_path)
+            training.stats, stop = record, False
+            if (step + 1) % cfg.group_every == 0:
+                record["separation"], stop = training.regroup(step)
+            if step % 50 == 0 or step == steps - 1 or "separation" in record:
+                record |= training.validate(step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
+                                dead=record["dead_latents"])
             log.write((json.dumps(json_safe(record)) + "\n").encode())
-            if run is not None:
-                run.log(record, step=step)
+            if wandb_run is not None:
+                wandb_run.log(record, step=step)
+            last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
             if stop:
-                print(f"early stop: {stopper.reason}")
+                print(f"early stop: {training.stopper.reason}")
                 break
             if stop_request.signal:
-                checkpoint(step + 1, log, done=False)
-                raise TrainingInterrupted(f"{stop_request.signal} at step {step + 1} of {steps}: checkpoint written to "
-                                          f"{ckpt_path}; run the same command again to resume")
+                save_training(ckpt_path, training, log)
+                raise TrainingInterrupted(f"{stop_request.signal} at step {step + 1} of {steps}: checkpoint written "
+                                          f"to {ckpt_path}; run the same command again to resume")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                checkpoint(step + 1, log, done=False)
-        if not finished:  # the end state, so that a crash in the evaluations does not redo training
-            checkpoint(step + 1, log, done=True)
-    if run is not None:
-        run.finish()
-    steps_run = step + 1
-    final_step = {"step": step, **validation_loss(sae, val_acts, scale, cfg.device),
+                save_training(ckpt_path, training, log)
+        if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
+            training.finished = True
+            save_training(ckpt_path, training, log)
+    if wandb_run is not None:
+        wandb_run.finish()
+    return training_results(training, start_step, last)
+
+
+def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
+    if not math.isfinite(record["loss"]):
+        terms = ", ".join(f"{k} {record[k]}" for k in ("recon", "auxk", "ortho") if k in record)
+        raise FloatingPointError(f"step {step}: loss is {record['loss']} ({terms}); the last good checkpoint "
+                                 f"{ckpt_path} is kept, no final_info.json was written")
+
+
+def training_results(training: Training, start_step: int, last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
+    """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured, then the
+    checkpoint chosen by CHECKPOINT_RULE is loaded and measured."""
+    cfg, data, sae, grouper, ortho = training.cfg, training.data, training.sae, training.grouper, training.ortho
+    final_step = {"step": last, **validation_loss(sae, data.val_acts, data.scale, cfg.device),
                   "separation": separation_metrics(sae.W_dec, grouper),
                   "nearest_neighbour_abs_cos": feature_geometry(sae.W_dec, grouper.assignment())["all"]}
-    sae.load_state_dict(best["sae"])
-    grouper.load_state(best["grouper"])
-    info = {"training_steps": steps, "steps_run": steps_run, "best_checkpoint_step": best["step"],
-            "training_tokens_seen": steps_run * cfg.batch_size, "final_loss": stats["loss"],
+    sae.load_state_dict(training.best["sae"])
+    grouper.load_state(training.best["grouper"])
+    stats, stopper = training.stats, training.stopper
+    info = {"training_steps": training.steps, "steps_run": last + 1, "best_checkpoint_step": training.best["step"],
+            "training_tokens_seen": (last + 1) * cfg.batch_size, "final_loss": stats["loss"],
             "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
             "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr, "sparsity_penalty": cfg.auxk_alpha,
             "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss (TopK enforces sparsity by k)",
-            "input_scale": scale, "train_tokens_harvested": len(acts), "tokens_dropped_as_outliers": int(len(acts) - len(keep)),
-            "median_activation_norm": float(np.median(norms)), "train_wall_time_s": wall_before + time.time() - start,
+            "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
+            "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
+            "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
             "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
-            **validation_loss(sae, val_acts, scale, cfg.device)}
+            **validation_loss(sae, data.val_acts, data.scale, cfg.device)}
+    adaptive = cfg.variant == "adaptive_ortho"
     separation = {
-        "variant": cfg.variant, "alpha": cfg.alpha if cfg.variant == "adaptive_ortho" else 0.0,
-        "ortho_target": cfg.ortho_target if cfg.variant == "adaptive_ortho" else None,
-        "lambda2_max": ortho.lambda2_max if ortho else 0.0,
-        "lambda2_default": ortho_lambda2_default(cfg.variant), "t0": cfg.t0 if cfg.variant == "adaptive_ortho" else 0,
-        "group_biases": uses_group_biases(cfg),
-        "lambda2_final": ortho.lambda2(trainer.t) if ortho else 0.0,
+        "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
+        "ortho_target": cfg.ortho_target if adaptive else None,
+        "lambda2_max": ortho.lambda2_max if ortho else 0.0, "lambda2_default": ortho_lambda2_default(cfg.variant),
+        "t0": cfg.t0 if adaptive else 0, "group_biases": uses_group_biases(cfg),
+        "lambda2_final": ortho.lambda2(training.trainer.t) if ortho else 0.0,
         "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
                      "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
                      "passive": cfg.variant not in GROUPED},
-        "final_checkpoint_step": best["step"],
-        "final": separation_metrics(sae.W_dec, grouper),  # of the saved (best) checkpoint with its own groups
+        "final_checkpoint_step": training.best["step"],
+        "final": separation_metrics(sae.W_dec, grouper),  # of the chosen checkpoint, with its own groups
         "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
         "geometry": feature_geometry(sae.W_dec, grouper.assignment()),  # max |cos| to the nearest other feature
-        "forget_features": grouper.forget_idx.tolist(),  # the forget group of the saved checkpoint (unlearning restricts to it)
-        "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience, "applies": cfg.variant != "topk",
-                           "stopped": stopper.reason is not None, "reason": stopper.reason or "ran all steps",
-                           "step": step, "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"], "retain": h["kappa_retain"],
-                                                            "union": h["kappa_union"]} for h in history]},
-        "regroup_history": history,
+        "forget_features": grouper.forget_idx.tolist(),  # the chosen checkpoint's forget group (unlearning uses it)
+        "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
+                           "applies": cfg.variant != "topk", "stopped": stopper.reason is not None,
+                           "reason": stopper.reason or "ran all steps", "step": last,
+                           "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"],
+                                              "retain": h["kappa_retain"], "union": h["kappa_union"]}
+                                             for h in training.history]},
+        "regroup_history": training.history,
     }
-    return sae, scale, info, json_safe(separation)
+    return sae, data.scale, info, json_safe(separation)
 
 
 def code_version() -> dict:
@@ -1255,39 +1384,33 @@ def code_version() -> dict:
 
 
 def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
-    """One entry per finished run, appended: what the run was and its headline numbers."""
-    training = final_info[f"training results for layer {cfg.layer}"]["final_info"]
-    core = final_info["core evaluation results"]["metrics"]
-    sep = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in final_info["knowledge separation results"]["final"].items()}
+    """One entry per finished run, appended: what the run was and its headline numbers (results.flatten)."""
+    r = results.flatten(final_info)
+    g = lambda v: "n/a" if v is None else f"{v:.4g}"
+    setting = {"adaptive_ortho": f" (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})",
+               "fixed_ortho": f" (λ2 {cfg.lambda2_max})", "allpairs_ortho": f" (λ2 {cfg.allpairs_lambda2})"}
+    ablation = " (no group biases)" if cfg.variant in GROUPED and not cfg.group_biases else ""
     entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
-             f"variant {cfg.variant}{f' (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})' if cfg.variant == 'adaptive_ortho' else ''}"
-             f"{f' (λ2 {cfg.lambda2_max})' if cfg.variant == 'fixed_ortho' else ''}"
-             f"{f' (λ2 {cfg.allpairs_lambda2})' if cfg.variant == 'allpairs_ortho' else ''}"
-             f"{' (no group biases)' if cfg.variant in GROUPED and not cfg.group_biases else ''} | seed {cfg.seed} | model {final_info['provenance']['model']['name']} | layer {cfg.layer} | "
-             f"dict {cfg.dict_size} k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
-             f"val explained variance {training['val_explained_variance']:.4f} | "
-             f"core: explained variance (conventional) {core['reconstruction_quality']['explained_variance_conventional']:.4f}"
-             f" ({core['reconstruction_quality']['explained_variance_conventional_without_outliers']:.4f} without outliers), "
-             f"ce_loss_score {core['model_performance_preservation']['ce_loss_score']:.4f}, "
-             f"kl_div_score {core['model_behavior_preservation']['kl_div_score']:.4f}, L0 {core['sparsity']['l0']:.1f}\n"
-             f"separation: groups {sep['n_forget']} forget / {sep['n_retain']} retain | cross-group |cos| mean "
-             f"{sep['cross_abs_cos_mean']} max {sep['cross_abs_cos_max']} | κ forget {sep['kappa_forget']} retain {sep['kappa_retain']} | "
-             f"nearest-neighbour |cos| mean {final_info['knowledge separation results']['geometry']['all']['mean']:.4f}\n")
-    if "absorption evaluation results" in final_info:
-        a = final_info["absorption evaluation results"]
-        entry += ("absorption: mean absorption fraction "
-                  f"{a['eval_result_metrics']['mean']['mean_absorption_fraction_score']:.4f}, full absorption "
-                  f"{a['eval_result_metrics']['mean']['mean_full_absorption_score']:.4f}\n" if "eval_result_metrics" in a
-                  else f"absorption: not measured ({a['reason']})\n")
-    if "unlearning evaluation results" in final_info:
-        u = final_info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]
-        mcq = u["unlearning_score"] if u["unlearning_score"] is not None else f"n/a ({u['n_forget_questions']} forget questions survive)"
-        held = "n/a (no curve stays within the tolerance)" if u["held_out_score"] is None else \
-            f"{u['held_out_score']:.4f} ± {u['held_out_score_se']:.4f} nats"
+             f"variant {cfg.variant}{setting.get(cfg.variant, '')}{ablation} | seed {cfg.seed} | model "
+             f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} k {cfg.k} | "
+             f"train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
+             f"val explained variance {g(r['val_ev'])} (checkpoint step {r['best_step']}; last step "
+             f"{g(r['final_step_val_ev'])}) | core: explained variance (conventional) {g(r['conv_ev'])} "
+             f"({g(r['conv_ev_typical'])} without outliers), ce_loss_score {g(r['ce_loss_score'])}, kl_div_score "
+             f"{g(r['kl_div_score'])}, L0 {g(r['l0'])}\n"
+             f"separation: groups {r['n_forget']} forget / {r['n_retain']} retain | cross-group |cos| mean "
+             f"{g(r['cross_cos'])} max {g(r['cross_cos_max'])} | κ forget {g(r['kappa_forget'])} retain "
+             f"{g(r['kappa_retain'])} | nearest-neighbour |cos| mean {g(r['nn_cos'])}\n")
+    if r["absorption"] is not None or r["absorption_reason"]:
+        entry += (f"absorption: mean absorption fraction {g(r['absorption'])}\n" if r["absorption"] is not None
+                  else f"absorption: not measured ({r['absorption_reason']})\n")
+    if r["has_unlearning"]:
+        mcq = g(r["mcq"]) if r["mcq"] is not None else f"n/a ({r['n_forget_questions']} forget questions survive)"
+        held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
+            f"{r['held_out_score']:.4f} ± {r['held_out_score_se']:.4f} nats"
         entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score {held} (forget ΔCE "
-                  f"at retain ΔCE = {u['ce_tolerance']}, chosen on selection text, scored on report text) | text score "
-                  f"{u['text_score']:.4f} nats (max forget ΔCE at retain ΔCE <= {u['ce_tolerance']}) | MCQ "
-                  f"unlearning_score {mcq}\n")
+                  f"at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, scored on report text) | text "
+                  f"score {g(r['text_score'])} nats | MCQ unlearning_score {mcq}\n")
     with open(notes_path, "a") as f:
         f.write(entry)
 
@@ -1353,8 +1476,24 @@ def load_corpus_or_explain(option: str, spec: str, cfg: Config) -> data.Corpus:
         raise ConfigError(f"--{option}: {e}") from None
 
 
-def run(cfg: Config) -> dict:
-    started = time.time()
+@dataclass
+class Inputs:
+    """What a run reads before training: the model, the corpora split once into train / val / eval documents
+    ({"forget"|"retain": data.DocumentSplit}), and the questions."""
+    model: object
+    model_info: dict
+    hook_name: str
+    forget: data.Corpus
+    retain: data.Corpus
+    documents: dict
+    forget_questions: dict
+    retain_questions: dict
+    questions: dict
+
+
+def configure(cfg: Config) -> tuple[Config, str, str]:
+    """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises ConfigError
+    before anything heavy is loaded."""
     validate(cfg)
     device = pick_device(cfg.device)
     model_name, why = models.resolve_auto() if cfg.model == "auto" else (cfg.model, "requested by name")
@@ -1362,58 +1501,74 @@ def run(cfg: Config) -> dict:
         description = models.describe_model(model_name, Path(cfg.cache_dir))
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
-    cfg = resolve(cfg, device, description)
-    out = prepare_out_dir(cfg)
-    set_seed(cfg.seed)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    return resolve(cfg, device, description), model_name, why
 
+
+def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
     try:
-        model, model_info = models.load_model(model_name, device, Path(cfg.cache_dir))
+        model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir))
     except RuntimeError as e:  # a named model that cannot be had: say so in one line
         raise ConfigError(f"--model: {e}") from None
     model_info |= {"requested": cfg.model, "reason": why}
     print(f"model: {model_info['name']} ({model_info['source']}; {why})")
-    hook_name = f"blocks.{cfg.layer}.hook_resid_post"
     forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
                       (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
-    forget_questions, retain_questions, questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
-    splits = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed, cfg.val_fraction)
-              for side, corpus in (("forget", forget), ("retain", retain))}
-    entry, key = prepare_activations(cfg, model, model_info, hook_name, forget, retain, splits)
+    documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed, cfg.val_fraction)
+                 for side, corpus in (("forget", forget), ("retain", retain))}
+    questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
+    return Inputs(model, model_info, f"blocks.{cfg.layer}.hook_resid_post", forget, retain, documents, *questions)
+
+
+def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict, separation: dict) -> dict:
+    """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
+    core_cfg = core_eval.CoreEvalConfig(
+        context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
+        n_eval_reconstruction_batches=cfg.core_eval_batches, n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
+    max_norm = cfg.max_norm_multiple * train_info["median_activation_norm"] or None  # training's outlier rule
+    sections = {"core evaluation results": core_eval.run_core_eval(
+        sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device, max_norm=max_norm)}
+    if cfg.absorption:
+        sections["absorption evaluation results"] = absorption.run_absorption(
+            sae, inputs.model, cfg.device, absorption.AbsorptionConfig(n_words=cfg.absorption_words or None),
+            work_dir=Path(cfg.cache_dir) / "absorption")
+    if cfg.unlearning:
+        sections["unlearning evaluation results"] = evaluate_unlearning(
+            cfg, sae, inputs.model, inputs.hook_name, inputs.documents, inputs.forget_questions,
+            inputs.retain_questions, separation)
+        sections["SAE-Bench unlearning evaluation results"] = evaluate_unlearning_with_sae_bench(
+            cfg, out, sae, inputs.model_info["name"], cfg.device)
+    return sections
+
+
+def run(cfg: Config) -> dict:
+    started = time.time()
+    cfg, model_name, why = configure(cfg)
+    out = prepare_out_dir(cfg)
+    set_seed(cfg.seed)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    inputs = load_inputs(cfg, model_name, why)
+    entry, key = prepare_activations(cfg, inputs.model, inputs.model_info, inputs.hook_name, inputs.forget,
+                                     inputs.retain, inputs.documents)
 
     sae, scale, train_info, separation = train(cfg, entry, out)
-    metadata = {"model_name": model_info["name"], "hook_name": hook_name, "hook_layer": cfg.layer,
+    metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name, "hook_layer": cfg.layer,
                 "context_size": cfg.context_length, "prepend_bos": True}
     sae.save(out / "sae", scale, metadata)
-    saved = load_sae(out / "sae", device)  # what every evaluation sees: the SAE as saved, in model units
+    saved = load_sae(out / "sae", cfg.device)  # what every evaluation sees: the SAE as saved, in model units
+    evaluations = evaluate(cfg, out, saved, inputs, train_info, separation)
 
-    core_cfg = core_eval.CoreEvalConfig(context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
-                                        n_eval_reconstruction_batches=cfg.core_eval_batches,
-                                        n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
-    core = core_eval.run_core_eval(saved, model, splits["retain"].eval, core_cfg, device,
-                                   max_norm=cfg.max_norm_multiple * train_info["median_activation_norm"] or None)
-    absorption_cfg = absorption.AbsorptionConfig(n_words=cfg.absorption_words or None)
-    absorbed = absorption.run_absorption(saved, model, device, absorption_cfg, work_dir=Path(cfg.cache_dir) / "absorption") \
-        if cfg.absorption else None
-    unlearn = evaluate_unlearning(cfg, saved, model, hook_name, splits, forget_questions, retain_questions,
-                                  separation) if cfg.unlearning else None
-    sae_bench_unlearn = evaluate_unlearning_with_sae_bench(cfg, out, saved, model_info["name"], device) if cfg.unlearning else None
-
+    config = {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
+              "lm_name": inputs.model_info["name"], "submodule_name": f"resid_post_layer_{cfg.layer}",
+              **dataclasses.asdict(cfg)}
     final_info = {
-        f"training results for layer {cfg.layer}": {
-            "config": {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
-                       "lm_name": model_info["name"], "submodule_name": f"resid_post_layer_{cfg.layer}",
-                       **dataclasses.asdict(cfg)},
-            "final_info": train_info,
-        },
-        "core evaluation results": core,
+        f"training results for layer {cfg.layer}": {"config": config, "final_info": train_info},
+        "core evaluation results": evaluations.pop("core evaluation results"),
         "knowledge separation results": separation,
-        **({"absorption evaluation results": absorbed} if absorbed is not None else {}),
-        **({"unlearning evaluation results": unlearn} if unlearn is not None else {}),
-        **({"SAE-Bench unlearning evaluation results": sae_bench_unlearn} if sae_bench_unlearn is not None else {}),
-        "provenance": {"model": model_info, "forget_corpus": forget.provenance(), "retain_corpus": retain.provenance(),
-                       "questions": questions, "activation_cache": {"entry": str(entry), "key": key},
-                       "code": code_version(), "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
+        **evaluations,
+        "provenance": {"model": inputs.model_info, "forget_corpus": inputs.forget.provenance(),
+                       "retain_corpus": inputs.retain.provenance(), "questions": inputs.questions,
+                       "activation_cache": {"entry": str(entry), "key": key}, "code": code_version(),
+                       "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
                        "wall_time_s": time.time() - started},
     }
     write_json_atomic(out / "final_info.json", final_info)

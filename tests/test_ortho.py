@@ -172,7 +172,7 @@ def test_group_biases_decode_and_save_load_round_trip(tmp_path):
         sae.group_bias.copy_(torch.randn(2, 8))
         sae.feature_group.copy_(torch.tensor([1, 1, 1, 0, 0, 0, -1, -1, -1, 1, 0, -1]))
     x = torch.randn(5, 8)
-    values, indices = sae.encode(x)
+    values, indices, *_ = sae.encode(x)
     expected = torch.zeros(5, 8)
     for b in range(5):  # by hand: Σ v_j W_dec[j] + b_dec + Σ_g (mass in g / total mass) b_g
         total = values[b].sum()
@@ -349,6 +349,8 @@ def train_planted(variant, steps=300, seed=0):
     for _ in range(steps):
         x, labels, _ = sample(128, gen)
         evs.append(trainer.step(x, labels)["explained_variance"])
+        if trainer.t % grouper.every == 0:
+            experiment.regroup(sae, grouper, trainer.t)
     return experiment.separation_metrics(sae.W_dec, grouper), float(np.mean(evs[-50:]))
 
 

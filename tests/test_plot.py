@@ -186,20 +186,24 @@ def test_new_fields_load_and_older_runs_give_none(tmp_path):
 
 
 @pytest.mark.parametrize("separation, label", [
-    ({"variant": "topk", "lambda2_max": 0.0}, "topk"),
-    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 15.0}, "fixed_ortho"),
-    ({"variant": "fixed_ortho", "lambda2_max": 10.0}, "fixed_ortho λ2=10"),
+    ({"variant": "topk", "lambda2_max": 0.0, "lambda2_default": 1000.0}, "topk"),
+    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0}, "fixed_ortho"),
+    ({"variant": "fixed_ortho", "lambda2_max": 10.0, "lambda2_default": 1000.0}, "fixed_ortho λ2=10"),
+    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "group_biases": False},
+     "fixed_ortho no-group-biases"),
+    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "group_biases": False}, "fixed_ortho λ2=1000"),  # older
     ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho"),
     ({"variant": "allpairs_ortho", "lambda2_max": 30.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=30"),
-    ({"variant": "allpairs_ortho", "lambda2_max": 1000.0}, "allpairs_ortho"),  # no lambda2_default: DEFAULT_LAMBDA2
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner", "group_biases": True},
-     "adaptive_ortho"),
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner"}, "adaptive_ortho"),  # older
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner", "group_biases": False},
-     "adaptive_ortho no-group-biases"),
-    ({"variant": "adaptive_ortho", "lambda2_max": 0.0, "ortho_target": "partner", "group_biases": True},
-     "adaptive_ortho λ2=0"),
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "hinge"}, "adaptive_ortho/hinge"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "partner",
+      "group_biases": True}, "adaptive_ortho"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner"},
+     "adaptive_ortho λ2=1000"),  # older: no record of the default
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "partner",
+      "group_biases": False}, "adaptive_ortho no-group-biases"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 0.0, "lambda2_default": 1000.0, "ortho_target": "partner",
+      "group_biases": True}, "adaptive_ortho λ2=0"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "hinge"},
+     "adaptive_ortho/hinge"),
 ])
 def test_setting_labels_keep_the_ablations_apart(separation, label):
     assert plot.setting_label(separation) == label

@@ -1,0 +1,49 @@
+"""A run's final_info.json, flat: the one reading of its headline numbers that notes.txt and plot.py share."""
+
+
+def training_section(info: dict) -> dict:
+    """The "training results for layer L" section (its name carries the layer)."""
+    return next(v for k, v in info.items() if k.startswith("training results for layer"))
+
+
+def absorption_fraction(info: dict):
+    """SAE-Bench's mean absorption fraction, where the run measured one (None if off or refused)."""
+    result = info.get("absorption evaluation results") or {}
+    return result["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] \
+        if "eval_result_metrics" in result else None
+
+
+def flatten(info: dict) -> dict:
+    """{metric: value} for one run; None where the run has no such number (an eval that was off or refused, a
+    field an older run did not write)."""
+    training = training_section(info)
+    cfg, train_info = training["config"], training["final_info"]
+    core = info["core evaluation results"]["metrics"]
+    rq = core["reconstruction_quality"]
+    sep = info["knowledge separation results"]
+    unlearning = info.get("unlearning evaluation results")
+    scores = unlearning["eval_result_metrics"]["unlearning"] if unlearning else {}
+    absorbed = info.get("absorption evaluation results")
+    return {
+        "variant": sep["variant"], "alpha": sep["alpha"] if sep["variant"] == "adaptive_ortho" else None,
+        "seed": cfg["seed"], "batch_size": cfg["batch_size"],
+        "val_ev": train_info["val_explained_variance"], "conv_ev": rq["explained_variance_conventional"],
+        "conv_ev_typical": rq.get("explained_variance_conventional_without_outliers"),
+        "ce_loss_score": core["model_performance_preservation"]["ce_loss_score"],
+        "kl_div_score": core["model_behavior_preservation"]["kl_div_score"], "l0": core["sparsity"]["l0"],
+        "n_forget": sep["final"]["n_forget"], "n_retain": sep["final"]["n_retain"],
+        "cross_cos": sep["final"]["cross_abs_cos_mean"], "cross_cos_max": sep["final"]["cross_abs_cos_max"],
+        "kappa_forget": sep["final"]["kappa_forget"], "kappa_retain": sep["final"]["kappa_retain"],
+        "nn_cos": sep["geometry"]["all"]["mean"] if "geometry" in sep else None,
+        "absorption": absorption_fraction(info),
+        "absorption_reason": absorbed.get("reason") if absorbed else None,
+        "wall_min": info["provenance"]["wall_time_s"] / 60,
+        "early_stop_step": sep["early_stopping"]["step"] if sep["early_stopping"]["stopped"] else None,
+        "best_step": train_info["best_checkpoint_step"],
+        "final_step_val_ev": sep.get("final_step", {}).get("val_explained_variance"),
+        "has_unlearning": unlearning is not None,
+        "held_out_score": scores.get("held_out_score"), "held_out_score_se": scores.get("held_out_score_se"),
+        "text_score": scores.get("text_score"), "text_config": scores.get("text_score_config"),
+        "ce_tolerance": scores.get("ce_tolerance"), "mcq": scores.get("unlearning_score"),
+        "n_forget_questions": scores.get("n_forget_questions"),
+    }
