@@ -659,6 +659,57 @@ def _scores(rows: list, plan: list, deltas: dict, cfg: UnlearningConfig, n_forge
 
 
 @torch.no_grad()
+def question_sets(model, forget_questions: dict, retain_questions: dict, cfg: UnlearningConfig, letter_ids: list,
+                  pad: int, hook_layer: int, device: str) -> tuple[dict, dict, dict]:
+    """(per side: how many questions were available, sampled and survive the answer-order filter; the survivors'
+    EvalSets {"forget_mcq"|"retain_mcq"}; their correct answers in EvalSet order)."""
+    tok = model.tokenizer
+    qinfo, mcq_sets, answers = {}, {}, {}
+    for side, by_subject in (("forget", forget_questions), ("retain", retain_questions)):
+        qs, n_long = sample_questions(by_subject, tok, cfg)
+        print(f"unlearning: {side} questions: keeping those answered right under {cfg.answer_orders} answer orders "
+              f"({len(qs)} sampled; cached per model in {cfg.question_cache_dir})")
+        survivors, info = surviving_questions(model, qs, cfg, letter_ids, device)
+        kept = [qs[i] for i in survivors]
+        per_subject = {}
+        for q in qs:
+            per_subject.setdefault(q.subject, [0, 0])[0] += 1
+        for q in kept:
+            per_subject[q.subject][1] += 1
+        qinfo[side] = {"n_available": sum(len(v) for v in by_subject.values()), "n_skipped_too_long": n_long,
+                       "n_sampled": len(qs), "n_surviving": len(kept),
+                       "per_subject_sampled_surviving": per_subject, **info}
+        if kept:
+            seqs = [prompt_tokens(tok, q)[0] for q in kept]
+            order = [i for b in length_batches(seqs, cfg.batch_size) for i in b]
+            batches = [pad_right([seqs[i] for i in b], pad) for b in length_batches(seqs, cfg.batch_size)]
+            mcq_sets[f"{side}_mcq"] = EvalSet(model, "mcq", batches, hook_layer, device, letter_ids)
+            answers[side] = torch.tensor([kept[i].answer for i in order])
+    return qinfo, mcq_sets, answers
+
+
+def config_row(th: float, n: int, m: float, feats: tuple, result: dict, deltas: dict, answers: dict) -> dict:
+    """One sweep table row: the config, ΔCE ± SE on the selection split (and the report split where it ran), and
+    the questions' accuracy and p(correct) under it."""
+    out = {"retain_threshold": th, "n_features": n, "multiplier": m, "n_selected": len(feats)}
+    for side in ("forget", "retain"):  # selection split
+        out[f"{side}_delta_ce"], out[f"{side}_delta_ce_se"] = mean_and_se(deltas[f"{side}_select"])
+    out["report"] = {f"{side}_delta_ce{suffix}": value for side in ("forget", "retain")
+                     for suffix, value in zip(("", "_se"), mean_and_se(deltas[f"{side}_report"]))} \
+        if "forget_report" in deltas else None
+    for side in ("forget", "retain"):
+        s = _mcq_summary(result[f"{side}_mcq"], None, answers[side]) if side in answers \
+            else {"accuracy": None, "p_correct": None}
+        out[f"{side}_accuracy"], out[f"{side}_p_correct"] = s["accuracy"], s["p_correct"]
+    return out
+
+
+def rate_summary(rates) -> dict:
+    r = np.asarray(rates)
+    return {"mean": float(r.mean()), "n_zero": int((r == 0).sum()), "n_below_0.001": int((r < 0.001).sum()),
+            "n_below_0.01": int((r < 0.01).sum())}
+
+
 def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs: list, retain_docs: list,
                         forget_questions: dict, retain_questions: dict, cfg: UnlearningConfig, device: str,
                         forget_group: "torch.Tensor | None" = None) -> dict:
@@ -698,27 +749,8 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     # 3. questions: the per-model filter, then the survivors' residuals
     t = time.time()
     letter_ids = letter_token_ids(tok)
-    qinfo, mcq_sets, answers = {}, {}, {}
-    for side, by_subject in (("forget", forget_questions), ("retain", retain_questions)):
-        qs, n_long = sample_questions(by_subject, tok, cfg)
-        print(f"unlearning: {side} questions: keeping those answered right under {cfg.answer_orders} answer orders "
-              f"({len(qs)} sampled; cached per model in {cfg.question_cache_dir})")
-        survivors, info = surviving_questions(model, qs, cfg, letter_ids, device)
-        kept = [qs[i] for i in survivors]
-        per_subject = {}
-        for q in qs:
-            per_subject.setdefault(q.subject, [0, 0])[0] += 1
-        for q in kept:
-            per_subject[q.subject][1] += 1
-        qinfo[side] = {"n_available": sum(len(v) for v in by_subject.values()), "n_skipped_too_long": n_long,
-                       "n_sampled": len(qs), "n_surviving": len(kept),
-                       "per_subject_sampled_surviving": per_subject, **info}
-        if kept:
-            seqs = [prompt_tokens(tok, q)[0] for q in kept]
-            order = [i for b in length_batches(seqs, cfg.batch_size) for i in b]
-            batches = [pad_right([seqs[i] for i in b], pad) for b in length_batches(seqs, cfg.batch_size)]
-            mcq_sets[f"{side}_mcq"] = EvalSet(model, "mcq", batches, hook_layer, device, letter_ids)
-            answers[side] = torch.tensor([kept[i].answer for i in order])
+    qinfo, mcq_sets, answers = question_sets(model, forget_questions, retain_questions, cfg, letter_ids, pad,
+                                             hook_layer, device)
     timing["question_filter"] = time.time() - t
 
     # 4. sweep: every config on the selection split (and the questions); the report split only at the configs
@@ -745,31 +777,14 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     base_mcq = {side: _mcq_summary([b["base"] for b in select_sets[f"{side}_mcq"].batches], None, answers[side])
                 for side in answers}
 
-    def row(th, n, m, feats):
-        r, d = by_config[(feats, m)], deltas[(feats, m)]
-        out = {"retain_threshold": th, "n_features": n, "multiplier": m, "n_selected": len(feats)}
-        for side in ("forget", "retain"):  # selection split
-            out[f"{side}_delta_ce"], out[f"{side}_delta_ce_se"] = mean_and_se(d[f"{side}_select"])
-        out["report"] = {f"{side}_delta_ce{suffix}": value for side in ("forget", "retain")
-                         for suffix, value in zip(("", "_se"), mean_and_se(d[f"{side}_report"]))} \
-            if "forget_report" in d else None
-        for side in ("forget", "retain"):
-            s = _mcq_summary(r[f"{side}_mcq"], None, answers[side]) if side in answers else {"accuracy": None, "p_correct": None}
-            out[f"{side}_accuracy"], out[f"{side}_p_correct"] = s["accuracy"], s["p_correct"]
-        return out
-
-    tables = {name: [row(*p) for p in rows] for name, rows in plan.items()}
+    tables = {name: [config_row(*p, by_config[p[3], p[2]], deltas[p[3], p[2]], answers) for p in rows]
+              for name, rows in plan.items()}
     nf, nr = qinfo["forget"]["n_surviving"], qinfo["retain"]["n_surviving"]
     metrics = {"unlearning": _scores(tables["all"], plan["all"], deltas, cfg, nf, nr)}
     if group is not None:
         metrics["unlearning_forget_group"] = _scores(tables["forget_group"], plan["forget_group"], deltas, cfg, nf, nr) \
             | {"group_size": len(group)}
     timing["total"] = time.time() - started
-
-    def summary(r):
-        r = np.asarray(r)
-        return {"mean": float(r.mean()), "n_zero": int((r == 0).sum()), "n_below_0.001": int((r < 0.001).sum()),
-                "n_below_0.01": int((r < 0.01).sum())}
 
     return json_safe({
         "eval_type_id": "unlearning",
@@ -789,7 +804,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
             "text": {side: {f"{part}_{what}": texts[side][f"{part}_{what}"] for part in (*SPLITS, "rate")
                             for what in ("contexts", "documents")} | {"context_length": cfg.context_length}
                      for side in texts},
-            "firing_rates": {side: summary(rates[side]) for side in rates},
+            "firing_rates": {side: rate_summary(rates[side]) for side in rates},
             "sweep_split": "select (every config); report: only the configs the held-out score reads",
             "n_unique_configs": len(configs), "n_report_configs": len(reported),
             "fraction_of_rows_rerun": frac_run,
