@@ -51,8 +51,8 @@ METRICS = {  # run field: (table column, axis label with units)
     "mcq": ("MCQ score", "MCQ score (1 − forget accuracy)"),
     "best_step": ("checkpoint step", "step of the checkpoint chosen by the validation loss"),
     "final_step_val_ev": ("last-step val EV", "validation explained variance of the last step's SAE (fraction)"),
-    "penalty_jump": ("largest λ2·L_ortho jump at a regroup",
-                     "largest rise of λ2·L_ortho from the step before a regroup to the step after (loss units)"),
+    "penalty_jump": ("largest λ2·L_ortho jump at a later regroup",
+                     "largest rise of λ2·L_ortho across a regroup after the first (loss units)"),
 }
 TEXT_SCORE = "text score = largest forget ΔCE among the sweep's configs whose retain ΔCE ≤ tolerance"
 HELD_OUT_SCORE = ("held-out score = forget ΔCE at retain ΔCE = tolerance on the curve chosen on selection text, read on "
@@ -168,12 +168,14 @@ def load_runs(dirs: list) -> tuple:
 
 
 def penalty_jump(log):
-    """max over regroups (the step s whose record has "separation") of λ2·L_ortho at step s + 1 minus at step s:
-    how far a regroup moves the penalty; None without a log or an orthogonality term."""
+    """max over regroups after the first (the steps s whose record has "separation") of λ2·L_ortho at step s + 1
+    minus at step s: how far a regroup moves the penalty. The first grouping is left out: before it there are no
+    groups, so the cross-group penalty starts there whatever the method. None without a log or an
+    orthogonality term."""
     if not log or "ortho" not in log[0]:
         return None
     at = {r["step"]: r["lambda2"] * r["ortho"] for r in log if r.get("ortho") is not None}
-    jumps = [at[r["step"] + 1] - at[r["step"]] for r in log if "separation" in r and r["step"] + 1 in at]
+    jumps = [at[r["step"] + 1] - at[r["step"]] for r in log if "separation" in r and r["step"] + 1 in at][1:]
     return max(jumps) if jumps else None
 
 

@@ -29,12 +29,15 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     sep = info["knowledge separation results"]
     ortho = variant != "topk"
     sep |= {"variant": variant, "alpha": alpha if variant == "adaptive_ortho" else 0.0,
-            "ortho_target": "partner" if variant == "adaptive_ortho" else None, "lambda2_max": 1000.0 if ortho else 0.0}
+            "ortho_target": "partner" if variant == "adaptive_ortho" else None, "lambda2_max": 1000.0 if ortho else 0.0,
+            "lambda2_default": 1000.0, "group_biases": variant in ("fixed_ortho", "adaptive_ortho")}
     sep |= separation or {}
     sep["final"] |= {"kappa_forget": 100.0 + 10 * seed, "kappa_retain": 50.0, "cross_abs_cos_mean": 0.05 - alpha / 10}
     sep["early_stopping"] |= {"applies": ortho, "stopped": early_stop is not None, "step": early_stop or steps - 1}
     info["core evaluation results"]["metrics"]["reconstruction_quality"]["explained_variance_conventional"] = val_ev - 0.03
     info["core evaluation results"]["metrics"]["model_performance_preservation"]["ce_loss_score"] = 0.95 - alpha / 10
+    info["core evaluation results"]["metrics"]["reconstruction_quality"].pop(
+        "explained_variance_conventional_without_outliers")
     if typical_ev is not None:
         info["core evaluation results"]["metrics"]["reconstruction_quality"] |= {
             "explained_variance_conventional_without_outliers": typical_ev}
@@ -42,6 +45,7 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     if unlearning:
         scores = unlearn["eval_result_metrics"]["unlearning"]
         scores |= {"text_score": text_score, "unlearning_score": mcq, "n_forget_questions": 0 if mcq is None else 40}
+        scores.pop("held_out_score"), scores.pop("held_out_score_se")
         new = {"held_out_score": held_out, "held_out_score_se": held_out_se}
         scores |= {k: v for k, v in new.items() if v is not None}
         scores["text_score_config"]["retain_delta_ce"] = 0.015
@@ -222,3 +226,14 @@ def test_setting_colours_and_order():
     assert sorted(rows, key=lambda r: plot.setting_order(*r)) == [
         ("topk", None), ("fixed_ortho", None), ("allpairs_ortho", None), ("adaptive_ortho", 0.1),
         ("adaptive_ortho", 0.3), ("adaptive_ortho no-group-biases", 0.3)]
+
+
+def test_penalty_jump_skips_the_first_grouping_and_takes_the_largest_later_rise():
+    """λ2·L_ortho per step: 0 before the first grouping (step 1 → 2 rises by 5: left out), then a rise of 0.5
+    across the regroup at step 3 and a fall across the one at step 5."""
+    values = [0.0, 0.0, 5.0, 4.0, 4.5, 4.4, 1.0]
+    log = [{"step": s, "lambda2": 2.0, "ortho": v / 2.0} for s, v in enumerate(values)]
+    for s in (1, 3, 5):
+        log[s]["separation"] = {}
+    assert plot.penalty_jump(log) == pytest.approx(0.5)
+    assert plot.penalty_jump([{"step": 0, "recon": 1.0}]) is None  # topk: no orthogonality term
