@@ -10,6 +10,7 @@ disk -> train the SAE -> SAE-Bench core evaluation on held-out retain text -> ou
 import argparse
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -1450,15 +1451,33 @@ def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, mod
     return {"ran": True, "reason": why, "group_bias_edit": cfg.unlearning_group_bias_edit, **result}
 
 
+_OUT_DIR_LOCKS = {}  # resolved out_dir -> open lock file: a lock lives as long as this process
+
+
+def lock_out_dir(out: Path) -> None:
+    """Hold an exclusive flock on out/.lock until this process exits (the OS releases it, even after SIGKILL), so
+    that a second run in the same out_dir is refused instead of overwriting the first one's files. Taking it again
+    in the same process is a no-op."""
+    if out.resolve() in _OUT_DIR_LOCKS:
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--out_dir: another run is using {out} (it holds {out / '.lock'}); wait for it to "
+                          f"finish or pick another out_dir") from None
+    _OUT_DIR_LOCKS[out.resolve()] = fd
+
+
 def prepare_out_dir(cfg: Config) -> Path:
-    """Create out_dir and check that it is writable; with --overwrite drop a finished run and any checkpoint;
-    otherwise check that a checkpoint there is from this config (so a mismatch fails before any heavy work)."""
+    """Create and lock out_dir (refusing one that is not writable or that another run holds); with --overwrite
+    drop a finished run and any checkpoint; otherwise check that a checkpoint there is from this config (so a
+    mismatch fails before any heavy work)."""
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        lock_out_dir(out)
     except OSError as e:
         raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); pick a writable folder") from None
     if cfg.overwrite:
