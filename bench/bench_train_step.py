@@ -5,7 +5,7 @@
 
 Timed, interleaved (each repetition runs every workload in turn, --steps steps each; medians over --reps):
   - the encoder product x @ W_enc [B, d] x [d, F] alone, the part no TopK SAE can skip: as the expression allocates
-    it (the issue's reference) and into a preallocated output (the bare GEMM);
+    it (the reference) and into a preallocated output (the bare GEMM);
   - our step, `experiment.TrainerTopK.step`, for `topk` and `adaptive_ortho` (groups of --n_forget / --n_retain
     latents with partners and λ2 at its maximum, as in bench_ortho_cost); the grouper watches in both, as in a run;
   - dictionary_learning 0.1.0 `TopKTrainer.update` (the reference TopK trainer);

@@ -1,4 +1,4 @@
-"""Knowledge separation (issue 3): orthogonality losses vs dense references, the λ2 schedule, feature grouping,
+"""Knowledge separation: orthogonality losses vs dense references, the λ2 schedule, feature grouping,
 condition numbers and principal angles, early stopping, group biases, and training on planted data."""
 import numpy as np
 import pytest
