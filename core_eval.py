@@ -137,7 +137,7 @@ def run_core_eval(sae: SAE, model: HookedTransformer, texts: list[str], cfg: Cor
     metrics, feature_metrics = run_evals(sae, make_store(model, sae, texts, cfg, device), model, eval_cfg,
                                          ignore_tokens=ignore, verbose=True)
     metrics = json_safe(metrics)  # nan -> None (SAE-Bench writes -1, which reads like a value)
-    ev = conventional_explained_variance(model, sae, sv_batches, ignore, max_norm)
+    ev = json_safe(conventional_explained_variance(model, sae, sv_batches, ignore, max_norm))  # no tokens: None
     metrics["reconstruction_quality"] |= {
         "explained_variance_conventional": ev["all"], "explained_variance_conventional_without_outliers": ev["typical"],
         "outlier_norm_threshold": max_norm, "outlier_tokens_dropped": ev["n_dropped"], "ev_tokens": ev["n_tokens"],

@@ -92,7 +92,7 @@ class Config:
                                "every evaluation, for the validation loss")
     data_seed: int = _opt(0, "seed of the document split and context order (part of the "
                           "activation-cache key)")
-    harvest_batch_size: int = _opt(16, "contexts per model forward while harvesting")
+    harvest_batch_size: int = _setting(16, "contexts per model forward while harvesting")
     # SAE and trainer
     seed: int = _opt(0, "seed of the SAE initialisation and the batch order")
     dict_size: int = _opt(0, "number of SAE latents F; 0: 8 x d_model on CPU, 32 x d_model on CUDA")
@@ -143,7 +143,7 @@ class Config:
                                      "fraction of d_model latents (the most domain-specific), so that "
                                      "n_F + n_R <= d and strict cross-group orthogonality (α = 0) can "
                                      "be met; 0: no cap")
-    kappa_max: float = _opt(1e4, "early stopping (ortho variants): a group's decoder κ above this "
+    kappa_max: float = _opt(1e4, "early stopping (fixed_ortho, adaptive_ortho): a group's decoder κ above this "
                             "counts as ill-conditioned (healthy runs stay below a few thousand; "
                             "orthogonality squeezes each group into fewer directions)")
     kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks "
@@ -621,7 +621,7 @@ def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torc
         E = (C.abs() - alpha).relu()
     else:
         m = torch.arange(len(partner_sign), device=C.device)
-        E = C.index_put((m, m), -alpha * partner_sign.to(C.dtype), accumulate=True)
+        E = C.index_put((m, m), -alpha * partner_sign.to(C), accumulate=True)
     E2 = E.pow(2)
     if w_F is not None:
         E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
@@ -746,7 +746,6 @@ class FeatureGrouper:
         self.updates = torch.zeros(2)
         self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
         self.partner_sign = torch.zeros(0)
-        self.partner_similarity = float("nan")
         self.joined = torch.zeros(dict_size, dtype=torch.long)  # step at which a latent joined its current group
         self.regroups = 0
 
@@ -792,10 +791,9 @@ class FeatureGrouper:
         rest = lambda idx, taken: idx[~torch.isin(torch.arange(len(idx)), taken)]
         self.forget_idx = torch.cat([kept_f, free_f[rows], rest(free_f, rows)]).to(W_dec.device)
         self.retain_idx = torch.cat([kept_r, free_r[cols], rest(free_r, cols)]).to(W_dec.device)
-        self.partner_sign = torch.cat([kept_sign, C[rows, cols].sign()]).to(W_dec.device)
-        n = len(self.partner_sign)
-        cos = (W[self.forget_idx[:n].cpu()] * W[self.retain_idx[:n].cpu()]).sum(dim=1)
-        self.partner_similarity = cos.abs().mean().item() if n else float("nan")
+        new_sign = C[rows, cols].sign()
+        new_sign[new_sign == 0] = 1.0  # a pair at cos exactly 0 is pulled to +α
+        self.partner_sign = torch.cat([kept_sign, new_sign]).to(W_dec.device)
         # the first grouping takes effect at once; later joiners ramp in (member_weights)
         self.joined[self.assignment() != before] = t if self.regroups else t - self.every
         self.regroups += 1
@@ -814,7 +812,7 @@ class FeatureGrouper:
 
     def state(self) -> dict:
         return {"forget_idx": self.forget_idx.clone(), "retain_idx": self.retain_idx.clone(),
-                "partner_sign": self.partner_sign.clone(), "partner_similarity": self.partner_similarity}
+                "partner_sign": self.partner_sign.clone()}
 
     def load_state(self, state: dict) -> None:
         for name, value in state.items():
@@ -853,6 +851,8 @@ def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
     W = W_dec.detach().cpu()
     W_F, W_R = W[grouper.forget_idx.cpu()], W[grouper.retain_idx.cpu()]
     cross = (W_F @ W_R.T).abs() if len(W_F) and len(W_R) else torch.full((1,), float("nan"))
+    m = len(grouper.partner_sign)
+    partners = (W_F[:m] * W_R[:m]).sum(dim=1).abs().mean().item() if m else float("nan")
     angles = principal_angles(W_F, W_R).rad2deg()
     nan = float("nan")
     return {"n_forget": len(W_F), "n_retain": len(W_R), "n_shared": len(W) - len(W_F) - len(W_R),
@@ -863,7 +863,7 @@ def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
                                      "median": angles.median().item() if len(angles) else nan,
                                      "max": angles.max().item() if len(angles) else nan},
             "cross_abs_cos_mean": cross.mean().item(), "cross_abs_cos_max": cross.max().item(),
-            "partner_abs_cos_mean": grouper.partner_similarity}
+            "partner_abs_cos_mean": partners}
 
 
 def cos_summary(values: torch.Tensor) -> dict:
@@ -1235,7 +1235,7 @@ class Training:
         regroup(self.sae, self.grouper, self.trainer.t)
         metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
         self.history.append(metrics)
-        return metrics, self.cfg.variant != "topk" and self.stopper.check(metrics, step)
+        return metrics, self.cfg.variant in GROUPED and self.stopper.check(metrics, step)
 
     def validate(self, step: int) -> dict:
         """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
@@ -1266,7 +1266,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
 
     The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged; for the
-    ortho variants a group κ above kappa_max for kappa_patience consecutive regroups stops training early.
+    cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops training early.
     Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
     out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
     """
@@ -1362,7 +1362,7 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
         "geometry": feature_geometry(sae.W_dec, grouper.assignment()),  # max |cos| to the nearest other feature
         "forget_features": grouper.forget_idx.tolist(),  # the chosen checkpoint's forget group (unlearning uses it)
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
-                           "applies": cfg.variant != "topk", "stopped": stopper.reason is not None,
+                           "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
                            "reason": stopper.reason or "ran all steps", "step": last,
                            "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"],
                                               "retain": h["kappa_retain"], "union": h["kappa_union"]}
@@ -1408,7 +1408,7 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     if r["has_unlearning"]:
         mcq = g(r["mcq"]) if r["mcq"] is not None else f"n/a ({r['n_forget_questions']} forget questions survive)"
         held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
-            f"{r['held_out_score']:.4f} ± {r['held_out_score_se']:.4f} nats"
+            f"{g(r['held_out_score'])} ± {g(r['held_out_score_se'])} nats"
         entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score {held} (forget ΔCE "
                   f"at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, scored on report text) | text "
                   f"score {g(r['text_score'])} nats | MCQ unlearning_score {mcq}\n")
@@ -1483,6 +1483,9 @@ def prepare_out_dir(cfg: Config) -> Path:
     if cfg.overwrite:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "final_info.json").unlink(missing_ok=True)
+    elif (out / "final_info.json").exists():  # finished while this run waited for the lock
+        raise ConfigError(f"--out_dir: {out} holds a finished run (final_info.json); pick a new out_dir or pass "
+                          f"--overwrite")
     elif (out / "checkpoints" / "last.pt").exists():
         load_checkpoint(out / "checkpoints" / "last.pt", cfg)
     return out

@@ -36,8 +36,7 @@ README_END = "<!-- /results -->"
 METRICS = {  # run field: (table column, axis label with units)
     "val_ev": ("val EV", "validation explained variance (fraction)"),
     "conv_ev": ("EV conventional", "explained variance, conventional (fraction)"),
-    "conv_ev_typical": ("EV conventional, outliers dropped",
-                        "explained variance, conventional, tokens with norm > 10× median dropped (fraction)"),
+    "conv_ev_typical": ("EV conventional, outliers dropped", "EV conventional, outliers dropped (fraction)"),
     "ce_loss_score": ("ce_loss_score", "CE-loss score (fraction of CE recovered)"),
     "l0": ("L0", "L0 (active latents per token)"),
     "cross_cos": ("cross-group |cos| mean", "cross-group |cos| mean (unitless)"),
@@ -45,7 +44,7 @@ METRICS = {  # run field: (table column, axis label with units)
     "absorption": ("mean absorption fraction", "SAE-Bench mean absorption fraction (lower is better)"),
     "kappa_forget": ("κ forget", "κ forget group (σmax/σmin)"),
     "kappa_retain": ("κ retain", "κ retain group (σmax/σmin)"),
-    "held_out_score": ("held-out score (nats)", "forget ΔCE at retain ΔCE = tolerance, held out (nats/token)"),
+    "held_out_score": ("held-out score (nats)", "held-out score: forget ΔCE (nats/token)"),
     "held_out_score_se": ("held-out score SE (nats)", "standard error of the held-out score (nats/token)"),
     "text_score": ("text score (nats)", "text score (nats/token)"),
     "mcq": ("MCQ score", "MCQ score (1 − forget accuracy)"),
@@ -148,7 +147,8 @@ def load_run(path: Path, name: str):
     run = {"name": name, "key": comparability_key(cfg, info["provenance"]), "setting": setting_label(sep),
            **results.flatten(info), "log": read_log(path / "train_log.jsonl"), "notes": [],
            "sweep": details.get("sweep"), "group_sweep": details.get("forget_group_sweep")}
-    run["penalty_jump"] = penalty_jump(run["log"])
+    # only the cross-group variants' penalty depends on the groups
+    run["penalty_jump"] = penalty_jump(run["log"]) if run["variant"] in ("fixed_ortho", "adaptive_ortho") else None
     if unlearning is None:
         run["notes"].append("no unlearning results, left out of the trade-off and unlearning figures")
     elif run["mcq"] is None:

@@ -116,8 +116,8 @@ def main():
     sae = RandomTopK(model.cfg.d_model, 8 * model.cfg.d_model, 32)
     forget = data.load_corpus(data.HPO, cache)
     retain = data.load_corpus(data.BIGBENCH_WIKIPEDIA, cache)
-    _, forget_docs = data.split_documents(forget.documents, 0.1, 0)
-    _, retain_docs = data.split_documents(retain.documents, 0.1, 0)
+    forget_docs = data.split_documents(forget.documents, 0.1, 0).eval
+    retain_docs = data.split_documents(retain.documents, 0.1, 0).eval
     tok = model.tokenizer
 
     if not args.skip_speedup:

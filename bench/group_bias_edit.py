@@ -57,8 +57,8 @@ def main():
     tok = model.tokenizer
     texts = {}
     for side, spec in (("forget", cfg.forget_corpus), ("retain", cfg.retain_corpus)):
-        _, docs = data.split_documents(data.load_corpus(spec, Path(cfg.cache_dir)).documents, cfg.eval_fraction,
-                                       cfg.data_seed)
+        docs = data.split_documents(data.load_corpus(spec, Path(cfg.cache_dir)).documents, cfg.eval_fraction,
+                                    cfg.data_seed).eval
         texts[side] = unlearning.held_out_text(tok, docs, ucfg, tok.bos_token_id, tok.eos_token_id, side)
     ignore = models.special_token_ids(tok)
     rates = {s: unlearning.firing_rates(model, sae, texts[s]["rate"], cfg.layer, 8, ignore) for s in texts}
