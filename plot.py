@@ -323,16 +323,31 @@ def seed_values(seeds: dict, m: str) -> list:
     return [v for v in (seed_mean(rs, m) for rs in seeds.values()) if v is not None]
 
 
+def paired_difference(a: dict, b: dict, m: str):
+    """Over the seeds both settings ran (same seed: same SAE initialisation and batch order, same evaluation
+    text): (mean of the per-seed differences d_s of metric m, its SE std(d)/√n, n, n); SE None for one seed;
+    None for no common seed."""
+    d = [seed_mean(a[s], m) - seed_mean(b[s], m) for s in a if s in b
+         and seed_mean(a[s], m) is not None and seed_mean(b[s], m) is not None]
+    if not d:
+        return None
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+    return float(np.mean(d)), se, len(d), len(d)
+
+
 def difference_rows(runs: list) -> list:
     """Per (setting, α) other than topk and per reference (topk, fixed_ortho) present in the runs and not the row
-    itself: the difference of seed means of each DIFF_COLS metric, with its Welch standard error."""
+    itself: for each DIFF_COLS metric the difference of seed means with its Welch standard error, and the
+    difference paired by seed with its standard error."""
     groups = by_seed(runs)
     rows = []
     for setting, alpha in sorted((key for key in groups if key[0] != "topk"), key=lambda key: setting_order(*key)):
         for ref in (r for r in REFERENCES if (r, None) in groups and (r, None) != (setting, alpha)):
-            diffs = [welch_difference(seed_values(groups[setting, alpha], m), seed_values(groups[ref, None], m))
-                     for m in DIFF_COLS]
-            rows.append([setting, alpha_text(alpha), f"− {ref}", *map(fmt_difference, diffs)])
+            a, b = groups[setting, alpha], groups[ref, None]
+            cells = [fmt_difference(f(m)) for m in DIFF_COLS for f in
+                     (lambda m: welch_difference(seed_values(a, m), seed_values(b, m)),
+                      lambda m: paired_difference(a, b, m))]
+            rows.append([setting, alpha_text(alpha), f"− {ref}", *cells])
     return rows
 
 
@@ -358,9 +373,12 @@ def readme_group(label: str, runs: list) -> list:
         return parts + ["No topk or fixed_ortho run in this group: no differences."]
     caption = (f"**Differences, group {label}:** the row's seed mean − the reference's. ± = standard error of "
                "the difference, sqrt(s1²/n1 + s2²/n2) (Welch; s = sample std over seeds; n/a where a side has "
-               "< 2 seeds); (n n1 vs n2) = the seeds on each side.")
+               "< 2 seeds); (n n1 vs n2) = the seeds on each side. Paired by seed: the mean over the seeds both "
+               "ran of the per-seed difference (same seed: same initialisation, batch order and evaluation text), "
+               "± std(d)/√n.")
     return parts + [wrap(caption),
-                    markdown_table(["variant", "α", "minus", *(f"Δ {METRICS[m][0]}" for m in DIFF_COLS)], diffs)]
+                    markdown_table(["variant", "α", "minus", *(f"Δ {METRICS[m][0]}{kind}" for m in DIFF_COLS
+                                                              for kind in ("", ", paired by seed"))], diffs)]
 
 
 def readme_results(groups: dict) -> str:

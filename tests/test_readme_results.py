@@ -69,7 +69,7 @@ def test_difference_standard_error_is_welch_over_seed_means(block):
     row, = lines_starting(block, "| adaptive_ortho | 0.3 | − topk |")
     assert row.split(" | ")[3] == "+3.0000 ± 1.5044 (n 2 vs 3)"
     ev_se = math.sqrt(0.0002 / 2 + 0.0001 / 3)  # EV without outliers: seed means 0.76, 0.78 against 0.80, 0.81, 0.82
-    assert row.split(" | ")[5] == f"-0.0400 ± {ev_se:.4f} (n 2 vs 3) |"
+    assert row.split(" | ")[7] == f"-0.0400 ± {ev_se:.4f} (n 2 vs 3)"  # Welch, then paired, per metric
 
 
 def test_a_repeated_seed_is_averaged_first(block):
@@ -130,3 +130,14 @@ def test_missing_markers_are_a_clear_error(root, tmp_path, text):
         plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
     assert plot.README_START in str(err.value) and plot.README_END in str(err.value)
     assert readme.read_text() == text and not out.exists()  # checked before any work
+
+
+def test_paired_difference_is_the_mean_per_seed_difference():
+    """Seeds 0, 1, 2 on both sides, seed 3 on one: d = 0.5, 0.1, 0.3 → mean 0.3, SE std(d)/√3 = 0.2/√3."""
+    run = lambda seed, v: {"seed": seed, "held_out_score": v}
+    a = {0: [run(0, 1.5)], 1: [run(1, 2.1)], 2: [run(2, 0.3)], 3: [run(3, 9.0)]}
+    b = {0: [run(0, 1.0)], 1: [run(1, 2.0)], 2: [run(2, 0.0)]}
+    d, se, n, _ = plot.paired_difference(a, b, "held_out_score")
+    assert (d, n) == (pytest.approx(0.3), 3) and se == pytest.approx(0.2 / math.sqrt(3))
+    assert plot.paired_difference({0: [run(0, 1.0)]}, {0: [run(0, 0.5)]}, "held_out_score")[:2] == (0.5, None)
+    assert plot.paired_difference({0: [run(0, 1.0)]}, {1: [run(1, 0.5)]}, "held_out_score") is None
