@@ -116,7 +116,8 @@ def setting_label(separation: dict) -> str:
     label = variant
     if variant == "adaptive_ortho" and separation["ortho_target"] != "partner":
         label += f"/{separation['ortho_target']}"
-    if variant != "topk" and separation["lambda2_max"] != separation.get("lambda2_default"):
+    # allpairs_ortho's weight is its defining knob (its default changed once): always named
+    if variant == "allpairs_ortho" or (variant != "topk" and separation["lambda2_max"] != separation.get("lambda2_default")):
         label += f" λ2={separation['lambda2_max']:g}"
     # fixed_ortho had no group biases before runs recorded lambda2_default: no suffix for those
     grouped = variant == "adaptive_ortho" or (variant == "fixed_ortho" and "lambda2_default" in separation)

@@ -196,7 +196,7 @@ def test_new_fields_load_and_older_runs_give_none(tmp_path):
     ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "group_biases": False},
      "fixed_ortho no-group-biases"),
     ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "group_biases": False}, "fixed_ortho λ2=1000"),  # older
-    ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho"),
+    ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=15"),
     ({"variant": "allpairs_ortho", "lambda2_max": 30.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=30"),
     ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "partner",
       "group_biases": True}, "adaptive_ortho"),
