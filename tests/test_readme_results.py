@@ -84,14 +84,14 @@ def test_a_repeated_seed_is_averaged_first(block):
 def test_one_seed_gives_no_standard_error(block):
     assert "| fixed_ortho | – | − topk | +0.1000 ± n/a (n 1 vs 3) |" in block
     assert "| adaptive_ortho | 0.3 | − fixed_ortho | +2.9000 ± n/a (n 2 vs 1) |" in block
-    row, = lines_starting(block, "| allpairs_ortho | – | − topk |")
+    row, = lines_starting(block, "| allpairs_ortho λ2=15 | – | − topk |")
     assert row.split(" | ")[3] == "-0.1000 ± n/a (n 1 vs 3)" and row.endswith(" | n/a |")  # n/a: no EV w/o outliers
 
 
 def test_rows_order_references_and_groups(block):
     means = [line.split(" | ")[:2] for line in lines_starting(block, "| ")  # the tables with a runs column
              if " | − " not in line and not line.startswith("| variant") and "run_" in line]
-    assert means == [["| topk", "–"], ["| fixed_ortho", "–"], ["| allpairs_ortho", "–"],
+    assert means == [["| topk", "–"], ["| fixed_ortho", "–"], ["| allpairs_ortho λ2=15", "–"],
                          ["| adaptive_ortho", "0.1"], ["| adaptive_ortho", "0.3"],
                          ["| adaptive_ortho no-group-biases", "0.3"], ["| adaptive_ortho", "0.1"]]  # L3
     assert not lines_starting(block, "| topk | – | −") and "| fixed_ortho | – | − fixed_ortho |" not in block
