@@ -146,7 +146,10 @@ def load_run(path: Path, name: str):
     cfg, sep = results.training_section(info)["config"], info["knowledge separation results"]
     unlearning = info.get("unlearning evaluation results")
     details = unlearning["eval_result_details"] if unlearning else {}
+    code = info["provenance"].get("code", {})
     run = {"name": name, "key": comparability_key(cfg, info["provenance"]), "setting": setting_label(sep),
+           "argv": info["provenance"].get("argv"), "commit": code.get("git_commit"),
+           "uncommitted": code.get("uncommitted_changes"),
            **results.flatten(info), "log": read_log(path / "train_log.jsonl"), "notes": [],
            "sweep": details.get("sweep"), "group_sweep": details.get("forget_group_sweep")}
     # only the cross-group variants' penalty depends on the groups
@@ -375,8 +378,9 @@ def readme_group(label: str, runs: list) -> list:
              markdown_table(["variant", "α", "n", "runs", *(METRICS[m][0] for m in README_COLS)], means),
              wrap(f"**Geometry and checkpoints, group {label}.** Mean ± sample std over seeds, as above."),
              markdown_table(["variant", "α", "n", *(METRICS[m][0] for m in README_GEOMETRY_COLS)], geometry)]
+    commands = f"**Runs, group {label}** (command and commit from each `final_info.json`):\n\n" + run_commands(runs)
     if not diffs:
-        return parts + ["No topk or fixed_ortho run in this group: no differences."]
+        return parts + ["No topk or fixed_ortho run in this group: no differences.", commands]
     caption = (f"**Differences, group {label}:** the row's seed mean − the reference's. ± = standard error of "
                "the difference, sqrt(s1²/n1 + s2²/n2) (Welch; s = sample std over seeds; n/a where a side has "
                "< 2 seeds); (n n1 vs n2) = the seeds on each side. Paired by seed: the mean over the seeds both "
@@ -385,7 +389,7 @@ def readme_group(label: str, runs: list) -> list:
     return parts + [wrap(caption),
                     markdown_table(["variant", "α", "minus", *(f"Δ {METRICS[m][0]}{kind}" for m in DIFF_COLS
                                                               for kind in ("", ", paired by seed"))], diffs),
-                    *([wrap(line)] if line else [])]
+                    *([wrap(line)] if line else []), commands]
 
 
 def headline(runs: list, tolerance) -> str:
@@ -404,6 +408,15 @@ def headline(runs: list, tolerance) -> str:
         return ""
     return (f"**Headline.** The held-out score (forget-text ΔCE in nats/token at a retain ΔCE of {tolerance}) of "
             f"adaptive_ortho at its default α = {HEADLINE[1]:g}, " + "; ".join(parts) + ".")
+
+
+def run_commands(runs: list) -> str:
+    """Each run's command line and the commit that ran it, as its final_info.json records them."""
+    def line(r):
+        command = "python experiment.py " + " ".join(r["argv"]) if r["argv"] is not None else "(not recorded)"
+        commit = (r["commit"] or "?")[:7] + (" with uncommitted changes" if r["uncommitted"] else "")
+        return f"- `{r['name']}`: `{command}` (commit {commit})"
+    return "\n".join(line(r) for r in sorted(runs, key=lambda r: natural_key(r["name"])))
 
 
 def readme_results(groups: dict) -> str:

@@ -56,6 +56,8 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
             details["forget_group_sweep"] = [row | {"forget_delta_ce": 2 * row["forget_delta_ce"]}
                                              for row in details["sweep"]]
         info["unlearning evaluation results"] = unlearn
+    info["provenance"] |= {"argv": [f"--out_dir={folder.name}"],
+                           "code": {"git_commit": "0" * 40, "uncommitted_changes": False}}
     info = {f"training results for layer {layer}": training, **info}
     folder.mkdir(parents=True)
     (folder / "final_info.json").write_text(json.dumps(info))

@@ -97,7 +97,8 @@ def test_rows_order_references_and_groups(block):
     assert not lines_starting(block, "| topk | – | −") and "| fixed_ortho | – | − fixed_ortho |" not in block
     assert len(lines_starting(block, "| adaptive_ortho no-group-biases | 0.3 | − ")) == 2
     assert f"**Group {L15}**" in block and f"**Group {L3}**" in block
-    assert block.rstrip().endswith("No topk or fixed_ortho run in this group: no differences.")
+    assert block.rstrip().endswith("`run_10`: `python experiment.py --out_dir=run_10` (commit 0000000)")
+    assert "No topk or fixed_ortho run in this group: no differences." in block
     prose = block.replace("\n", " ")
     assert prose.count("± = sample std over seeds") == 2
     assert prose.count("± = standard error of the difference") == 1
