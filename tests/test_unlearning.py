@@ -195,6 +195,9 @@ def check_kept_residual_path(model, tokenizer):
     assert torch.allclose(unlearning.logits_from_final_resid(model, final), model(tokens), atol=1e-5)
     per_token = model(tokens, return_type="loss", loss_per_token=True)
     assert torch.allclose(unlearning.ce_sums(model, final, tokens, chunk_tokens=30), per_token.sum(1).double(), atol=1e-4)
+    # a re-run from the last position (its only edit): nothing left to predict, the loss is that of the prefix
+    last = unlearning.token_nll(model, final[:, -1:], tokens[:, -1:])
+    assert last.shape == (len(tokens), 0) and unlearning.ce_sums(model, final[:, -1:], tokens[:, -1:]).eq(0).all()
     # the sweep (kept residuals, configs batched, unchanged rows skipped) against a full forward with the hook
     sae = random_sae()
     s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
