@@ -216,6 +216,8 @@ def token_nll(model, final_resid: torch.Tensor, tokens: torch.Tensor, chunk_toke
     """[B, m − 1] next-token losses (float64) of positions 0..m−2 of final_resid [B, m, d] predicting tokens [B, m]
     1..m−1 (unembedding a few rows at a time)."""
     B, m = tokens.shape
+    if m < 2:  # only the last position was edited: it predicts no token of the context
+        return torch.zeros(B, 0, dtype=torch.float64, device=tokens.device)
     rows = max(1, chunk_tokens // m)
     out = []
     for i in range(0, B, rows):
