@@ -1327,13 +1327,17 @@ def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
 
 def training_results(training: Training, start_step: int, last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured, then the
-    checkpoint chosen by CHECKPOINT_RULE is loaded and measured."""
+    checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's, measured already)."""
     cfg, data, sae, grouper, ortho = training.cfg, training.data, training.sae, training.grouper, training.ortho
-    final_step = {"step": last, **validation_loss(sae, data.val_acts, data.scale, cfg.device),
-                  "separation": separation_metrics(sae.W_dec, grouper),
-                  "nearest_neighbour_abs_cos": feature_geometry(sae.W_dec, grouper.assignment())["all"]}
+    measure = lambda: {"validation": validation_loss(sae, data.val_acts, data.scale, cfg.device),
+                       "separation": separation_metrics(sae.W_dec, grouper),
+                       "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
+    at_last = measure()
+    final_step = {"step": last, **at_last["validation"], "separation": at_last["separation"],
+                  "nearest_neighbour_abs_cos": at_last["geometry"]["all"]}
     sae.load_state_dict(training.best["sae"])
     grouper.load_state(training.best["grouper"])
+    chosen = at_last if training.best["step"] == last else measure()
     stats, stopper = training.stats, training.stopper
     info = {"training_steps": training.steps, "steps_run": last + 1, "best_checkpoint_step": training.best["step"],
             "training_tokens_seen": (last + 1) * cfg.batch_size, "final_loss": stats["loss"],
@@ -1344,7 +1348,7 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
             "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
             "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
             "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
-            **validation_loss(sae, data.val_acts, data.scale, cfg.device)}
+            **chosen["validation"]}
     adaptive = cfg.variant == "adaptive_ortho"
     separation = {
         "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
@@ -1356,9 +1360,9 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
                      "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
                      "passive": cfg.variant not in GROUPED},
         "final_checkpoint_step": training.best["step"],
-        "final": separation_metrics(sae.W_dec, grouper),  # of the chosen checkpoint, with its own groups
+        "final": chosen["separation"],  # of the chosen checkpoint, with its own groups
         "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
-        "geometry": feature_geometry(sae.W_dec, grouper.assignment()),  # max |cos| to the nearest other feature
+        "geometry": chosen["geometry"],  # max |cos| to the nearest other feature
         "forget_features": grouper.forget_idx.tolist(),  # the chosen checkpoint's forget group (unlearning uses it)
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
                            "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
