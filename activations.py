@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import distributed
 from files import sha256_file
 
 FORMAT_VERSION = 1
@@ -33,18 +34,29 @@ def cache_key(fields: dict) -> str:
 def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, labels: torch.Tensor,
                   batch_size: int, acts_path: Path, desc: str) -> None:
     """Run `model` up to `layer` on token contexts [n, T]; write the hook's activations for positions 1..T-1
-    (BOS dropped) to `acts_path` as [n*(T-1), d] float32, and each token's context label alongside."""
+    (BOS dropped) to `acts_path` as [n*(T-1), d] float32, and each token's context label alongside.
+
+    Under torchrun each rank runs its share of the batches (the same batches a single process runs, so the
+    same bytes) into the one file rank 0 created."""
     n, T = tokens.shape
-    acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(n * (T - 1), model.cfg.d_model))
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+    shape = (n * (T - 1), model.cfg.d_model)
+    if distributed.is_main():
+        np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=shape).flush()
+    distributed.barrier()
+    acts = np.load(acts_path, mmap_mode="r+")
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts[distributed.shard(len(starts))], desc=desc, unit="batch",
+                      disable=not distributed.is_main()):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
         resid = cache[hook_name][:, 1:, :].reshape(-1, model.cfg.d_model)
         acts[start * (T - 1):start * (T - 1) + len(resid)] = resid.float().cpu().numpy()
     acts.flush()
     del acts
-    np.save(acts_path.with_name(acts_path.name.replace("_acts", "_labels")),
-            labels.to(torch.uint8).repeat_interleave(T - 1).numpy())
+    distributed.barrier()
+    if distributed.is_main():
+        np.save(acts_path.with_name(acts_path.name.replace("_acts", "_labels")),
+                labels.to(torch.uint8).repeat_interleave(T - 1).numpy())
 
 
 def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int, splits: dict, batch_size: int) -> None:
@@ -52,28 +64,36 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
 
     Work happens in a temporary sibling folder that is renamed into place once the manifest is written, so a
     reader never sees a half-written entry and two runs with the same key never write into the same folder.
+    Under torchrun the ranks share the harvest (harvest_split); rank 0 writes the manifest and renames.
     """
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f"{entry.name}.tmp-{distributed.broadcast_object(os.getpid())}")
+    if distributed.is_main():
+        tmp.mkdir(parents=True, exist_ok=True)
     files = {}
     try:
         for split, (tokens, labels) in splits.items():
-            harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy", f"harvest {split}")
-            for suffix in ("acts", "labels"):
+            harvest_split(model, hook_name, layer, tokens, labels, batch_size, tmp / f"{split}_acts.npy",
+                          f"harvest {split}")
+            for suffix in ("acts", "labels") if distributed.is_main() else ():
                 path = tmp / f"{split}_{suffix}.npy"
                 files[path.name] = {"sha256": sha256_file(path), "shape": list(np.load(path, mmap_mode="r").shape)}
-        (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1, default=str))
+        if distributed.is_main():
+            (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1,
+                                                          default=str))
     except BaseException as e:  # disk full, Ctrl-C, a failing model: leave no partial files behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"disk full while writing the activation cache under {entry.parent} (partial files "
                                    f"removed; the entry needs about {_entry_bytes(splits, model.cfg.d_model) / 1e9:.1f} GB): "
                                    f"free space or point --cache_dir elsewhere") from None
         raise
-    if entry.exists():  # another run with the same key finished first: its entry is as good as ours
-        shutil.rmtree(tmp)
-        return
-    tmp.rename(entry)
+    if distributed.is_main():
+        if entry.exists():  # another run with the same key finished first: its entry is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(entry)
+    distributed.barrier()  # no rank reads the entry before it is in place
 
 
 def _entry_bytes(splits: dict, d_model: int) -> int:
@@ -106,10 +126,11 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float, chunk: int = 65536)
     return np.flatnonzero(norms <= max_norm_multiple * np.median(norms)), norms
 
 
-def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None, skip: int = 0):
+def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None,
+                     skip: int = 0, part: slice = slice(None)):
     """Endless stream of (x [B, d] float32, labels [B] uint8) over `rows` (default all): a fresh random
     permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
-    same stream).
+    same stream). `part` slices each batch: a data-parallel rank reads its share of the global batch only.
 
     Rows are gathered in sorted order from the memory map (sequential-ish reads); the batch is the same set of
     rows a fully shuffled in-memory array would give.
@@ -126,6 +147,6 @@ def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed
     while True:
         order = rows[rng.permutation(n)]
         for start in range(first * batch_size, n - batch_size + 1, batch_size):
-            idx = np.sort(order[start:start + batch_size])
+            idx = np.sort(order[start:start + batch_size])[part]
             yield torch.from_numpy(np.ascontiguousarray(acts[idx])), torch.from_numpy(labels[idx])
         first = 0

@@ -39,6 +39,7 @@ import absorption
 import activations
 import core_eval
 import data
+import distributed
 import models
 import results
 import sae_bench_unlearning
@@ -750,14 +751,19 @@ class FeatureGrouper:
 
     @torch.no_grad()
     def update(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
-        """values, indices [B, k] from the TopK encode; labels [B] domain of each token."""
+        """values, indices [n, k] from the TopK encode; labels [n] domain of each token. The counts are summed
+        over ranks, so every rank's grouper sees the global batch."""
         fired = (values > 0).cpu()
         indices, labels = indices.cpu(), labels.cpu()
-        for g in (activations.RETAIN, activations.FORGET):
-            rows = labels == g
-            if rows.any():  # a batch without this domain says nothing about it
-                counts = torch.bincount(indices[rows][fired[rows]], minlength=self.dict_size)
-                self.ema[g].mul_(self.beta).add_(counts / int(rows.sum()), alpha=1 - self.beta)
+        domains = (activations.RETAIN, activations.FORGET)  # = the ema rows
+        counts = torch.stack([torch.cat([torch.bincount(indices[rows][fired[rows]], minlength=self.dict_size),
+                                         rows.sum()[None]])
+                              for rows in (labels == g for g in domains)])
+        counts = distributed.reduce_sum(counts)  # [2, F + 1]: firings per latent, then the domain's tokens
+        for g in domains:
+            n_tokens = int(counts[g, -1])
+            if n_tokens:  # a batch without this domain says nothing about it
+                self.ema[g].mul_(self.beta).add_(counts[g, :-1] / n_tokens, alpha=1 - self.beta)
                 self.updates[g] += 1
 
     def frequencies(self) -> torch.Tensor:
@@ -959,36 +965,49 @@ class TrainerTopK:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor) -> torch.Tensor:
-        if aux_values.shape[1] == 0:
+    def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor,
+                  share: float) -> torch.Tensor:
+        """This rank's share of L_auxk; both of its means are over the global batch."""
+        if aux_values.shape[1] == 0:  # the dead set is the same on every rank, so all return here together
             return residual.new_zeros(())
         e_hat = SparseDecode.apply(aux_values, aux_indices, self.sae.W_dec)  # no bias
-        denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
-        return ((residual - e_hat).pow(2).sum(dim=-1).mean() / denom).nan_to_num(0.0)
+        mean = distributed.reduce_sum(residual.mean(dim=0) * share)
+        denom = distributed.reduce_sum((residual - mean).pow(2).sum(dim=-1).mean() * share)
+        return ((residual - e_hat).pow(2).sum(dim=-1).mean() * share / denom).nan_to_num(0.0)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor = None) -> tuple[torch.Tensor, dict]:
-        """Loss and the statistics logged for it; updates the dead-latent counters and (with labels) the grouper."""
+        """This rank's share of the loss, and the global batch's statistics; updates the dead-latent counters
+        and (with labels) the grouper. x [n, d] is this rank's slice of the global batch [B, d]; a global mean
+        is Σ over ranks of (local mean × share), share = n / B (1 with one process)."""
+        share = 1 / distributed.world_size()
         dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten().to(x.device)
         values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)  # Codes
         x_hat = self.sae.decode(values, indices)
         residual = x - x_hat
-        recon = MeanSquaredNorm.apply(residual)
-        auxk = self.auxk_loss(residual.detach(), aux_values, aux_indices)
+        recon = MeanSquaredNorm.apply(residual) * share
+        auxk = self.auxk_loss(residual.detach(), aux_values, aux_indices, share)
         total = recon + self.auxk_alpha * auxk
         extra = {}
         if self.ortho is not None:
             lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.t)
-            total = total + lambda2 * ortho
+            total = total + lambda2 * ortho * share  # every rank computes the same term; the sum counts it once
             extra = {"ortho": ortho.item(), "lambda2": lambda2}
         with torch.no_grad():
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[indices[values > 0].cpu()] = 0  # repeated indices write the same 0: no unique()
-            mean = x.mean(dim=0)
-            fve = 1 - recon / (MeanSquaredNorm.apply(x) - mean @ mean)  # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
+            fired = torch.zeros(self.sae.dict_size, dtype=torch.int32)
+            fired[indices[values > 0].cpu()] = 1  # repeated indices write the same 1: no unique()
+            self.tokens_since_fired += len(x) * distributed.world_size()
+            self.tokens_since_fired[distributed.reduce_sum(fired) > 0] = 0
+            l0 = (values > 0).sum(dim=-1).float().mean()
+            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share, l0 * share]),
+                               x.mean(dim=0) * share])
+            summed = distributed.reduce_sum(local)
+            mean = summed[5:]
+            fve = 1 - summed[1] / (summed[3] - mean @ mean)  # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
             if self.grouper is not None and labels is not None:
                 self.grouper.update(values, indices, labels)
-        stats = {"loss": total.item(), "recon": recon.item(), "auxk": auxk.item(), "explained_variance": fve.item(),
-                 "dead_latents": len(dead), "l0": (values > 0).sum(dim=-1).float().mean().item(), **extra}
+        total_, recon_, auxk_, _, l0_ = summed[:5].tolist()
+        stats = {"loss": total_, "recon": recon_, "auxk": auxk_, "explained_variance": fve.item(),
+                 "dead_latents": len(dead), "l0": l0_, **extra}
         return total, stats
 
     def step(self, x: torch.Tensor, labels: torch.Tensor = None) -> dict:
@@ -997,6 +1016,7 @@ class TrainerTopK:
         total.backward()
         if self.ortho is not None:
             self.ortho.add_gradient(self.sae.W_dec)
+        distributed.reduce_gradients(self.sae.parameters())
         self.sae.remove_parallel_decoder_grad()
         self.optimizer.step()
         self.scheduler.step()
@@ -1006,14 +1026,19 @@ class TrainerTopK:
 
 
 @torch.no_grad()
-def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str, batch_size: int = 4096) -> dict:
-    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled units."""
+def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str,
+                    batch_size: int = 4096) -> dict:
+    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled units; each
+    rank takes its share of the rows and the sums are reduced, so every rank gets the same numbers."""
     sq_err, sq_dev, n = 0.0, 0.0, len(acts)
     mean = torch.from_numpy(np.asarray(acts).mean(axis=0)).to(device) / scale
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(acts[start:start + batch_size])).to(device) / scale
+    part = distributed.shard(n)
+    for start in range(part.start, part.stop, batch_size):
+        rows = np.ascontiguousarray(acts[start:min(start + batch_size, part.stop)])
+        x = torch.from_numpy(rows).to(device) / scale
         sq_err += (x - sae(x)).pow(2).sum().item()
         sq_dev += (x - mean).pow(2).sum().item()
+    sq_err, sq_dev = distributed.reduce_sum(torch.tensor([sq_err, sq_dev], dtype=torch.float64)).tolist()
     return {"val_recon": sq_err / n, "val_explained_variance": 1 - sq_err / sq_dev}
 
 
@@ -1045,15 +1070,9 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
            "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "forget": forget.provenance(),
            "retain": retain.provenance()}
     entry = Path(cfg.cache_dir) / "activations" / activations.cache_key(key)
-    if (entry / "manifest.json").exists():
-        try:
-            for split in ("train", "val"):
-                activations.load_split(entry, split)  # verifies every file against the manifest's sha256
-            print(f"activations: reading the cache {entry}")
-            return entry, key
-        except (RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, corrupted or missing file
-            print(f"activations: cache entry {entry} is damaged ({e}); rebuilding it")
-            shutil.rmtree(entry)
+    check_shared_cache(Path(cfg.cache_dir))
+    if distributed.on_main(lambda: cached_entry_is_sound(entry)):
+        return entry, key
     print(f"activations: harvesting into {entry}")
     bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
     splits = {}
@@ -1072,6 +1091,43 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
         splits[split] = (contexts[order], labels[order])
     activations.build_cache(entry, key, model, hook_name, cfg.layer, splits, cfg.harvest_batch_size)
     return entry, key
+
+
+def cached_entry_is_sound(entry: Path) -> bool:
+    """True when the entry exists and every file matches its manifest's sha256; a damaged entry is removed."""
+    if not (entry / "manifest.json").exists():
+        return False
+    try:
+        for split in ("train", "val"):
+            activations.load_split(entry, split)  # verifies every file against the manifest's sha256
+        print(f"activations: reading the cache {entry}")
+        return True
+    except (RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, corrupted or missing file
+        print(f"activations: cache entry {entry} is damaged ({e}); rebuilding it")
+        shutil.rmtree(entry)
+        return False
+
+
+def check_shared_cache(cache_dir: Path) -> None:
+    """Under torchrun, refuse a cache folder that the ranks do not all see: rank 0 writes a token file there
+    and every rank must read it back (nodes need a shared filesystem for the cache and the out_dir)."""
+    if distributed.world_size() == 1:
+        return
+    token = distributed.broadcast_object(os.urandom(8).hex())
+    probe = cache_dir / f".rank-probe-{token}"
+    if distributed.is_main():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    distributed.barrier()
+    seen = probe.exists() and probe.read_text() == token
+    missing = int(distributed.reduce_sum(torch.tensor([int(not seen)])))
+    distributed.barrier()
+    if distributed.is_main():
+        probe.unlink()
+    if missing:
+        raise ConfigError(f"--cache_dir: {missing} of {distributed.world_size()} processes cannot see {cache_dir} "
+                          f"as rank 0 writes it; under torchrun the cache (and the out_dir) must be on a filesystem "
+                          f"every node shares")
 
 
 def open_wandb(cfg: Config):
@@ -1246,17 +1302,21 @@ class Training:
 
 
 def save_training(path: Path, training: Training, log) -> None:
-    """Checkpoint: the training state and the log's length (a resumed run truncates lines written after it)."""
-    log.flush()
-    save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})
+    """Checkpoint (rank 0 writes it; every rank holds the same state): the training state and the log's
+    length (a resumed run truncates lines written after it)."""
+    if distributed.is_main():
+        log.flush()
+        save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})
 
 
 def resume_training(path: Path, training: Training, log_path: Path) -> None:
-    """Load the checkpoint at `path` into `training` and drop the log lines written after it."""
+    """Load the checkpoint at `path` into `training` and drop the log lines written after it. The state holds
+    global batches only, so any number of processes can resume it."""
     state = load_checkpoint(path, training.cfg)
     training.load_state_dict(state)
-    with open(log_path, "r+b") as log:
-        log.truncate(state["log_bytes"])
+    if distributed.is_main():
+        with open(log_path, "r+b") as log:
+            log.truncate(state["log_bytes"])
     print(f"train: resuming from {path} at step {training.step} of {training.steps}"
           + (" (training had finished)" if training.finished else ""))
 
@@ -1275,17 +1335,21 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     if ckpt_path.exists():
         resume_training(ckpt_path, training, log_path)
         start_step = training.step
-    # batch 0 initialises b_dec; training step s uses batch s + 1, so a resumed run skips what was used
-    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
-                                           skip=start_step + (start_step > 0))
-    if start_step == 0:
+    elif distributed.is_main():  # batch 0 initialises b_dec; training step s uses batch s + 1
+        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
+                                                     rows=data.keep))
         with torch.no_grad():
-            training.sae.b_dec.copy_(geometric_median(next(batches)[0].to(cfg.device) / data.scale))
-    steps, wandb_run, started, wall_before = training.steps, open_wandb(cfg), time.time(), training.wall_s
+            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
+    distributed.broadcast_tensors(training.sae.parameters())  # every rank starts from rank 0's SAE
+    # this rank's slice of every global batch, from the batch after the last one used
+    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
+                                           skip=start_step + 1, part=distributed.shard(cfg.batch_size))
+    main = distributed.is_main()
+    steps, wandb_run, started, wall_before = training.steps, main and open_wandb(cfg), time.time(), training.wall_s
     last = start_step - 1
-    with open(log_path, "ab" if start_step else "wb") as log, StopRequest() as stop_request:
+    with open(log_path if main else os.devnull, "ab" if start_step else "wb") as log, StopRequest() as stop_request:
         bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE", unit="step",
-                   initial=start_step, total=steps)
+                   initial=start_step, total=steps, disable=not main)
         for step in bar:
             x, y = next(batches)
             record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
@@ -1298,24 +1362,31 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
                                 dead=record["dead_latents"])
             log.write((json.dumps(json_safe(record)) + "\n").encode())
-            if wandb_run is not None:
+            if wandb_run:
                 wandb_run.log(record, step=step)
             last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
+            stop, interrupted = agree(stop, stop_request.signal is not None)
             if stop:
                 print(f"early stop: {training.stopper.reason}")
                 break
-            if stop_request.signal:
+            if interrupted:
                 save_training(ckpt_path, training, log)
-                raise TrainingInterrupted(f"{stop_request.signal} at step {step + 1} of {steps}: checkpoint written "
-                                          f"to {ckpt_path}; run the same command again to resume")
+                raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of {steps}: "
+                                          f"checkpoint written to {ckpt_path}; run the same command again to resume")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 save_training(ckpt_path, training, log)
         if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
             training.finished = True
             save_training(ckpt_path, training, log)
-    if wandb_run is not None:
+    if wandb_run:
         wandb_run.finish()
     return training_results(training, start_step, last)
+
+
+def agree(*flags: bool) -> list[bool]:
+    """Each flag, true on every rank when it is true on any (an early stop, a Ctrl-C on one rank), so that all
+    ranks leave the loop at the same step."""
+    return (distributed.reduce_sum(torch.tensor([int(f) for f in flags])) > 0).tolist()
 
 
 def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
@@ -1348,6 +1419,7 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
             "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
             "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
             "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
+            "world_size": distributed.world_size(),
             **chosen["validation"]}
     adaptive = cfg.variant == "adaptive_ortho"
     separation = {
@@ -1520,7 +1592,10 @@ def configure(cfg: Config) -> tuple[Config, str, str]:
     """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises ConfigError
     before anything heavy is loaded."""
     validate(cfg)
-    device = pick_device(cfg.device)
+    device = distributed.init(pick_device(cfg.device))
+    if cfg.batch_size % distributed.world_size():
+        raise ConfigError(f"--batch_size: batch_size={cfg.batch_size} is not divisible by the "
+                          f"{distributed.world_size()} processes; each takes an equal slice of every batch")
     model_name, why = models.resolve_auto() if cfg.model == "auto" else (cfg.model, "requested by name")
     try:
         description = models.describe_model(model_name, Path(cfg.cache_dir))
@@ -1566,16 +1641,22 @@ def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: d
 
 
 def run(cfg: Config) -> dict:
+    """The whole run. Under torchrun every rank harvests its share and trains; rank 0 alone writes the outputs
+    and runs the evaluations (the other ranks return None once training is done)."""
     started = time.time()
     cfg, model_name, why = configure(cfg)
-    out = prepare_out_dir(cfg)
+    out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
+    distributed.quiet_unless_main()
     set_seed(cfg.seed)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    inputs = load_inputs(cfg, model_name, why)
+    torch.set_num_threads(min(torch.get_num_threads(), (os.cpu_count() or 1) // distributed.local_world_size() or 1))
+    with distributed.main_first():  # rank 0 fills the shared cache (model, corpora), then the others read it
+        inputs = load_inputs(cfg, model_name, why)
     entry, key = prepare_activations(cfg, inputs.model, inputs.model_info, inputs.hook_name, inputs.forget,
                                      inputs.retain, inputs.documents)
 
     sae, scale, train_info, separation = train(cfg, entry, out)
+    if not distributed.is_main():
+        return None
     metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name, "hook_layer": cfg.layer,
                 "context_size": cfg.context_length, "prepend_bos": True}
     sae.save(out / "sae", scale, metadata)
@@ -1606,6 +1687,7 @@ def run(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         run(parse_config())
+        distributed.shutdown()
     except ConfigError as e:  # a config, input file or model that cannot work; raised before heavy work where possible
         sys.exit(f"error: {e}")
     except OSError as e:
