@@ -3,23 +3,26 @@ HookedTransformer and a SAE-Lens SAE (experiment.load_sae's TopKSAE or GroupBias
 
 SAE-Bench's `main.run_eval` loads its model from the hub by name, so we replicate only its glue and call
 SAE-Bench's functions for the work:
-  1. first-letter probe: for each single-token word w of the tokenizer's vocabulary (vocab.get_alpha_tokens), the
-     prompt is 10 ICL lines "{ex} has the first letter: {EX[0]}" then "{w} has the first letter:"; the residual
-     x [d] at blocks.L.hook_resid_post at the word's token is read, and a 26-way one-vs-rest logistic probe is
-     trained on 80% of the words (common.create_and_train_probe); its F1 per letter is taken on the other 20%;
-  2. k-sparse probing (k_sparse_probing.run_k_sparse_probing_experiment): per letter, the k = 1..max_k latents
-     with the largest L1-probe weights; k grows while the test F1 jumps by > f1_jump_threshold ("split" latents);
-  3. absorption (feature_absorption.run_feature_absortion_experiment), on each test word its letter's probe flags,
-     in a fresh ICL prompt: with p the unit probe direction, a [F] the SAE code and c_i = cos(p, W_dec[i]),
-     main = sum_{i in split} a_i c_i, abs = sum of the top 3 a_i c_i > 0 over other latents with c_i >= 0.1;
-     absorption fraction = 0 if main >= x.p or abs < 0.4 x.p, else 1 if main <= 0, else m / (m + main) with
-     m = min(abs, x.p - main); full absorption: every split a_i = 0 and the latent with the largest a_i c_i has
-     c_i >= 0.025 and a_i c_i >= 0.4 x.p;
-  4. per letter, the mean fraction and full-absorption rate over those words; then means and standard deviations
-     over letters whose probe F1 > min_GT_probe_f1, as main.run_eval aggregates them.
+  1. first-letter probe: for each single-token word w of the tokenizer's vocabulary
+     (vocab.get_alpha_tokens), the prompt is 10 ICL lines "{ex} has the first letter: {EX[0]}" then
+     "{w} has the first letter:"; the residual x [d] at blocks.L.hook_resid_post at the word's token is
+     read, and a 26-way one-vs-rest logistic probe is trained on 80% of the words
+     (common.create_and_train_probe); its F1 per letter is taken on the other 20%;
+  2. k-sparse probing (k_sparse_probing.run_k_sparse_probing_experiment): per letter, the k = 1..max_k
+     latents with the largest L1-probe weights; k grows while the test F1 jumps by > f1_jump_threshold
+     ("split" latents);
+  3. absorption (feature_absorption.run_feature_absortion_experiment), on each test word its letter's
+     probe flags, in a fresh ICL prompt: with p the unit probe direction, a [F] the SAE code and
+     c_i = cos(p, W_dec[i]), main = sum_{i in split} a_i c_i, abs = sum of the top 3 a_i c_i > 0 over
+     other latents with c_i >= 0.1; absorption fraction = 0 if main >= x.p or abs < 0.4 x.p, else 1 if
+     main <= 0, else m / (m + main) with m = min(abs, x.p - main); full absorption: every split a_i = 0
+     and the latent with the largest a_i c_i has c_i >= 0.025 and a_i c_i >= 0.4 x.p;
+  4. per letter, the mean fraction and full-absorption rate over those words; then means and standard
+     deviations over letters whose probe F1 > min_GT_probe_f1, as main.run_eval aggregates them.
 It refuses (as main.run_eval does) when fewer than min_feats_for_eval letters have such a probe.
-Step 3 draws its ICL examples from SAE-Bench's word list in the tokenizer's dict order, which differs between
-processes, so results vary slightly from one process to the next; the probe split (on our sorted list) does not.
+Step 3 draws its ICL examples from SAE-Bench's word list in the tokenizer's dict order, which differs
+between processes, so results vary slightly from one process to the next; the probe split (on our sorted
+list) does not.
 """
 import collections
 import contextlib
@@ -64,20 +67,23 @@ MIN_WORDS_PER_LETTER = 10  # in a subsample, so that the 80/20 split leaves ever
 @dataclass
 class AbsorptionConfig:
     """Cost knobs; None/defaults are SAE-Bench's. Thresholds stay SAE-Bench's (AbsorptionEvalConfig)."""
-    n_words: int | None = None  # ~vocabulary words for the probe (80% train, 20% test); None: all, as SAE-Bench
+    # ~vocabulary words for the probe (80% train, 20% test); None: all, as SAE-Bench
+    n_words: int | None = None
     probe_epochs: int = 50  # first-letter probe epochs (train_and_save_probes)
     probe_batch_size: int = 64  # prompts per forward pass and per probe step (train_and_save_probes)
     max_k_value: int = SAE_BENCH_DEFAULTS.max_k_value  # k-sparse probes for k = 1..max_k_value
     k_sparse_probe_num_epochs: int = SAE_BENCH_DEFAULTS.k_sparse_probe_num_epochs
     k_sparse_probe_batch_size: int = SAE_BENCH_DEFAULTS.k_sparse_probe_batch_size
-    # SAE codes [n_train, F] computed once instead of per epoch: SAE-Bench's README recommends it for small LLMs
+    # SAE codes [n_train, F] computed once instead of per epoch: SAE-Bench's README recommends it for
+    # small LLMs
     precalc_k_sparse_probe_sae_acts: bool = True
     eval_k_sparse_probe_batch_size: int = SAE_BENCH_DEFAULTS.eval_k_sparse_probe_batch_size
     llm_batch_size: int = SAE_BENCH_DEFAULTS.llm_batch_size  # prompts per forward pass in the absorption step
     random_seed: int = SAE_BENCH_DEFAULTS.random_seed
 
 
-# For tests and smoke runs. On SmolLM2 (layer 15) 1000 words give too weak a probe (13 letters pass): it refuses.
+# For tests and smoke runs. On SmolLM2 (layer 15) 1000 words give too weak a probe (13 letters pass): it
+# refuses.
 FAST = AbsorptionConfig(n_words=1000, probe_epochs=20, max_k_value=3, k_sparse_probe_num_epochs=20,
                         k_sparse_probe_batch_size=128, llm_batch_size=32)
 
@@ -90,17 +96,19 @@ def prompt_token_pos(tokenizer, words: list[str], template: str = SAE_BENCH_DEFA
                      seed: int = 0) -> int:
     """Position, counted from the end (< 0), of the token of the word being spelled in SAE-Bench's prompts.
 
-    Builds one prompt per word as SAE-Bench does (create_icl_prompt, 10 ICL examples from `words`, separator
-    first), tokenizes it as TransformerLens's to_tokens does (special tokens added), and finds the token holding
-    the word's last character. Raises ValueError unless, for every word, that token is the whole word (SAE-Bench's
-    own token-to-string conversion), sits at the same position, and all prompts have the same length (batches are
-    right-padded, so a longer prompt would move the others' word off the position).
+    Builds one prompt per word as SAE-Bench does (create_icl_prompt, 10 ICL examples from `words`,
+    separator first), tokenizes it as TransformerLens's to_tokens does (special tokens added), and finds
+    the token holding the word's last character. Raises ValueError unless, for every word, that token is
+    the whole word (SAE-Bench's own token-to-string conversion), sits at the same position, and all
+    prompts have the same length (batches are right-padded, so a longer prompt would move the others'
+    word off the position).
     """
     suffix = template[template.index("{word}") + len("{word}"):]
     state = random.getstate()  # create_icl_prompt draws from the global `random`; leave it as it was
     random.seed(seed)
     try:
-        prompts = [create_icl_prompt(w, examples=words, base_template=template, max_icl_examples=MAX_ICL_EXAMPLES,
+        prompts = [create_icl_prompt(w, examples=words, base_template=template,
+                                     max_icl_examples=MAX_ICL_EXAMPLES,
                                      prepend_separator_to_first_example=True).base for w in words]
     finally:
         random.setstate(state)
@@ -116,15 +124,16 @@ def prompt_token_pos(tokenizer, words: list[str], template: str = SAE_BENCH_DEFA
         else:
             positions.add(holding[-1] - len(ids))
     if not_whole or len(positions) > 1 or len(lengths) > 1:
-        raise ValueError(f"no single prompt_token_pos for this tokenizer: {len(not_whole)} of {len(words)} words "
-                         f"are not one token in the prompt (e.g. {not_whole[:5]}), word positions "
-                         f"{sorted(positions)}, prompt lengths {sorted(lengths)}")
+        raise ValueError(f"no single prompt_token_pos for this tokenizer: {len(not_whole)} of "
+                         f"{len(words)} words are not one token in the prompt (e.g. {not_whole[:5]}), "
+                         f"word positions {sorted(positions)}, prompt lengths {sorted(lengths)}")
     return positions.pop()
 
 
 def sample_words(vocab: list[str], n_words: int, seed: int) -> list[str]:
     """About n_words of `vocab`, sorted, drawn per first letter in proportion to the vocabulary but at least
-    MIN_WORDS_PER_LETTER of each letter (or all it has): rare letters (x: 0.2% of SmolLM2's) must not vanish."""
+    MIN_WORDS_PER_LETTER of each letter (or all it has): rare letters (x: 0.2% of SmolLM2's) must not
+    vanish."""
     by_letter = collections.defaultdict(list)
     for word in vocab:
         by_letter[word.strip()[0].lower()].append(word)
@@ -185,9 +194,11 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
     sae = sae.to(device=device, dtype=model.cfg.dtype)  # as run_eval: the SAE in the LLM's dtype
     layer, hook = sae.cfg.hook_layer, sae.cfg.hook_name
     if hook != f"blocks.{layer}.hook_resid_post":
-        raise Refused(f"SAE-Bench's absorption eval reads blocks.{layer}.hook_resid_post; the SAE reads {hook}")
+        raise Refused(f"SAE-Bench's absorption eval reads blocks.{layer}.hook_resid_post; the SAE reads "
+                      f"{hook}")
 
-    vocab = sorted(get_alpha_tokens(model.tokenizer))  # sorted: the tokenizer's dict order varies between runs
+    # sorted: the tokenizer's dict order varies between runs
+    vocab = sorted(get_alpha_tokens(model.tokenizer))
     words = vocab if cfg.n_words is None or cfg.n_words >= len(vocab) else \
         sample_words(vocab, cfg.n_words, cfg.random_seed)
     notes.update(n_vocab_words=len(vocab), n_words=len(words))
@@ -224,13 +235,15 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
                                    num_epochs=cfg.probe_epochs, lr=PROBE_LR, device=torch.device(device),
                                    base_template=template, pos_idx=pos)
         # SAE-Bench's k-sparse probing fails (KeyError) on a letter without training words
-        missing = set(LETTERS) - {LETTERS[i] for i in pd.read_csv(probe_folder / "train_df.csv")["answer_class"]}
+        missing = set(LETTERS) - {LETTERS[i]
+                                  for i in pd.read_csv(probe_folder / "train_df.csv")["answer_class"]}
         if missing:
             raise Refused(f"letters {', '.join(sorted(missing))} have no word in the probe's training split "
                           f"(SAE-Bench trains a k-sparse probe per letter): give more words")
         _seed(cfg.random_seed)
         k_sparse = run_k_sparse_probing_experiment(
-            **common, experiment_dir=work_dir / "k_sparse_probing", f1_jump_threshold=config.f1_jump_threshold,
+            **common, experiment_dir=work_dir / "k_sparse_probing",
+            f1_jump_threshold=config.f1_jump_threshold,
             k_sparse_probe_l1_decay=config.k_sparse_probe_l1_decay,
             k_sparse_probe_batch_size=config.k_sparse_probe_batch_size,
             k_sparse_probe_num_epochs=config.k_sparse_probe_num_epochs,
@@ -260,8 +273,8 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
                for _, row in _aggregate_results_df(raw).iterrows()
                if probe_f1[row["letter"]] > config.min_GT_probe_f1]
     if len(details) < 2:
-        raise Refused(f"{len(details)} letters with a good probe have flagged test words; SAE-Bench's standard "
-                      f"deviations need 2")
+        raise Refused(f"{len(details)} letters with a good probe have flagged test words; SAE-Bench's "
+                      f"standard deviations need 2")
     fractions = [d.mean_absorption_fraction for d in details]
     full = [d.full_absorption_rate for d in details]
     splits = [d.num_split_features for d in details]
@@ -281,16 +294,18 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
         sae_cfg_dict=sae.cfg.to_dict())
 
 
-def run_absorption(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionConfig = AbsorptionConfig(),
-                   work_dir: Path | None = None) -> dict:
+def run_absorption(sae: SAE, model: HookedTransformer, device: str,
+                   cfg: AbsorptionConfig = AbsorptionConfig(), work_dir: Path | None = None) -> dict:
     """SAE-Bench's absorption eval of `sae` on `model`, as the JSON-safe dict SAE-Bench writes
-    (AbsorptionEvalOutput: eval_type_id, eval_config, eval_id, datetime_epoch_millis, eval_result_metrics.mean,
-    eval_result_details per letter, sae_* fields), with eval_result_unstructured = {warnings, knobs,
-    n_vocab_words, n_words, probe_f1_by_letter, wall_time_s}.
+    (AbsorptionEvalOutput: eval_type_id, eval_config, eval_id, datetime_epoch_millis,
+    eval_result_metrics.mean, eval_result_details per letter, sae_* fields), with
+    eval_result_unstructured = {warnings, knobs, n_vocab_words, n_words, probe_f1_by_letter,
+    wall_time_s}.
 
-    Where SAE-Bench cannot give a number, returns {"ran": False, "reason", "eval_type_id", "eval_config" (None if
-    not reached), "eval_result_unstructured"} instead. SAE-Bench's probes and tables go to work_dir (a temporary
-    folder if None); a probe there for the same model, layer and knobs is reused. Seeds random, numpy and torch.
+    Where SAE-Bench cannot give a number, returns {"ran": False, "reason", "eval_type_id", "eval_config"
+    (None if not reached), "eval_result_unstructured"} instead. SAE-Bench's probes and tables go to
+    work_dir (a temporary folder if None); a probe there for the same model, layer and knobs is reused.
+    Seeds random, numpy and torch.
     """
     started = time.time()
     notes = {"warnings": [], "knobs": dataclasses.asdict(cfg)}

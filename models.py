@@ -4,7 +4,8 @@ Every model takes one path: find a local Hugging Face folder (the HF hub cache, 
 the fp32 copy of the embedded SmolLM2 we convert once), load it with transformers, build a
 HookedTransformerConfig from its HF config, convert the weights with TransformerLens's own
 converters and load them unprocessed, so the logits equal the HF model's.
-Architectures: GPT-NeoX (Pythia), Llama (SmolLM2) and Gemma-2 (gemma-2-2b-it, for SAE-Bench's own unlearning eval).
+Architectures: GPT-NeoX (Pythia), Llama (SmolLM2) and Gemma-2 (gemma-2-2b-it, for SAE-Bench's own
+unlearning eval).
 """
 import importlib.metadata
 import json
@@ -41,7 +42,8 @@ EMBEDDED_DEFAULT_LAYER = 15
 KNOWN_SHAPES = {  # so describe_model needs neither the hub nor the weights
     "pythia-70m-deduped": {"n_layers": 6, "d_model": 512, "default_layer": 3},
     "smollm2-135m-instruct": {"n_layers": 30, "d_model": 576, "default_layer": EMBEDDED_DEFAULT_LAYER},
-    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "default_layer": 12},  # SAE-Bench's Gemma reference layer
+    # default_layer 12: SAE-Bench's Gemma reference layer
+    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "default_layer": 12},
 }
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, tokenizer, weights; no .bin duplicates
 CONVERTERS = {"GPTNeoXForCausalLM": convert_neox_weights, "LlamaForCausalLM": convert_llama_weights,
@@ -63,7 +65,8 @@ def describe_model(name: str, cache_dir: Path) -> dict:
         cfg = AutoConfig.from_pretrained(name)
         return {"n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
                 "default_layer": cfg.num_hidden_layers // 2, "hf_name": str(name)}
-    raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODEL_ALIASES)} or a local HF model folder")
+    raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODEL_ALIASES)} or a local HF "
+                     f"model folder")
 
 
 def load_model(name: str, device: str, cache_dir: Path) -> tuple[HookedTransformer, dict]:
@@ -87,14 +90,15 @@ def load_model(name: str, device: str, cache_dir: Path) -> tuple[HookedTransform
                                f"use --model {EMBEDDED_NAME} for the embedded model") from None
     model = hooked_from_hf_folder(folder, device)
     cfg = model.cfg
-    info = {"requested": requested, **info, "reason": reason, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
-            "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture, "prepend_bos": cfg.default_prepend_bos,
-            "bos_token": model.tokenizer.bos_token}
+    info = {"requested": requested, **info, "reason": reason, "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model, "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture,
+            "prepend_bos": cfg.default_prepend_bos, "bos_token": model.tokenizer.bos_token}
     return model, info
 
 
 def resolve_auto() -> tuple[str, str]:
-    """'auto' -> (model name, why): Pythia-70M-deduped when the hub or the HF cache has it, else the embedded SmolLM2."""
+    """'auto' -> (model name, why): Pythia-70M-deduped when the hub or the HF cache has it, else the
+    embedded SmolLM2."""
     try:
         _hub_folder(AUTO_HUB_MODEL)
         return "pythia-70m-deduped", f"auto: {AUTO_HUB_MODEL} is on the hub or in the HF cache"
@@ -102,9 +106,17 @@ def resolve_auto() -> tuple[str, str]:
         return EMBEDDED_NAME, f"auto: {AUTO_HUB_MODEL} unavailable ({e}); fell back to the embedded model"
 
 
+def bos_token_id(tokenizer) -> int:
+    """The BOS token id, or EOS where the tokenizer has no BOS: some tokenizers have none, and their
+    models are trained with EOS as the document separator, so EOS is what starts a context for them."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def special_token_ids(tokenizer) -> list[int]:
-    """BOS, EOS and pad ids, sorted: the positions SAE-Bench leaves out of its metrics (and we out of ours)."""
-    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
+    """BOS, EOS and pad ids, sorted: the positions SAE-Bench leaves out of its metrics (and we out of
+    ours)."""
+    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                   if t is not None})
 
 
 def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
@@ -123,7 +135,8 @@ def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
 
 
 def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
-    """HookedTransformerConfig for a GPT-NeoX, Llama or Gemma-2 HF config (mapping of TL's convert_hf_model_config)."""
+    """HookedTransformerConfig for a GPT-NeoX, Llama or Gemma-2 HF config (mapping of TL's
+    convert_hf_model_config)."""
     arch = hf_cfg.architectures[0]
     if arch not in CONVERTERS:
         raise NotImplementedError(f"{arch} is not supported; supported: {sorted(CONVERTERS)}")
@@ -133,7 +146,8 @@ def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
     d_head = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     common = dict(
         d_model=hf_cfg.hidden_size, d_head=d_head, n_heads=hf_cfg.num_attention_heads,
-        d_mlp=hf_cfg.intermediate_size, n_layers=hf_cfg.num_hidden_layers, n_ctx=hf_cfg.max_position_embeddings,
+        d_mlp=hf_cfg.intermediate_size, n_layers=hf_cfg.num_hidden_layers,
+        n_ctx=hf_cfg.max_position_embeddings,
         d_vocab=hf_cfg.vocab_size, positional_embedding_type="rotary",
         rotary_adjacent_pairs=False, rotary_base=rope.get("rope_theta", 10000), original_architecture=arch,
         model_name=Path(hf_cfg.name_or_path).name, tokenizer_name=str(hf_cfg.name_or_path),
@@ -160,23 +174,26 @@ def hooked_config(hf_cfg, tokenizer, device: str) -> HookedTransformerConfig:
 def gemma2_specific_config(hf_cfg, d_head: int) -> dict:
     """The Gemma-2 part of the HookedTransformerConfig, every value from the HF config.
 
-    Gemma-2 differs from Llama in: RMSNorm after attention and after the MLP as well as before them; attention
-    scores scaled by 1/sqrt(query_pre_attn_scalar) (not 1/sqrt(head_dim); they differ in gemma-2-27b), then
-    soft-capped; sliding-window attention on the layers HF's layer_types marks 'sliding_attention'; soft-capped
-    output logits; and embeddings multiplied by sqrt(d_model), which TL's convert_gemma_weights folds into W_E
-    (it also folds Gemma's RMSNorm '1 + weight' into the norm weights).
+    Gemma-2 differs from Llama in: RMSNorm after attention and after the MLP as well as before them;
+    attention scores scaled by 1/sqrt(query_pre_attn_scalar) (not 1/sqrt(head_dim); they differ in
+    gemma-2-27b), then soft-capped; sliding-window attention on the layers HF's layer_types marks
+    'sliding_attention'; soft-capped output logits; and embeddings multiplied by sqrt(d_model), which
+    TL's convert_gemma_weights folds into W_E (it also folds Gemma's RMSNorm '1 + weight' into the norm
+    weights).
     """
     if getattr(hf_cfg, "attention_bias", False):  # convert_gemma_weights writes zero biases
         raise NotImplementedError("Gemma-2 models with attention biases are not supported")
     if getattr(hf_cfg, "use_bidirectional_attention", False):  # TL attention is always causal
         raise NotImplementedError("Gemma-2 models with bidirectional attention are not supported")
-    layer_types = list(hf_cfg.layer_types)  # Gemma2Config fills it in (alternating, sliding first) when absent
+    # Gemma2Config fills layer_types in (alternating, sliding first) when absent.
+    layer_types = list(hf_cfg.layer_types)
     unknown = set(layer_types) - set(HF_TO_TL_ATTENTION)
     if unknown:
         raise NotImplementedError(f"Gemma-2 layer types {sorted(unknown)} are not supported")
     sliding = "sliding_attention" in layer_types
     if sliding and not hf_cfg.sliding_window:
-        raise NotImplementedError("Gemma-2 sliding-attention layers without a sliding_window are not supported")
+        raise NotImplementedError("Gemma-2 sliding-attention layers without a sliding_window are not "
+                                  "supported")
     return dict(
         eps=hf_cfg.rms_norm_eps, normalization_type="RMS", final_rms=True, gated_mlp=True,
         act_fn=hf_cfg.hidden_activation,  # gelu_pytorch_tanh; Gemma-2 configs name it hidden_activation
@@ -201,9 +218,11 @@ def _hub_folder(repo_id: str) -> Path:
     # seconds: snapshot_download makes one metadata request and falls back to the cache without retrying.
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES,
+                                                      local_files_only=offline))
     except Exception as e:  # not cached and unreachable, not found, gated, ...
-        raise RuntimeError("not in the HF cache and HF_HUB_OFFLINE is set" if offline else _one_line(e)) from None
+        raise RuntimeError("not in the HF cache and HF_HUB_OFFLINE is set" if offline
+                           else _one_line(e)) from None
 
 
 def _embedded_folder(cache_dir: Path) -> tuple[Path, dict]:
@@ -226,14 +245,16 @@ def _is_complete(folder: Path, sha: str) -> bool:
 
 
 def _convert_gguf(gguf: Path, sha: str, folder: Path) -> None:
-    """Dequantize `gguf` to an fp32 HF folder; write a sibling then rename, so a crash leaves no half folder."""
+    """Dequantize `gguf` to an fp32 HF folder; write a sibling then rename, so a crash leaves no half
+    folder."""
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain fp32 now; without this save_pretrained would describe them as quantized.
     model.config.quantization_config = None
     model.hf_quantizer = None
-    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # one per process: concurrent first runs never share it
+    # One per process: concurrent first runs never share it.
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,22 +1,25 @@
 """Speed of one SAE training step against the encoder-product limit and the peers, in one process.
 
-    python -m bench.bench_train_step                        # d=576, F=4608, k=32, batch 4096, torch's default threads
-    python -m bench.bench_train_step --threads 1 --reps 9   # other options: --batch --d --dict_size --k --dead --steps
+    python -m bench.bench_train_step                        # d=576, F=4608, k=32, batch 4096, torch's
+                                                            # default threads
+    python -m bench.bench_train_step --threads 1 --reps 9   # other options: --batch --d --dict_size --k
+                                                            # --dead --steps
 
 Timed, interleaved (each repetition runs every workload in turn, --steps steps each; medians over --reps):
-  - the encoder product x @ W_enc [B, d] x [d, F] alone, the part no TopK SAE can skip: as the expression allocates
-    it (the reference) and into a preallocated output (the bare GEMM);
-  - our step, `experiment.TrainerTopK.step`, for `topk` and `adaptive_ortho` (groups of --n_forget / --n_retain
-    latents with partners and λ2 at its maximum, as in bench_ortho_cost); the grouper watches in both, as in a run;
+  - the encoder product x @ W_enc [B, d] x [d, F] alone, the part no TopK SAE can skip: as the expression
+    allocates it (the reference) and into a preallocated output (the bare GEMM);
+  - our step, `experiment.TrainerTopK.step`, for `topk` and `adaptive_ortho` (groups of --n_forget /
+    --n_retain latents with partners and λ2 at its maximum, as in bench_ortho_cost); the grouper watches
+    in both, as in a run;
   - dictionary_learning 0.1.0 `TopKTrainer.update` (the reference TopK trainer);
-  - EleutherAI sparsify 1.3.3 `SparseCoder` forward + backward + Adam, with its decoder-norm upkeep as its trainer
-    does it.
-The peers come from bench/requirements.txt (`pip install --no-deps -r bench/requirements.txt`); they are not runtime
-dependencies. All steps see the same random batch; with --dead N the first N latents count as dead in every trainer,
-so AuxK runs too (default 0: none dead, the steady state of a default run).
-Before timing, our step's loss and every parameter gradient are compared with the dense textbook TopK SAE on the same
-batch (the tests do the same at small shapes, tests/test_sae.py). The script ends with a markdown table for
-BENCHMARKS.md.
+  - EleutherAI sparsify 1.3.3 `SparseCoder` forward + backward + Adam, with its decoder-norm upkeep as
+    its trainer does it.
+The peers come from bench/requirements.txt (`pip install --no-deps -r bench/requirements.txt`); they are
+not runtime dependencies. All steps see the same random batch; with --dead N the first N latents count as
+dead in every trainer, so AuxK runs too (default 0: none dead, the steady state of a default run).
+Before timing, our step's loss and every parameter gradient are compared with the dense textbook TopK SAE
+on the same batch (the tests do the same at small shapes, tests/test_sae.py). The script ends with a
+markdown table for BENCHMARKS.md.
 """
 import argparse
 import importlib.util
@@ -67,8 +70,8 @@ def dense_reference_check(trainer: experiment.TrainerTopK, x: torch.Tensor, dead
 
 
 def import_dictionary_learning():
-    """dictionary_learning's TopK trainer module alone: its package __init__ imports nnsight (a tracing library the
-    trainer does not use), so the package is registered without running it."""
+    """dictionary_learning's TopK trainer module alone: its package __init__ imports nnsight (a tracing
+    library the trainer does not use), so the package is registered without running it."""
     spec = importlib.util.find_spec("dictionary_learning")
     if spec is None:
         return None
@@ -85,8 +88,8 @@ def dictionary_learning_step(d, n, k, x, dead):
     if TopKTrainer is None:
         return None
     torch.manual_seed(0)
-    trainer = TopKTrainer(steps=10**6, activation_dim=d, dict_size=n, k=k, layer=0, lm_name="bench", warmup_steps=1000,
-                          device="cpu")
+    trainer = TopKTrainer(steps=10**6, activation_dim=d, dict_size=n, k=k, layer=0, lm_name="bench",
+                          warmup_steps=1000, device="cpu")
     counter = iter(range(1, 10**9))  # step 0 would recompute b_dec's geometric median
 
     def step():
@@ -134,7 +137,8 @@ def main():
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="steps per workload per repetition")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--dead", type=int, default=0, help="latents that count as dead (AuxK on) in every trainer")
+    parser.add_argument("--dead", type=int, default=0,
+                        help="latents that count as dead (AuxK on) in every trainer")
     parser.add_argument("--n_forget", type=int, default=700)
     parser.add_argument("--n_retain", type=int, default=800)
     parser.add_argument("--no_peers", action="store_true")
@@ -156,7 +160,8 @@ def main():
         "encoder product x @ W_enc": lambda: x @ W_enc,
         "encoder product, preallocated output": lambda: torch.mm(x, W_enc, out=out),
         "ours: topk step": topk_step,
-        "ours: adaptive_ortho step": our_step("adaptive_ortho", d, n, k, x, labels, args.dead, args.n_forget, args.n_retain)[0],
+        "ours: adaptive_ortho step": our_step("adaptive_ortho", d, n, k, x, labels, args.dead,
+                                              args.n_forget, args.n_retain)[0],
     }
     if not args.no_peers:
         for name, make in (("dictionary_learning 0.1.0 TopKTrainer.update", dictionary_learning_step),
@@ -173,18 +178,23 @@ def main():
     ours = "ours: topk step"
     dl = "dictionary_learning 0.1.0 TopKTrainer.update"
     sp = "sparsify 1.3.3 SparseCoder fwd+bwd+Adam"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
     print(f"\n{date.today()} | {cpu}, {torch.get_num_threads()} torch threads | torch {torch.__version__} | "
-          f"d={d}, F={n}, k={k}, batch {B}, dead {args.dead} | median of {args.reps} interleaved reps x {args.steps} steps\n")
+          f"d={d}, F={n}, k={k}, batch {B}, dead {args.dead} | median of {args.reps} interleaved reps x "
+          f"{args.steps} steps\n")
     print("| step | ms / step | tokens / s | ours topk vs it |")
     print("|---|---:|---:|---:|")
     for name in workloads:
         vs = "" if name == ours else f"{rate[ours] / rate[name]:.2f}x"
         print(f"| {name} | {1e3 * med[name]:.1f} | {rate[name]:,.0f} | {vs} |")
     print()
-    checks = [("topk step rate / encoder product rate (x @ W_enc)", rate[ours] / rate["encoder product x @ W_enc"], ">= 0.50"),
-              ("topk step rate / bare GEMM rate (preallocated output)", rate[ours] / rate["encoder product, preallocated output"], "(info)"),
-              ("adaptive_ortho step time / topk step time", med["ours: adaptive_ortho step"] / med[ours], "<= 1.15")]
+    checks = [("topk step rate / encoder product rate (x @ W_enc)",
+               rate[ours] / rate["encoder product x @ W_enc"], ">= 0.50"),
+              ("topk step rate / bare GEMM rate (preallocated output)",
+               rate[ours] / rate["encoder product, preallocated output"], "(info)"),
+              ("adaptive_ortho step time / topk step time",
+               med["ours: adaptive_ortho step"] / med[ours], "<= 1.15")]
     if dl in rate:
         checks.append(("topk step rate / dictionary_learning rate", rate[ours] / rate[dl], ">= 4"))
     if sp in rate:
@@ -193,7 +203,8 @@ def main():
     print("|---|---:|---|")
     for name, value, target in checks:
         print(f"| {name} | {value:.2f} | {target} |")
-    print("\nall times (ms): " + "; ".join(f"{name}: {', '.join(f'{1e3 * t:.0f}' for t in ts)}" for name, ts in times.items()))
+    print("\nall times (ms): " + "; ".join(f"{name}: {', '.join(f'{1e3 * t:.0f}' for t in ts)}"
+                                        for name, ts in times.items()))
 
 
 if __name__ == "__main__":

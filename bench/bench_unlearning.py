@@ -1,15 +1,18 @@
-"""Speed of the unlearning sweep: residuals kept at the hook + only the remaining layers per config, against a full
-forward with the clamp hook per config, on the embedded SmolLM2-135M-Instruct (layer 15) with a random TopK SAE.
+"""Speed of the unlearning sweep: residuals kept at the hook + only the remaining layers per config,
+against a full forward with the clamp hook per config, on the embedded SmolLM2-135M-Instruct (layer 15)
+with a random TopK SAE.
 
     python -m bench.bench_unlearning                 # speedup only (a few minutes on 2 shared cores)
-    python -m bench.bench_unlearning --full-eval     # also run_unlearning_eval with the defaults; --sae DIR for a
-                                                     # trained SAE (SAE-Lens folder), --out FILE for its JSON
-    python -m bench.bench_unlearning --skip-speedup --prefix-ab run_1/sae   # re-run rows from their first edited
-                                                     # position (cached prefix) against whole rows, interleaved
+    python -m bench.bench_unlearning --full-eval     # also run_unlearning_eval with the defaults;
+                                                     # --sae DIR for a trained SAE (SAE-Lens folder),
+                                                     # --out FILE for its JSON
+    python -m bench.bench_unlearning --skip-speedup --prefix-ab run_1/sae   # re-run rows from their
+                                                     # first edited position (cached prefix) against
+                                                     # whole rows, interleaved
 
 Both paths compute the same per-context next-token losses (checked); the kept-residual path is run with
-skip_unchanged_rows off, so the ratio is the layer skipping + config batching alone, and on again to show what
-skipping untouched rows adds for this SAE.
+skip_unchanged_rows off, so the ratio is the layer skipping + config batching alone, and on again to show
+what skipping untouched rows adds for this SAE.
 """
 import argparse
 import json
@@ -49,30 +52,35 @@ def full_per_config(model, sae, hook_name, tokens, configs):
     for feats, m in configs:
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, unlearning.clamp_hook(sae, feats, m))],
                                       padding_side="right")
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                                reduction="none")
         out.append(nll.view(tokens.shape[0], -1).sum(1).double())
     return out
 
 
 def kept_residuals(model, sae, hook_layer, tokens, configs, cfg):
-    s = unlearning.EvalSet(model, "ce", [(tokens[i:i + cfg.batch_size], None) for i in range(0, len(tokens), cfg.batch_size)],
+    s = unlearning.EvalSet(model, "ce", [(tokens[i:i + cfg.batch_size], None)
+                                         for i in range(0, len(tokens), cfg.batch_size)],
                            hook_layer, "cpu")
     results, frac = unlearning.run_sweep(model, sae, hook_layer, {"ce": s}, configs, cfg)
     return [torch.cat(r["ce"]) for r in results], frac
 
 
 def prefix_ab(model, sae, hook_layer, forget_docs, retain_docs, reps):
-    """run_sweep on the eval's selection-split text (both sides) with the eval's own feature selection, 4 configs,
-    with a re-run row starting at its first edited position (keys and values of the prefix cached) and without."""
+    """run_sweep on the eval's selection-split text (both sides) with the eval's own feature selection, 4
+    configs, with a re-run row starting at its first edited position (keys and values of the prefix
+    cached) and without."""
     tok, cfg = model.tokenizer, unlearning.UnlearningConfig()
     texts = {side: unlearning.held_out_text(tok, docs, cfg, tok.bos_token_id, tok.eos_token_id, side)
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
     ignore = models.special_token_ids(tok)
-    rates = {side: unlearning.firing_rates(model, sae, texts[side]["rate"], hook_layer, 8, ignore) for side in texts}
+    rates = {side: unlearning.firing_rates(model, sae, texts[side]["rate"], hook_layer, 8, ignore)
+             for side in texts}
     configs = [(tuple(unlearning.select_features(rates["forget"], rates["retain"], th, 20)), m)
                for th in (0.001, 0.01) for m in (50, 200)]
     sets = {side: unlearning.EvalSet(model, "ce", [(texts[side]["select"][i:i + 8], None)
-                                                   for i in range(0, len(texts[side]["select"]), 8)], hook_layer, "cpu")
+                                                   for i in range(0, len(texts[side]["select"]), 8)],
+                                     hook_layer, "cpu")
             for side in texts}
     times = {"whole rows": [], "from first edit": []}
     results = {}
@@ -88,9 +96,9 @@ def prefix_ab(model, sae, hook_layer, forget_docs, retain_docs, reps):
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
               + f"; max |difference| of a row's summed loss {diff:.1e} nats; rows re-run {frac:.0%}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{len(texts['forget']['select'])} + {len(texts['retain']['select'])} contexts, {len(configs)} configs, "
-          f"median of {reps}: whole rows {med['whole rows']:.1f} s, from first edit {med['from first edit']:.1f} s "
-          f"-> {med['whole rows'] / med['from first edit']:.2f}x")
+    print(f"{len(texts['forget']['select'])} + {len(texts['retain']['select'])} contexts, "
+          f"{len(configs)} configs, median of {reps}: whole rows {med['whole rows']:.1f} s, from first "
+          f"edit {med['from first edit']:.1f} s -> {med['whole rows'] / med['from first edit']:.2f}x")
 
 
 def main():
@@ -121,7 +129,8 @@ def main():
     tok = model.tokenizer
 
     if not args.skip_speedup:
-        tokens, _ = unlearning.pack_eval_contexts(tok, forget_docs, 128, args.contexts, tok.bos_token_id, tok.eos_token_id)
+        tokens, _ = unlearning.pack_eval_contexts(tok, forget_docs, 128, args.contexts, tok.bos_token_id,
+                                                  tok.eos_token_id)
         # features that fire on this text, so every config changes the residual
         f = sae.encode(unlearning.to_hook(model, tokens[:2], L))
         firing = torch.argsort((f > 0).float().mean((0, 1)), descending=True)
@@ -131,23 +140,32 @@ def main():
         cfg_skip = unlearning.UnlearningConfig(skip_unchanged_rows=True)
         times = {"full": [], "kept": [], "kept+skip": []}
         for rep in range(args.reps):  # interleaved
-            t = time.perf_counter(); ref = full_per_config(model, sae, hook_name, tokens, configs); times["full"].append(time.perf_counter() - t)
-            t = time.perf_counter(); got, _ = kept_residuals(model, sae, L, tokens, configs, cfg_noskip); times["kept"].append(time.perf_counter() - t)
-            t = time.perf_counter(); got2, frac = kept_residuals(model, sae, L, tokens, configs, cfg_skip); times["kept+skip"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = full_per_config(model, sae, hook_name, tokens, configs)
+            times["full"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            got, _ = kept_residuals(model, sae, L, tokens, configs, cfg_noskip)
+            times["kept"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            got2, frac = kept_residuals(model, sae, L, tokens, configs, cfg_skip)
+            times["kept+skip"].append(time.perf_counter() - t)
             err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ref + ref, got + got2))
-            print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()) + f"; max rel. diff {err:.1e}")
+            print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
+                  + f"; max rel. diff {err:.1e}")
         base = model(tokens, return_type="loss", padding_side="right").item()
         n_pred = tokens.shape[0] * (tokens.shape[1] - 1)
         print("ΔCE per config (nats/token; shows the clamps change the output): "
               + ", ".join(f"{float(r.sum()) / n_pred - base:+.3f}" for r in ref))
         med = {k: statistics.median(v) for k, v in times.items()}
         n_tok = tokens.numel()
-        print(f"{args.contexts} contexts x 128 tokens, {len(configs)} configs, layer {L}/{model.cfg.n_layers}, "
-              f"{args.threads} threads, median of {args.reps}:")
-        print(f"  full forward per config:      {med['full']:.1f} s ({n_tok * len(configs) / med['full']:.0f} tokens/s)")
-        print(f"  kept residuals (no skipping): {med['kept']:.1f} s  -> speedup {med['full'] / med['kept']:.2f}x")
-        print(f"  kept residuals + row skip:    {med['kept+skip']:.1f} s  -> speedup {med['full'] / med['kept+skip']:.2f}x "
-              f"(rows re-run: {frac:.0%})")
+        print(f"{args.contexts} contexts x 128 tokens, {len(configs)} configs, layer "
+              f"{L}/{model.cfg.n_layers}, {args.threads} threads, median of {args.reps}:")
+        print(f"  full forward per config:      {med['full']:.1f} s "
+              f"({n_tok * len(configs) / med['full']:.0f} tokens/s)")
+        print(f"  kept residuals (no skipping): {med['kept']:.1f} s  -> speedup "
+              f"{med['full'] / med['kept']:.2f}x")
+        print(f"  kept residuals + row skip:    {med['kept+skip']:.1f} s  -> speedup "
+              f"{med['full'] / med['kept+skip']:.2f}x (rows re-run: {frac:.0%})")
 
     if args.prefix_ab:
         prefix_ab(model, experiment.load_sae(args.prefix_ab), L, forget_docs, retain_docs, args.reps)
@@ -159,10 +177,12 @@ def main():
         forget_q, retain_q, _ = data.load_questions("embedded")
         cfg = unlearning.UnlearningConfig(question_cache_dir=str(cache / "unlearning"))
         t = time.time()
-        res = unlearning.run_unlearning_eval(sae, model, hook_name, L, forget_docs, retain_docs, forget_q, retain_q, cfg, "cpu")
+        res = unlearning.run_unlearning_eval(sae, model, hook_name, L, forget_docs, retain_docs,
+                                             forget_q, retain_q, cfg, "cpu")
         wall = time.time() - t
         d = res["eval_result_details"]
-        print(f"run_unlearning_eval (defaults, {'SAE ' + args.sae if args.sae else 'random SAE'}): {wall:.0f} s wall; "
+        print(f"run_unlearning_eval (defaults, {'SAE ' + args.sae if args.sae else 'random SAE'}): "
+              f"{wall:.0f} s wall; "
               f"timing {json.dumps({k: round(v, 1) for k, v in d['timing_s'].items()})}")
         print(f"questions: {json.dumps(d['questions'])}")
         print(f"metrics: {json.dumps(res['eval_result_metrics'])}")

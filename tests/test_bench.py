@@ -7,10 +7,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_step_bench_runs_and_checks_against_dense():
-    out = subprocess.run([sys.executable, "-m", "bench.bench_train_step", "--d", "16", "--dict_size", "64", "--k", "4",
-                          "--batch", "64", "--reps", "1", "--steps", "1", "--n_forget", "20", "--n_retain", "20",
-                          "--dead", "10", "--no_peers"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_train_step", "--d", "16", "--dict_size",
+                          "64", "--k", "4", "--batch", "64", "--reps", "1", "--steps", "1", "--n_forget",
+                          "20", "--n_retain", "20", "--dead", "10", "--no_peers"],
+                         cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     errors = out.stdout.split("dense reference (max |diff| / max |ref|): ")[1].splitlines()[0]
     assert all(float(e.split()[1]) < 1e-4 for e in errors.split(", ")), errors
-    assert "| ours: topk step |" in out.stdout and "| topk step rate / encoder product rate (x @ W_enc) |" in out.stdout
+    assert ("| ours: topk step |" in out.stdout
+            and "| topk step rate / encoder product rate (x @ W_enc) |" in out.stdout)

@@ -39,7 +39,8 @@ def test_split_is_disjoint_deterministic_and_complete():
 def test_pack_contexts_starts_with_bos_and_follows_the_stream(tokenizer):
     docs = ["the cell gene", "river city king war", "music film"]
     ctx = data.pack_contexts(tokenizer, docs, context_length=4, n_tokens=9, bos_id=tokenizer.bos_token_id)
-    stream = [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    stream = [t for d in docs
+              for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
     assert ctx.shape == (3, 4)
     assert (ctx[:, 0] == tokenizer.bos_token_id).all()
     assert ctx[:, 1:].flatten().tolist() == stream[:9]
@@ -90,24 +91,24 @@ def document_splits(cfg, forget, retain):
 
 def test_activation_cache_is_read_back_and_rebuilt_on_a_new_key(tmp_path, tiny_model, monkeypatch):
     forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
-    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=140, val_tokens=28,
-                            harvest_batch_size=4)
+    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=140,
+                            val_tokens=28, harvest_batch_size=4)
     info = {"name": "tiny", "source": "local"}
     calls = []
     real = tiny_model.run_with_cache
     monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
-                                              document_splits(cfg, forget, retain))
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget,
+                                              retain, document_splits(cfg, forget, retain))
     n_forward = len(calls)
     assert n_forward > 0
     acts, labels = activations.load_split(entry, "train")
     assert acts.shape == (140, 16) and labels.sum() == 70  # BOS dropped; half forget, half retain
-    entry2, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
-                                              document_splits(cfg, forget, retain))
+    entry2, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget,
+                                               retain, document_splits(cfg, forget, retain))
     assert entry2 == entry and len(calls) == n_forward  # read back: no model forward
     changed = experiment.dataclasses.replace(cfg, context_length=15)
-    entry3, _ = experiment.prepare_activations(changed, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
-                                              document_splits(cfg, forget, retain))
+    entry3, _ = experiment.prepare_activations(changed, tiny_model, info, "blocks.1.hook_resid_post",
+                                               forget, retain, document_splits(cfg, forget, retain))
     assert entry3 != entry and len(calls) > n_forward
 
 
@@ -115,7 +116,8 @@ def test_harvested_activations_equal_the_model_and_labels_follow_contexts(tmp_pa
     tokens = torch.randint(3, len(tiny_model.tokenizer), (5, 8))
     tokens[:, 0] = tiny_model.tokenizer.bos_token_id
     labels = torch.tensor([1, 0, 1, 1, 0])
-    activations.harvest_split(tiny_model, "blocks.0.hook_resid_post", 0, tokens, labels, 2, tmp_path / "x_acts.npy", "t")
+    activations.harvest_split(tiny_model, "blocks.0.hook_resid_post", 0, tokens, labels, 2,
+                              tmp_path / "x_acts.npy", "t")
     _, cache = tiny_model.run_with_cache(tokens)
     expected = cache["blocks.0.hook_resid_post"][:, 1:].reshape(-1, 16)
     np.testing.assert_allclose(np.load(tmp_path / "x_acts.npy"), expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -148,19 +150,19 @@ def test_shuffled_batches_cover_every_row_once_per_epoch():
 
 def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, tiny_model, monkeypatch):
     forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
-    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=70, val_tokens=28,
-                            harvest_batch_size=4)
+    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=70,
+                            val_tokens=28, harvest_batch_size=4)
     info = {"name": "tiny", "source": "local"}
-    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
-                                              document_splits(cfg, forget, retain))
+    entry, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget,
+                                              retain, document_splits(cfg, forget, retain))
     good = np.load(entry / "train_acts.npy").copy()
     with open(entry / "train_acts.npy", "r+b") as f:  # truncate the shard
         f.truncate(f.seek(0, 2) - 64)
     calls = []
     real = tiny_model.run_with_cache
     monkeypatch.setattr(tiny_model, "run_with_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rebuilt, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post", forget, retain,
-                                              document_splits(cfg, forget, retain))
+    rebuilt, _ = experiment.prepare_activations(cfg, tiny_model, info, "blocks.1.hook_resid_post",
+                                                forget, retain, document_splits(cfg, forget, retain))
     assert rebuilt == entry and calls  # the model ran again
     acts, _ = activations.load_split(entry, "train")  # checksums hold again
     np.testing.assert_allclose(acts, good, rtol=1e-6, atol=1e-6)

@@ -26,19 +26,20 @@ def same(a, b) -> bool:
 
 
 def test_json_safe_scalars():
-    cases = [(NAN, None), (INF, None), (-INF, None), (1.5, 1.5), (0.0, 0.0), (3, 3), (True, True), (False, False),
-             (None, None), ("nan", "nan"), ("", ""),
+    cases = [(NAN, None), (INF, None), (-INF, None), (1.5, 1.5), (0.0, 0.0), (3, 3), (True, True),
+             (False, False), (None, None), ("nan", "nan"), ("", ""),
              (np.float32(0.1), float(np.float32(0.1))), (np.float32(NAN), None), (np.float64(-INF), None),
              (np.float64(2.5), 2.5), (np.int64(7), 7), (np.bool_(True), True),
-             (torch.tensor(0.25), 0.25), (torch.tensor(NAN), None), (torch.tensor(INF, dtype=torch.float64), None),
-             (torch.tensor(3), 3), (torch.tensor(True), True)]
+             (torch.tensor(0.25), 0.25), (torch.tensor(NAN), None),
+             (torch.tensor(INF, dtype=torch.float64), None), (torch.tensor(3), 3),
+             (torch.tensor(True), True)]
     for value, expected in cases:
         assert same(json_safe(value), expected), (value, json_safe(value), expected)
 
 
 def test_json_safe_containers():
-    obj = {"a": {"b": NAN, "c": [INF, -INF, 1, (2, 3.5)], "d": None}, 5: "five", "t": torch.tensor([1.0, NAN]),
-           "n": np.array([[1, 2]]), "s": "text", "flag": False}
+    obj = {"a": {"b": NAN, "c": [INF, -INF, 1, (2, 3.5)], "d": None}, 5: "five",
+           "t": torch.tensor([1.0, NAN]), "n": np.array([[1, 2]]), "s": "text", "flag": False}
     expected = {"a": {"b": None, "c": [None, None, 1, [2, 3.5]], "d": None}, "5": "five", "t": [1.0, None],
                 "n": [[1, 2]], "s": "text", "flag": False}
     out = json_safe(obj)
@@ -52,20 +53,26 @@ def test_json_safe_on_what_the_callers_pass():
     separation block), core_eval's _plain (SAE-Bench metric groups), unlearning's _json (its result)."""
     record = {"step": 3, "loss": 0.5, "ortho": None, "regrouped": True, "dead_latents": 7,
               "separation": {"kappa_forget": NAN, "kappa_retain": INF, "n_forget": 0, "step": 3,
-                             "principal_angles_deg": {"n": 0, "min": NAN}, "partner_abs_cos_mean": np.float64(0.5)}}
-    assert same(json_safe(record), {"step": 3, "loss": 0.5, "ortho": None, "regrouped": True, "dead_latents": 7,
-                                    "separation": {"kappa_forget": None, "kappa_retain": None, "n_forget": 0, "step": 3,
+                             "principal_angles_deg": {"n": 0, "min": NAN},
+                             "partner_abs_cos_mean": np.float64(0.5)}}
+    assert same(json_safe(record), {"step": 3, "loss": 0.5, "ortho": None, "regrouped": True,
+                                    "dead_latents": 7,
+                                    "separation": {"kappa_forget": None, "kappa_retain": None,
+                                                   "n_forget": 0, "step": 3,
                                                    "principal_angles_deg": {"n": 0, "min": None},
                                                    "partner_abs_cos_mean": 0.5}})
     metrics = {"model_behavior_preservation": {"kl_div_score": 0.875, "kl_div_with_sae": NAN},
                "reconstruction_quality": {"mse": torch.tensor(0.125), "cossim": np.float32(0.5)},
                "token_stats": {"total_tokens_eval_reconstruction": 1024}}
-    assert same(json_safe(metrics), {"model_behavior_preservation": {"kl_div_score": 0.875, "kl_div_with_sae": None},
+    assert same(json_safe(metrics), {"model_behavior_preservation": {"kl_div_score": 0.875,
+                                                                     "kl_div_with_sae": None},
                                      "reconstruction_quality": {"mse": 0.125, "cossim": 0.5},
                                      "token_stats": {"total_tokens_eval_reconstruction": 1024}})
     result = {"eval_config": {"multipliers": (25, 50), "answer_orders_used": [[0, 1, 2, 3]]},
-              "selected_features": {0.01: [np.int64(3), 4]}, "rates": np.float64(INF), "ce": torch.tensor([0.5, INF])}
-    assert same(json_safe(result), {"eval_config": {"multipliers": [25, 50], "answer_orders_used": [[0, 1, 2, 3]]},
+              "selected_features": {0.01: [np.int64(3), 4]}, "rates": np.float64(INF),
+              "ce": torch.tensor([0.5, INF])}
+    assert same(json_safe(result), {"eval_config": {"multipliers": [25, 50],
+                                                    "answer_orders_used": [[0, 1, 2, 3]]},
                                     "selected_features": {"0.01": [3, 4]}, "rates": None, "ce": [0.5, None]})
 
 

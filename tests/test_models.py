@@ -1,4 +1,5 @@
-"""models.py against Hugging Face references: tiny random NeoX/Llama/Gemma-2 folders, the embedded SmolLM2, offline hub."""
+"""models.py against Hugging Face references: tiny random NeoX/Llama/Gemma-2 folders, the embedded
+SmolLM2, offline hub."""
 import dataclasses
 import time
 
@@ -15,7 +16,8 @@ import unlearning
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat near the door. "
         "Cells divide by mitosis and proteins fold into shapes that decide what they do in the body. "
-        "Rivers carry water from the mountains to the sea and cities grow along their banks over centuries. ") * 20
+        "Rivers carry water from the mountains to the sea and cities grow along their banks over "
+        "centuries. ") * 20
 PROMPTS = ["The quick brown fox", "Cells divide and rivers carry water to the sea", "a"]
 
 
@@ -51,7 +53,8 @@ def neox_folder(tmp_path_factory):
     tok = tiny_tokenizer()
     cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=64, use_parallel_residual=True,
-                        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25})
+                        rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                         "partial_rotary_factor": 0.25})
     return save_tiny(GPTNeoXForCausalLM(cfg), tok, tmp_path_factory.mktemp("neox"))
 
 
@@ -64,11 +67,13 @@ def llama_folder(tmp_path_factory):
     return save_tiny(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("llama"))
 
 
-# A Gemma-2 small enough to test, yet with every feature a mis-mapping could get wrong: a sliding window (3 tokens)
-# shorter than the prompts, on layers 0 and 2 only; query_pre_attn_scalar (10) != head_dim (24) != d_model / n_heads
-# (16); GQA (4 query heads, 2 KV heads); attention and output soft-caps low enough to bite on these random weights.
-GEMMA2_TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                   intermediate_size=128, max_position_embeddings=64, query_pre_attn_scalar=10, sliding_window=3,
+# A Gemma-2 small enough to test, yet with every feature a mis-mapping could get wrong: a sliding window
+# (3 tokens) shorter than the prompts, on layers 0 and 2 only; query_pre_attn_scalar (10) != head_dim
+# (24) != d_model / n_heads (16); GQA (4 query heads, 2 KV heads); attention and output soft-caps low
+# enough to bite on these random weights.
+GEMMA2_TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=24, intermediate_size=128, max_position_embeddings=64,
+                   query_pre_attn_scalar=10, sliding_window=3,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    attn_logit_softcapping=4.0, final_logit_softcapping=5.0,
                    rope_parameters={"rope_type": "default", "rope_theta": 500.0})
@@ -77,12 +82,14 @@ GEMMA2_TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, n
 @pytest.fixture(scope="module")
 def gemma2_folder(tmp_path_factory):
     tok = tiny_tokenizer()
-    cfg = Gemma2Config(vocab_size=len(tok), pad_token_id=None, bos_token_id=None, eos_token_id=None, **GEMMA2_TINY)
+    cfg = Gemma2Config(vocab_size=len(tok), pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                       **GEMMA2_TINY)
     return save_tiny(Gemma2ForCausalLM(cfg), tok, tmp_path_factory.mktemp("gemma2"))
 
 
 def hf_reference_logits(folder, prompts):
-    """Logits [batch, pos, vocab] of the HF model in `folder` for each prompt, tokenized by its own tokenizer."""
+    """Logits [batch, pos, vocab] of the HF model in `folder` for each prompt, tokenized by its own
+    tokenizer."""
     tok = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     token_lists = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
@@ -90,10 +97,10 @@ def hf_reference_logits(folder, prompts):
         return token_lists, [hf(ids).logits for ids in token_lists]
 
 
-# Absolute tolerance against HF. Gemma-2's is wider: HF computes the rotary angles in fp32 whatever the dtype (in
-# fp64 the two still differ by ~2e-4 on some inputs), and the tiny model's large random weights and saturated
-# attention soft-cap amplify that; in fp32 the largest difference seen was 2.4e-4. Every mis-mapping moves the
-# logits by several times more (test_gemma2_mismapping_would_fail).
+# Absolute tolerance against HF. Gemma-2's is wider: HF computes the rotary angles in fp32 whatever the
+# dtype (in fp64 the two still differ by ~2e-4 on some inputs), and the tiny model's large random weights
+# and saturated attention soft-cap amplify that; in fp32 the largest difference seen was 2.4e-4. Every
+# mis-mapping moves the logits by several times more (test_gemma2_mismapping_would_fail).
 ATOL = {"GPTNeoXForCausalLM": 1e-4, "LlamaForCausalLM": 1e-4, "Gemma2ForCausalLM": 1e-3}
 ARCHITECTURES = [("neox_folder", "GPTNeoXForCausalLM"), ("llama_folder", "LlamaForCausalLM"),
                  ("gemma2_folder", "Gemma2ForCausalLM")]
@@ -103,7 +110,8 @@ ARCHITECTURES = [("neox_folder", "GPTNeoXForCausalLM"), ("llama_folder", "LlamaF
 def test_local_folder_matches_hf(fixture, arch, request, tmp_path):
     folder = request.getfixturevalue(fixture)
     model, info = models.load_model(str(folder), "cpu", tmp_path)
-    assert info["source"] == "local" and info["architecture"] == arch and info["n_layers"] == model.cfg.n_layers
+    assert (info["source"] == "local" and info["architecture"] == arch
+            and info["n_layers"] == model.cfg.n_layers)
     assert not model.training and model.W_E.dtype == torch.float32
     token_lists, ref = hf_reference_logits(folder, PROMPTS)
     random_ids = torch.randint(0, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -115,13 +123,16 @@ def test_local_folder_matches_hf(fixture, arch, request, tmp_path):
             torch.testing.assert_close(model(ids), want, atol=ATOL[arch], rtol=1e-4)
     # The residual stream (what SAEs are trained on) must match HF's hidden states too, not just the logits.
     with torch.no_grad():
-        hidden = AutoModelForCausalLM.from_pretrained(folder)(random_ids, output_hidden_states=True).hidden_states
+        hidden = AutoModelForCausalLM.from_pretrained(folder)(random_ids,
+                                                              output_hidden_states=True).hidden_states
         _, cache = model.run_with_cache(random_ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
     for layer in range(model.cfg.n_layers):
-        # The residual grows to ~100 in these random models, where fp32 summation order alone (TL's einsums vs HF's
-        # matmuls, thread count) moves single elements by ~2e-4: the tolerance scales with the layer's magnitude.
+        # The residual grows to ~100 in these random models, where fp32 summation order alone (TL's
+        # einsums vs HF's matmuls, thread count) moves single elements by ~2e-4: the tolerance scales
+        # with the layer's magnitude.
         atol = ATOL[arch] + 1e-5 * hidden[layer].abs().max().item()
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=atol,
+                                   rtol=1e-4)
     # to_tokens must tokenize as the model's own tokenizer does (neither tokenizer adds a BOS).
     assert info["prepend_bos"] is False
     assert model.to_tokens(PROMPTS[0]).tolist() == token_lists[0].tolist()
@@ -130,7 +141,8 @@ def test_local_folder_matches_hf(fixture, arch, request, tmp_path):
 @pytest.mark.parametrize("fixture,arch", ARCHITECTURES)
 def test_split_forward_matches_hf(fixture, arch, request, tmp_path):
     """unlearning.py's path: run to the hook (stop_at_layer), then the remaining blocks (start_at_layer), then
-    ln_final, unembed and the output soft-cap (logits_from_final_resid): the full forward's logits, so HF's."""
+    ln_final, unembed and the output soft-cap (logits_from_final_resid): the full forward's logits, so
+    HF's."""
     folder = request.getfixturevalue(fixture)
     model, _ = models.load_model(str(folder), "cpu", tmp_path)
     ids = torch.randint(0, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(2))
@@ -151,23 +163,25 @@ def test_gemma2_config_from_hf(gemma2_folder):
     assert cfg.attn_scale == pytest.approx(10 ** 0.5)
     assert cfg.use_local_attn and cfg.window_size == 3 and cfg.attn_types == ["local", "global", "local"]
     assert (cfg.attn_scores_soft_cap, cfg.output_logits_soft_cap) == (4.0, 5.0)
-    assert cfg.act_fn == "gelu_pytorch_tanh" and cfg.use_normalization_before_and_after and cfg.rotary_base == 500.0
+    assert (cfg.act_fn == "gelu_pytorch_tanh" and cfg.use_normalization_before_and_after
+            and cfg.rotary_base == 500.0)
 
 
 def test_gemma2_2b_config_matches_transformer_lens():
-    """Gemma2Config's defaults are gemma-2-2b's shape; mapped by us they give TransformerLens's own hand-written
-    google/gemma-2-2b-it config (no hub needed for it) in every field but names, BOS (our tiny tokenizer adds none)
-    and the unused initializer_range."""
+    """Gemma2Config's defaults are gemma-2-2b's shape; mapped by us they give TransformerLens's own
+    hand-written google/gemma-2-2b-it config (no hub needed for it) in every field but names, BOS (our
+    tiny tokenizer adds none) and the unused initializer_range."""
     official = get_pretrained_model_config("google/gemma-2-2b-it", device="cpu")
     hf_cfg = Gemma2Config()
     hf_cfg.architectures = ["Gemma2ForCausalLM"]
     ours = models.hooked_config(hf_cfg, tiny_tokenizer(), "cpu")
-    differing = {f.name for f in dataclasses.fields(official) if getattr(official, f.name) != getattr(ours, f.name)}
+    differing = {f.name for f in dataclasses.fields(official)
+                 if getattr(official, f.name) != getattr(ours, f.name)}
     assert differing == {"model_name", "tokenizer_name", "default_prepend_bos", "initializer_range"}
 
 
-# Each mis-mapping test_local_folder_matches_hf must catch on the tiny Gemma-2: it has to move the logits well past
-# that test's tolerance.
+# Each mis-mapping test_local_folder_matches_hf must catch on the tiny Gemma-2: it has to move the logits
+# well past that test's tolerance.
 GEMMA2_MISMAPPINGS = {
     "no sliding window": dict(use_local_attn=False, window_size=None),
     "window off by one": dict(window_size=4),
@@ -182,12 +196,14 @@ GEMMA2_MISMAPPINGS = {
 @pytest.mark.parametrize("mismapping", GEMMA2_MISMAPPINGS)
 def test_gemma2_mismapping_would_fail(mismapping, gemma2_folder, monkeypatch):
     right = models.gemma2_specific_config
-    monkeypatch.setattr(models, "gemma2_specific_config", lambda *a: right(*a) | GEMMA2_MISMAPPINGS[mismapping])
+    monkeypatch.setattr(models, "gemma2_specific_config",
+                        lambda *a: right(*a) | GEMMA2_MISMAPPINGS[mismapping])
     model, _ = models.load_model(str(gemma2_folder), "cpu", gemma2_folder)
     ids = torch.randint(0, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(gemma2_folder, dtype=torch.float32)(ids).logits
-        # at least 3x the tolerance of test_local_folder_matches_hf (the closest, exact gelu for tanh gelu, is ~5x)
+        # at least 3x the tolerance of test_local_folder_matches_hf (the closest, exact gelu for tanh
+        # gelu, is ~5x)
         assert (model(ids) - want).abs().max() > 3 * ATOL["Gemma2ForCausalLM"]
 
 
@@ -211,11 +227,22 @@ def test_describe_local_and_aliases(neox_folder, llama_folder, tmp_path):
         "n_layers": 6, "d_model": 512, "default_layer": 3, "hf_name": "EleutherAI/pythia-70m-deduped"}
     assert models.describe_model("EleutherAI/pythia-70m-deduped", tmp_path)["n_layers"] == 6
     smol = models.describe_model("smollm2-135m-instruct", tmp_path)
-    assert (smol["n_layers"], smol["d_model"], smol["default_layer"]) == (30, 576, models.EMBEDDED_DEFAULT_LAYER)
+    assert (smol["n_layers"], smol["d_model"], smol["default_layer"]) == (30, 576,
+                                                                          models.EMBEDDED_DEFAULT_LAYER)
     gemma = {"n_layers": 26, "d_model": 2304, "default_layer": 12, "hf_name": "google/gemma-2-2b-it"}
-    assert models.describe_model("gemma-2-2b-it", tmp_path) == models.describe_model("google/gemma-2-2b-it", tmp_path) == gemma
+    assert (models.describe_model("gemma-2-2b-it", tmp_path)
+            == models.describe_model("google/gemma-2-2b-it", tmp_path) == gemma)
     with pytest.raises(ValueError, match="smollm2-135m-instruct"):
         models.describe_model("no-such-model", tmp_path)
+
+
+def test_bos_token_id_falls_back_to_eos(make_word_tokenizer):
+    """BOS where the tokenizer has one; EOS, the document separator, where it has none."""
+    with_bos = make_word_tokenizer(["<pad>", "<unk>", "<eos>", "<bos>", "a"])
+    assert models.bos_token_id(with_bos) == with_bos.bos_token_id == 3
+    without_bos = make_word_tokenizer(["<pad>", "<unk>", "<eos>", "a"])
+    assert without_bos.bos_token_id is None
+    assert models.bos_token_id(without_bos) == without_bos.eos_token_id == 2
 
 
 def test_unfinished_conversion_is_not_reused(tmp_path):
@@ -254,7 +281,8 @@ def test_auto_falls_back_offline(smollm2, monkeypatch):
     if huggingface_hub.try_to_load_from_cache("EleutherAI/pythia-70m-deduped", "config.json"):
         pytest.skip("Pythia is in the HF cache here, so 'auto' rightly loads it")
     model, info = models.load_model("auto", "cpu", models.default_cache_dir())
-    assert info["requested"] == "auto" and info["source"] == "embedded" and info["name"] == "smollm2-135m-instruct"
+    assert (info["requested"] == "auto" and info["source"] == "embedded"
+            and info["name"] == "smollm2-135m-instruct")
     assert "EleutherAI/pythia-70m-deduped" in info["reason"] and "HF_HUB_OFFLINE" in info["reason"]
     assert model.cfg.n_layers == 30
 
@@ -269,6 +297,7 @@ def test_named_hub_model_offline_raises_quickly(offline_env, monkeypatch, tmp_pa
     else:
         monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
     start = time.time()
-    with pytest.raises(RuntimeError, match=r"could not load EleutherAI/pythia-70m-deduped .*smollm2-135m-instruct"):
+    with pytest.raises(RuntimeError,
+                       match=r"could not load EleutherAI/pythia-70m-deduped .*smollm2-135m-instruct"):
         models.load_model("EleutherAI/pythia-70m-deduped", "cpu", tmp_path)
     assert time.time() - start < 20

@@ -8,17 +8,19 @@ import torch.nn.functional as F
 
 import activations
 import experiment
-from experiment import (AllPairsOrthogonalityLoss, AutoEncoderTopK, CrossGroupOrthogonalityLoss, FeatureGrouper,
-                        KappaEarlyStopping, TrainerTopK, condition_number, cross_group_penalty, principal_angles)
+from experiment import (AllPairsOrthogonalityLoss, AutoEncoderTopK, CrossGroupOrthogonalityLoss,
+                        FeatureGrouper, KappaEarlyStopping, TrainerTopK, condition_number,
+                        cross_group_penalty, principal_angles)
 
 
 def unit_rows(n, d, seed=0):
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
+    return F.normalize(
+        torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
 
 
 def naive_cross_group(W_F, W_R, sign, alpha, target, w_F=None, w_R=None):
-    """Textbook form: dense P (n_F x n_R) with the partner signs on the diagonal, loops over pairs, each pair's
-    squared error weighted by its two rows' membership weights."""
+    """Textbook form: dense P (n_F x n_R) with the partner signs on the diagonal, loops over pairs, each
+    pair's squared error weighted by its two rows' membership weights."""
     n_F, n_R = len(W_F), len(W_R)
     if n_F == 0 or n_R == 0:
         return torch.zeros((), dtype=W_F.dtype)
@@ -60,9 +62,12 @@ def test_partner_target_is_minimised_at_alpha():
     alpha = 0.2
     f = torch.tensor([[1.0, 0, 0]], dtype=torch.float64)
     r = torch.tensor([[-alpha, (1 - alpha ** 2) ** 0.5, 0]], dtype=torch.float64)
-    assert cross_group_penalty(f, r, torch.tensor([-1.0]), alpha, "partner").item() == pytest.approx(0, abs=1e-15)
-    assert cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "partner").item() == pytest.approx(4 * alpha ** 2)
-    assert cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "hinge").item() == pytest.approx(0, abs=1e-15)
+    assert (cross_group_penalty(f, r, torch.tensor([-1.0]), alpha, "partner").item()
+            == pytest.approx(0, abs=1e-15))
+    assert (cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "partner").item()
+            == pytest.approx(4 * alpha ** 2))
+    assert (cross_group_penalty(f, r, torch.tensor([1.0]), alpha, "hinge").item()
+            == pytest.approx(0, abs=1e-15))
 
 
 def test_allpairs_penalty_is_the_mean_nearest_neighbour_cos2_with_its_gradient():
@@ -73,7 +78,8 @@ def test_allpairs_penalty_is_the_mean_nearest_neighbour_cos2_with_its_gradient()
     mask = torch.eye(50, dtype=torch.bool)
     j = C.detach().abs().masked_fill(mask, -1).argmax(dim=1)
     reference = C[torch.arange(50), j].pow(2).mean()
-    assert reference.item() == pytest.approx(C.detach().pow(2).masked_fill(mask, 0).max(dim=1).values.mean().item())
+    assert reference.item() == pytest.approx(
+        C.detach().pow(2).masked_fill(mask, 0).max(dim=1).values.mean().item())
     ref_grad, = torch.autograd.grad(reference, W)
     lam, value = AllPairsOrthogonalityLoss(3.0)(W, None, t=0)
     grad, = torch.autograd.grad(value, W)
@@ -126,12 +132,13 @@ def test_early_stopping_fires_on_ill_conditioned_group_only():
 
 
 def planted_data(n_forget=8, n_retain=8, n_shared=8, d=32, seed=0):
-    """Tokens = positive mix of 3 unit directions: forget tokens draw from forget ∪ shared directions, retain tokens
-    from retain ∪ shared. Forget and retain directions are made to overlap (cos ~0.4 with a partner) so that
-    orthogonality has something to do."""
+    """Tokens = positive mix of 3 unit directions: forget tokens draw from forget ∪ shared directions,
+    retain tokens from retain ∪ shared. Forget and retain directions are made to overlap (cos ~0.4 with
+    a partner) so that orthogonality has something to do."""
     g = torch.Generator().manual_seed(seed)
     dirs = F.normalize(torch.randn(n_forget + n_retain + n_shared, d, generator=g), dim=1)
-    dirs[n_forget:n_forget + n_retain] = F.normalize(dirs[n_forget:n_forget + n_retain] + 0.6 * dirs[:n_retain], dim=1)
+    dirs[n_forget:n_forget + n_retain] = F.normalize(
+        dirs[n_forget:n_forget + n_retain] + 0.6 * dirs[:n_retain], dim=1)
     forget_ids = torch.cat([torch.arange(n_forget), torch.arange(n_forget + n_retain, len(dirs))])
     retain_ids = torch.arange(n_forget, len(dirs))
 
@@ -146,8 +153,9 @@ def planted_data(n_forget=8, n_retain=8, n_shared=8, d=32, seed=0):
 
 
 def test_grouper_finds_planted_forget_and_retain_directions():
-    """Feed the grouper the true codes of planted tokens (an oracle SAE whose latents are the true directions): its
-    bincount EMAs must put forget-only directions in forget, retain-only in retain and leave shared ones out."""
+    """Feed the grouper the true codes of planted tokens (an oracle SAE whose latents are the true
+    directions): its bincount EMAs must put forget-only directions in forget, retain-only in retain and
+    leave shared ones out."""
     dirs, sample = planted_data()
     gen = torch.Generator().manual_seed(1)
     grouper = FeatureGrouper(len(dirs), every=20, threshold=0.5, min_freq=0.01)
@@ -159,7 +167,8 @@ def test_grouper_finds_planted_forget_and_retain_directions():
     assert sorted(grouper.retain_idx.tolist()) == list(range(8, 16))
     assignment = grouper.assignment()
     assert (assignment[16:] == experiment.SHARED).all()
-    # partners: each forget direction i was mixed into retain direction 8 + i, the greedy matching finds that pairing
+    # partners: each forget direction i was mixed into retain direction 8 + i, the greedy matching finds
+    # that pairing
     pairs = dict(zip(grouper.forget_idx[:8].tolist(), grouper.retain_idx[:8].tolist()))
     assert pairs == {i: 8 + i for i in range(8)} and (grouper.partner_sign > 0).all()
 
@@ -185,21 +194,26 @@ def test_group_biases_decode_and_save_load_round_trip(tmp_path):
         expected[b] += sae.b_dec + mass[0] / total * sae.group_bias[0] + mass[1] / total * sae.group_bias[1]
     torch.testing.assert_close(sae.decode(values, indices), expected, rtol=1e-5, atol=1e-5)
     scale = 3.0
-    sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
-                                       "context_size": 16, "prepend_bos": True})
-    from sae_lens import SAE  # the saved SAE is a registered SAE-Lens class: SAE-Lens itself loads the group biases
+    sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post",
+                                       "hook_layer": 0, "context_size": 16, "prepend_bos": True})
+    # the saved SAE is a registered SAE-Lens class: SAE-Lens itself loads the group biases
+    from sae_lens import SAE
     loaded = SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
-    assert isinstance(loaded, experiment.GroupBiasTopKSAE) and loaded.cfg.architecture() == "topk_group_biases"
-    assert loaded.feature_group.dtype == torch.long and loaded.feature_group.tolist() == sae.feature_group.tolist()
+    assert (isinstance(loaded, experiment.GroupBiasTopKSAE)
+            and loaded.cfg.architecture() == "topk_group_biases")
+    assert (loaded.feature_group.dtype == torch.long
+            and loaded.feature_group.tolist() == sae.feature_group.tolist())
     raw = scale * x
     with torch.no_grad():
         torch.testing.assert_close(loaded(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(experiment.load_sae(tmp_path / "sae")(raw), scale * sae(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(experiment.load_sae(tmp_path / "sae")(raw), scale * sae(x), rtol=1e-4,
+                                   atol=1e-4)
         # its plain TopK view differs by exactly the group-bias term
         plain = loaded.without_group_biases()
         f = loaded.encode(raw)
         w = experiment.group_weights(f, loaded.feature_group)
-        torch.testing.assert_close(loaded.decode(f) - plain.decode(f), w @ loaded.group_bias, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded.decode(f) - plain.decode(f), w @ loaded.group_bias, rtol=1e-4,
+                                   atol=1e-4)
 
 
 def _old_group_weights(f, groups):
@@ -223,28 +237,30 @@ def _saved_group_sae(tmp_path, zero_biases=False):
         sae.b_dec.copy_(torch.randn(16))
         sae.group_bias.copy_(torch.zeros(2, 16) if zero_biases else 3 * torch.randn(2, 16))
         sae.feature_group.copy_(torch.randint(-1, 2, (64,)))
-    sae.save(tmp_path / "sae", 1.0, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0,
-                                     "context_size": 16, "prepend_bos": True})
+    sae.save(tmp_path / "sae", 1.0, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post",
+                                     "hook_layer": 0, "context_size": 16, "prepend_bos": True})
     return experiment.load_sae(tmp_path / "sae")
 
 
 @pytest.mark.parametrize("multiplier", [1.0, 25.0, 200.0, 1e3, 1e4])
 def test_group_bias_part_of_a_clamp_edit_is_bounded(tmp_path, multiplier):
-    """For any clamp, the group-bias part of decode(f') - decode(f) is at most ‖b_0‖ + ‖b_1‖ <= 2 max_g ‖b_g‖, on
-    both the dense (saved) and the sparse (training) decode; the formula it replaced breaks this bound."""
+    """For any clamp, the group-bias part of decode(f') - decode(f) is at most
+    ‖b_0‖ + ‖b_1‖ <= 2 max_g ‖b_g‖, on both the dense (saved) and the sparse (training) decode;
+    the formula it replaced breaks this bound."""
     sae = _saved_group_sae(tmp_path)
     x = 5 * torch.randn(400, 16)
     with torch.no_grad():
         f = sae.encode(x)
         counts = (f > 0).sum(0)
-        features = counts.argsort(descending=True)[:10]  # the features that fire most, as a selection would pick
+        # the features that fire most, as a selection would pick
+        features = counts.argsort(descending=True)[:10]
         f2 = _clamp(f, features, multiplier)
         groups, bound = sae.feature_group, 2 * sae.group_bias.norm(dim=1).max()
         part = (experiment.group_weights(f2, groups) - experiment.group_weights(f, groups)) @ sae.group_bias
         assert part.norm(dim=1).max() <= bound * (1 + 1e-6)
         plain = sae.without_group_biases()  # the full dense decode minus its TopK part is exactly that term
-        torch.testing.assert_close((sae.decode(f2) - plain.decode(f2)) - (sae.decode(f) - plain.decode(f)), part,
-                                   rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close((sae.decode(f2) - plain.decode(f2))
+                                   - (sae.decode(f) - plain.decode(f)), part, rtol=1e-4, atol=1e-3)
         values, indices = f2.topk(8, dim=1)  # the sparse path: the same codes as (values, indices)
         sparse = experiment.group_weights(values, groups[indices])
         torch.testing.assert_close(sparse, experiment.group_weights(f2, groups))
@@ -263,14 +279,15 @@ def test_clamp_on_zero_group_biases_equals_the_plain_topk_clamp(tmp_path):
     with torch.no_grad():
         expected, active = unlearning.clamp_residual(plain, resid, features, 100.0)
         for edit in experiment.GROUP_BIAS_EDITS:
-            got, got_active = unlearning.clamp_residual(experiment.intervention_sae(sae, edit), resid, features, 100.0)
+            got, got_active = unlearning.clamp_residual(experiment.intervention_sae(sae, edit), resid,
+                                                        features, 100.0)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
             assert torch.equal(got_active, active)
 
 
 def test_held_edit_is_the_feature_direction_edit(tmp_path):
-    """The default reading: resid' = resid + (f' - f) W_dec, the group-bias term held at the codes before the clamp;
-    the relu reading moves the bias by (w(f') - w(f)) B on top of that."""
+    """The default reading: resid' = resid + (f' - f) W_dec, the group-bias term held at the codes before
+    the clamp; the relu reading moves the bias by (w(f') - w(f)) B on top of that."""
     import unlearning
     sae = _saved_group_sae(tmp_path)
     resid = 5 * torch.randn(2, 9, 16)
@@ -282,7 +299,8 @@ def test_held_edit_is_the_feature_direction_edit(tmp_path):
         held, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "held"), resid, features, 50.0)
         torch.testing.assert_close(held, resid + (f2 - f) @ sae.W_dec, rtol=1e-5, atol=1e-3)
         relu, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "relu"), resid, features, 50.0)
-        shift = (experiment.group_weights(f2, sae.feature_group) - experiment.group_weights(f, sae.feature_group))
+        shift = (experiment.group_weights(f2, sae.feature_group)
+                 - experiment.group_weights(f, sae.feature_group))
         torch.testing.assert_close(relu, held + shift @ sae.group_bias, rtol=1e-5, atol=1e-3)
         assert (shift.abs() > 1e-3).any()  # the two readings differ on this SAE
 
@@ -355,11 +373,13 @@ def train_planted(variant, steps=300, seed=0):
 
 
 def test_adaptive_ortho_lowers_cross_group_cosine_on_planted_data():
-    """Forget and retain directions overlap by construction; the topk SAE copies that overlap into its decoder, the
-    adaptive_ortho SAE (α = 0) pushes its forget and retain latents apart at comparable reconstruction."""
+    """Forget and retain directions overlap by construction; the topk SAE copies that overlap into its
+    decoder, the adaptive_ortho SAE (α = 0) pushes its forget and retain latents apart at comparable
+    reconstruction."""
     topk, ev_topk = train_planted("topk")
     ortho, ev_ortho = train_planted("adaptive_ortho")
-    assert topk["n_forget"] >= 4 and topk["n_retain"] >= 4 and ortho["n_forget"] >= 4 and ortho["n_retain"] >= 4
+    assert (topk["n_forget"] >= 4 and topk["n_retain"] >= 4
+            and ortho["n_forget"] >= 4 and ortho["n_retain"] >= 4)
     assert ortho["cross_abs_cos_mean"] < 0.7 * topk["cross_abs_cos_mean"], (topk, ortho)
     assert ev_ortho > ev_topk - 0.05, (ev_topk, ev_ortho)
 
@@ -379,32 +399,37 @@ def test_nearest_neighbours_equals_a_naive_reference_in_any_chunking():
         values, index = experiment.nearest_neighbours(W, rows, cols, chunk)
         torch.testing.assert_close(values, torch.tensor([v for v, _ in naive]))
         assert index.tolist() == [j for _, j in naive]
-    lonely, at = experiment.nearest_neighbours(W, torch.tensor([5]), torch.tensor([5]))  # only candidate: itself
+    # only candidate: itself
+    lonely, at = experiment.nearest_neighbours(W, torch.tensor([5]), torch.tensor([5]))
     assert lonely.isnan().all() and at.tolist() == [-1]
 
 
 def test_feature_geometry_finds_planted_duplicates():
-    """Orthonormal rows, then row 1 = -row 0 (|cos| 1, both forget) and row 6 = 0.6 row 2 + 0.8 e (forget vs retain,
-    |cos| 0.6): within-forget max |cos| is 1 for rows 0, 1 and 0 for the others; across, row 2 sees 0.6."""
+    """Orthonormal rows, then row 1 = -row 0 (|cos| 1, both forget) and row 6 = 0.6 row 2 + 0.8 e (forget
+    vs retain, |cos| 0.6): within-forget max |cos| is 1 for rows 0, 1 and 0 for the others; across, row 2
+    sees 0.6."""
     d = 16
     W = torch.eye(d)[:10].clone()
     W[1] = -W[0]
     W[6] = 0.6 * W[2] + 0.8 * torch.eye(d)[12]
     groups = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, -1, -1])
     geo = experiment.feature_geometry(W, groups)
-    full, _ = experiment.nearest_neighbours(W, torch.arange(10), torch.arange(10))  # the overall value, directly
+    # the overall value, directly
+    full, _ = experiment.nearest_neighbours(W, torch.arange(10), torch.arange(10))
     assert geo["all"] == experiment.cos_summary(full)
     assert geo["all"]["n"] == 10 and geo["all"]["share_above_0.7"] == pytest.approx(0.2)  # rows 0 and 1
     assert geo["all"]["share_above_0.5"] == pytest.approx(0.4)  # and rows 2 and 6
-    assert geo["forget"]["within"]["mean"] == pytest.approx(0.5) and geo["forget"]["within"]["median"] == pytest.approx(0.5)
-    assert geo["forget"]["across"]["mean"] == pytest.approx(0.6 / 4)  # only row 2 has a neighbour outside (row 6)
+    assert (geo["forget"]["within"]["mean"] == pytest.approx(0.5)
+            and geo["forget"]["within"]["median"] == pytest.approx(0.5))
+    # only row 2 has a neighbour outside (row 6)
+    assert geo["forget"]["across"]["mean"] == pytest.approx(0.6 / 4)
     assert geo["retain"]["across"]["share_above_0.5"] == pytest.approx(0.25)
     assert geo["shared"]["within"]["mean"] == pytest.approx(0.0)
 
 
 def test_ablation_switches_turn_off_one_component_each():
-    """--group_biases=false: adaptive_ortho without group biases; --lambda2_max=0: grouping and group biases, no
-    orthogonality force (its term adds exactly zero gradient)."""
+    """--group_biases=false: adaptive_ortho without group biases; --lambda2_max=0: grouping and group
+    biases, no orthogonality force (its term adds exactly zero gradient)."""
     assert not experiment.uses_group_biases(experiment.Config(variant="adaptive_ortho", group_biases=False))
     assert experiment.uses_group_biases(experiment.Config(variant="adaptive_ortho"))
     assert not experiment.uses_group_biases(experiment.Config(variant="topk"))
@@ -436,15 +461,16 @@ def test_ablation_switches_turn_off_one_component_each():
 
 def grouper_with_rates(p_f, p_r, every=10, max_group_size=0):
     """A FeatureGrouper whose bias-corrected firing rates are exactly p_f, p_r [F]."""
-    grouper = FeatureGrouper(len(p_f), every=every, threshold=0.5, min_freq=1e-3, max_group_size=max_group_size)
+    grouper = FeatureGrouper(len(p_f), every=every, threshold=0.5, min_freq=1e-3,
+                             max_group_size=max_group_size)
     grouper.ema[activations.FORGET], grouper.ema[activations.RETAIN] = torch.tensor(p_f), torch.tensor(p_r)
     grouper.updates.fill_(10**6)  # 1 − β^t = 1
     return grouper
 
 
 def test_group_cap_keeps_the_most_specific_latents():
-    """s = (p_f − p_r)/(p_f + p_r): latents 0-3 forget (s 0.9, 0.6, 0.8, 0.7), 4-6 retain (s −0.9, −0.6, −0.8);
-    a cap of 2 keeps forget {0, 2} and retain {4, 6}."""
+    """s = (p_f − p_r)/(p_f + p_r): latents 0-3 forget (s 0.9, 0.6, 0.8, 0.7), 4-6 retain
+    (s −0.9, −0.6, −0.8); a cap of 2 keeps forget {0, 2} and retain {4, 6}."""
     p_f = [0.19, 0.16, 0.18, 0.17, 0.01, 0.04, 0.02, 0.1]
     p_r = [0.01, 0.04, 0.02, 0.03, 0.19, 0.16, 0.18, 0.1]
     W = unit_rows(8, 16).float()
@@ -455,9 +481,10 @@ def test_group_cap_keeps_the_most_specific_latents():
 
 
 def test_regroup_keeps_valid_partners_and_ramps_new_members_in():
-    """The first grouping has full weight at once. At the next regroup latent 3 joins the forget group: its weight is
-    0 at the regroup and rises linearly to 1 over one period, so the penalty does not jump; partner pairs whose two
-    latents stayed keep their pairing and sign even where the decoder now prefers another match."""
+    """The first grouping has full weight at once. At the next regroup latent 3 joins the forget group:
+    its weight is 0 at the regroup and rises linearly to 1 over one period, so the penalty does not jump;
+    partner pairs whose two latents stayed keep their pairing and sign even where the decoder now prefers
+    another match."""
     p_f = [0.19, 0.18, 0.1, 0.1, 0.01, 0.02, 0.1]
     p_r = [0.01, 0.02, 0.1, 0.1, 0.19, 0.18, 0.1]
     d = 16
@@ -472,9 +499,11 @@ def test_regroup_keeps_valid_partners_and_ramps_new_members_in():
     W_F, W_R = W[grouper.forget_idx], W[grouper.retain_idx]
     before = cross_group_penalty(W_F, W_R, grouper.partner_sign, 0.1, "partner", *grouper.member_weights(10))
 
-    grouper.ema[activations.FORGET, 3], grouper.ema[activations.RETAIN, 3] = 0.19, 0.01  # latent 3 turns forget
+    # latent 3 turns forget
+    grouper.ema[activations.FORGET, 3], grouper.ema[activations.RETAIN, 3] = 0.19, 0.01
     W2 = W.clone()
-    W2[4] = F.normalize(W[1] + 0.1 * W[4], dim=0)  # now 1 <-> 4 would be the greedy match; the old pairs stay valid
+    # now 1 <-> 4 would be the greedy match; the old pairs stay valid
+    W2[4] = F.normalize(W[1] + 0.1 * W[4], dim=0)
     grouper.regroup(W2, t=20)
     n = len(grouper.partner_sign)
     pairs = dict(zip(grouper.forget_idx[:n].tolist(), grouper.retain_idx[:n].tolist()))
@@ -484,6 +513,7 @@ def test_regroup_keeps_valid_partners_and_ramps_new_members_in():
         w_F, w_R = grouper.member_weights(t)
         assert w_F.tolist() == [1.0, 1.0, w3] and w_R.tolist() == [1.0, 1.0]
     W_F, W_R = W[grouper.forget_idx], W[grouper.retain_idx]
-    at_regroup = cross_group_penalty(W_F, W_R, grouper.partner_sign, 0.1, "partner", *grouper.member_weights(20))
+    at_regroup = cross_group_penalty(W_F, W_R, grouper.partner_sign, 0.1, "partner",
+                                     *grouper.member_weights(20))
     # at the regroup the new member adds nothing: same rows, same pairs, n_F grew from 2 to 3
     assert at_regroup.item() == pytest.approx(before.item() * 2 / 3)

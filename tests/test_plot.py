@@ -1,5 +1,5 @@
-"""plot.py on synthetic run folders: built from run_0's real final_info.json and train_log.jsonl (for the structure),
-with every plotted value set here."""
+"""plot.py on synthetic run folders: built from run_0's real final_info.json and train_log.jsonl (for the
+structure), with every plotted value set here."""
 import copy
 import json
 from pathlib import Path
@@ -16,12 +16,13 @@ LOG_TEMPLATE = [json.loads(line) for line in (RUN_0 / "train_log.jsonl").read_te
 FIGURES = ["tradeoff", "alpha_sweep", "training", "unlearning_curves"]
 
 
-def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, text_score=0.5, mcq=None,
-              unlearning=True, log=True, early_stop=None, steps=250, held_out=None, held_out_se=None,
-              typical_ev=None, separation=None):
-    """A finished run as experiment.py writes it, with the given values. held_out, held_out_se and typical_ev (EV
-    conventional without outliers) are written only when given, as an older run lacks them; `separation` is merged
-    into the knowledge separation results (e.g. lambda2_max, lambda2_default, group_biases)."""
+def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, text_score=0.5,
+              mcq=None, unlearning=True, log=True, early_stop=None, steps=250, held_out=None,
+              held_out_se=None, typical_ev=None, separation=None):
+    """A finished run as experiment.py writes it, with the given values. held_out, held_out_se and
+    typical_ev (EV conventional without outliers) are written only when given, as an older run lacks
+    them; `separation` is merged into the knowledge separation results (e.g. lambda2_max,
+    lambda2_default, group_biases)."""
     info = copy.deepcopy(TEMPLATE)
     training = info.pop("training results for layer 15")
     training["config"] |= {"layer": layer, "seed": seed, "variant": variant, "alpha": alpha}
@@ -29,13 +30,18 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     sep = info["knowledge separation results"]
     ortho = variant != "topk"
     sep |= {"variant": variant, "alpha": alpha if variant == "adaptive_ortho" else 0.0,
-            "ortho_target": "partner" if variant == "adaptive_ortho" else None, "lambda2_max": 1000.0 if ortho else 0.0,
-            "lambda2_default": 1000.0, "group_biases": variant in ("fixed_ortho", "adaptive_ortho")}
+            "ortho_target": "partner" if variant == "adaptive_ortho" else None,
+            "lambda2_max": 1000.0 if ortho else 0.0, "lambda2_default": 1000.0,
+            "group_biases": variant in ("fixed_ortho", "adaptive_ortho")}
     sep |= separation or {}
-    sep["final"] |= {"kappa_forget": 100.0 + 10 * seed, "kappa_retain": 50.0, "cross_abs_cos_mean": 0.05 - alpha / 10}
-    sep["early_stopping"] |= {"applies": ortho, "stopped": early_stop is not None, "step": early_stop or steps - 1}
-    info["core evaluation results"]["metrics"]["reconstruction_quality"]["explained_variance_conventional"] = val_ev - 0.03
-    info["core evaluation results"]["metrics"]["model_performance_preservation"]["ce_loss_score"] = 0.95 - alpha / 10
+    sep["final"] |= {"kappa_forget": 100.0 + 10 * seed, "kappa_retain": 50.0,
+                     "cross_abs_cos_mean": 0.05 - alpha / 10}
+    sep["early_stopping"] |= {"applies": ortho, "stopped": early_stop is not None,
+                              "step": early_stop or steps - 1}
+    info["core evaluation results"]["metrics"]["reconstruction_quality"][
+        "explained_variance_conventional"] = val_ev - 0.03
+    info["core evaluation results"]["metrics"]["model_performance_preservation"][
+        "ce_loss_score"] = 0.95 - alpha / 10
     info["core evaluation results"]["metrics"]["reconstruction_quality"].pop(
         "explained_variance_conventional_without_outliers")
     if typical_ev is not None:
@@ -44,7 +50,8 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     unlearn = info.pop("unlearning evaluation results")
     if unlearning:
         scores = unlearn["eval_result_metrics"]["unlearning"]
-        scores |= {"text_score": text_score, "unlearning_score": mcq, "n_forget_questions": 0 if mcq is None else 40}
+        scores |= {"text_score": text_score, "unlearning_score": mcq,
+                   "n_forget_questions": 0 if mcq is None else 40}
         scores.pop("held_out_score"), scores.pop("held_out_score_se")
         new = {"held_out_score": held_out, "held_out_score_se": held_out_se}
         scores |= {k: v for k, v in new.items() if v is not None}
@@ -67,11 +74,13 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
         for step in range(last + 1):
             rec = {k: v for k, v in LOG_TEMPLATE[step % 100].items()
                    if k not in ("separation", "val_recon", "val_explained_variance")}
-            rec |= {"step": step, "recon": 0.3 / (1 + step / 50), "dead_latents": step % 7, "regrouped": step % 100 == 99}
+            rec |= {"step": step, "recon": 0.3 / (1 + step / 50), "dead_latents": step % 7,
+                    "regrouped": step % 100 == 99}
             if ortho:
                 rec |= {"ortho": 1e-3 / (1 + step), "lambda2": 1000.0 * min(1.0, step / 300)}
             if rec["regrouped"]:
-                rec["separation"] = LOG_TEMPLATE[99]["separation"] | {"step": step, "kappa_forget": 10.0 * (step + 1)}
+                rec["separation"] = LOG_TEMPLATE[99]["separation"] | {"step": step,
+                                                                      "kappa_forget": 10.0 * (step + 1)}
             if step % 50 == 0:
                 rec |= {"val_recon": 0.3, "val_explained_variance": val_ev * step / last if last else val_ev}
             lines.append(json.dumps(rec))
@@ -86,7 +95,8 @@ def runs(tmp_path):
     write_run(root / "run_2", "fixed_ortho", text_score=0.8, early_stop=180)
     write_run(root / "run_3", "adaptive_ortho", alpha=0.0, text_score=3.0, mcq=0.25)
     for seed, (val_ev, score) in enumerate([(0.70, 1.0), (0.72, 2.0), (0.77, 4.0)]):
-        write_run(root / f"run_{4 + seed}", "adaptive_ortho", alpha=0.1, seed=seed, val_ev=val_ev, text_score=score)
+        write_run(root / f"run_{4 + seed}", "adaptive_ortho", alpha=0.1, seed=seed, val_ev=val_ev,
+                  text_score=score)
     write_run(root / "run_7", "adaptive_ortho", alpha=0.2, unlearning=False)
     write_run(root / "run_8", "adaptive_ortho", alpha=0.3, text_score=2.5, log=False)
     write_run(root / "run_9", "topk", layer=3, text_score=0.4)  # another layer: not comparable
@@ -130,13 +140,14 @@ def test_table_holds_the_planted_numbers_and_seed_statistics(result):
     scores, evs = [1.0, 2.0, 4.0], [0.70, 0.72, 0.77]
     assert f"{np.mean(scores):.4f} ± {np.std(scores, ddof=1):.4f}" == "2.3333 ± 1.5275"
     assert "2.3333 ± 1.5275" in table and f"{np.mean(evs):.4f} ± {np.std(evs, ddof=1):.4f}" in table
-    assert "| run_3 | adaptive_ortho | 0 | 0 |" in table and "| 0.2500 |" in table  # the one meaningful MCQ score
+    # the one meaningful MCQ score
+    assert "| run_3 | adaptive_ortho | 0 | 0 |" in table and "| 0.2500 |" in table
     assert table in printed  # the same table on the terminal
 
 
 def test_repeats_of_a_seed_count_once_in_the_seed_statistics():
-    """Two runs of seed 0 (one command run twice) and one of seed 1: the seed-0 repeats are averaged first, so the
-    mean and std are over 2 seeds, not 3 runs."""
+    """Two runs of seed 0 (one command run twice) and one of seed 1: the seed-0 repeats are averaged
+    first, so the mean and std are over 2 seeds, not 3 runs."""
     run = lambda name, seed, score: {"name": name, "setting": "adaptive_ortho", "alpha": 0.1, "seed": seed,
                                      **{m: None for m in plot.METRICS}, "text_score": score}
     row, = plot.aggregate([run("run_5", 0, 1.0), run("run_14", 0, 3.0), run("run_6", 1, 5.0)])
@@ -166,7 +177,8 @@ def test_missing_unlearning_results_log_and_final_info(result):
     assert "- no unlearning results, left out of the trade-off and unlearning figures: run_7\n" in printed
     assert "run_8" not in summary["figures"]["training_smollm2-135m-instruct_L15.png"]
     assert "- no train_log.jsonl, left out of the training curves: run_8\n" in printed
-    assert "skip " in printed and "run_10: no final_info.json" in printed and "run_10" not in str(summary["groups"])
+    assert ("skip " in printed and "run_10: no final_info.json" in printed
+            and "run_10" not in str(summary["groups"]))
     assert "run_11: final_info.json has no knowledge separation results" in printed
     assert "run_11" not in str(summary["groups"])
     assert "Skipped (no final_info.json, or an incomplete one): " in table and "run_11" in table
@@ -197,15 +209,16 @@ def test_new_fields_load_and_older_runs_give_none(tmp_path):
     ({"variant": "fixed_ortho", "lambda2_max": 10.0, "lambda2_default": 1000.0}, "fixed_ortho λ2=10"),
     ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "group_biases": False},
      "fixed_ortho no-group-biases"),
-    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "group_biases": False}, "fixed_ortho λ2=1000"),  # older
+    # older
+    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "group_biases": False}, "fixed_ortho λ2=1000"),
     ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=15"),
     ({"variant": "allpairs_ortho", "lambda2_max": 30.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=30"),
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "partner",
-      "group_biases": True}, "adaptive_ortho"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0,
+      "ortho_target": "partner", "group_biases": True}, "adaptive_ortho"),
     ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner"},
      "adaptive_ortho λ2=1000"),  # older: no record of the default
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "partner",
-      "group_biases": False}, "adaptive_ortho no-group-biases"),
+    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0,
+      "ortho_target": "partner", "group_biases": False}, "adaptive_ortho no-group-biases"),
     ({"variant": "adaptive_ortho", "lambda2_max": 0.0, "lambda2_default": 1000.0, "ortho_target": "partner",
       "group_biases": True}, "adaptive_ortho λ2=0"),
     ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "ortho_target": "hinge"},
@@ -220,7 +233,8 @@ def test_setting_colours_and_order():
                 "adaptive_ortho no-group-biases"]
     colors = plot.setting_colors([{"setting": s} for s in settings])
     assert list(colors)[:3] == ["topk", "fixed_ortho", "allpairs_ortho"]
-    assert [colors[s] for s in ("topk", "fixed_ortho", "allpairs_ortho")] == ["black", "tab:gray", "tab:brown"]
+    assert ([colors[s] for s in ("topk", "fixed_ortho", "allpairs_ortho")]
+            == ["black", "tab:gray", "tab:brown"])
     adaptive = [plot.to_hex(colors[s]) for s in settings if s.startswith("adaptive")]
     assert len(set(adaptive)) == 3 and not {"#7f7f7f", "#8c564b"} & set(adaptive)  # tab:gray, tab:brown
     rows = [("adaptive_ortho", 0.3), ("adaptive_ortho no-group-biases", 0.3), ("allpairs_ortho", None),
@@ -231,8 +245,8 @@ def test_setting_colours_and_order():
 
 
 def test_penalty_jump_skips_the_first_grouping_and_takes_the_largest_later_rise():
-    """λ2·L_ortho per step: 0 before the first grouping (step 1 → 2 rises by 5: left out), then a rise of 0.5
-    across the regroup at step 3 and a fall across the one at step 5."""
+    """λ2·L_ortho per step: 0 before the first grouping (step 1 → 2 rises by 5: left out), then a
+    rise of 0.5 across the regroup at step 3 and a fall across the one at step 5."""
     values = [0.0, 0.0, 5.0, 4.0, 4.5, 4.4, 1.0]
     log = [{"step": s, "lambda2": 2.0, "ortho": v / 2.0} for s, v in enumerate(values)]
     for s in (1, 3, 5):

@@ -32,8 +32,8 @@ def test_readme_results_are_what_plot_py_computes_from_the_run_folders():
 @pytest.fixture
 def root(tmp_path):
     """topk: 3 seeds; fixed_ortho: 1 seed; adaptive_ortho α = 0.3: seed 0 twice and seed 1; one run each of
-    adaptive_ortho α = 0.1, its no-group-biases ablation and allpairs_ortho (numbered out of table order); one
-    adaptive_ortho run of another layer (a group with no reference)."""
+    adaptive_ortho α = 0.1, its no-group-biases ablation and allpairs_ortho (numbered out of table
+    order); one adaptive_ortho run of another layer (a group with no reference)."""
     root = tmp_path / "runs"
     for seed, (score, ev) in enumerate([(0.3, 0.80), (0.5, 0.81), (0.7, 0.82)]):
         write_run(root / f"run_{seed}", "topk", seed=seed, held_out=score, held_out_se=0.1, typical_ev=ev)
@@ -62,13 +62,14 @@ def lines_starting(block: str, prefix: str) -> list:
 
 
 def test_difference_standard_error_is_welch_over_seed_means(block):
-    """adaptive α = 0.3: seed means (1 + 3)/2 = 2 and 5, so mean 3.5, s² = 4.5, n 2; topk 0.3, 0.5, 0.7: mean 0.5,
-    s² = 0.04, n 3. Difference 3.0, SE = sqrt(4.5/2 + 0.04/3)."""
+    """adaptive α = 0.3: seed means (1 + 3)/2 = 2 and 5, so mean 3.5, s² = 4.5, n 2; topk 0.3, 0.5,
+    0.7: mean 0.5, s² = 0.04, n 3. Difference 3.0, SE = sqrt(4.5/2 + 0.04/3)."""
     se = math.sqrt(4.5 / 2 + 0.04 / 3)
     assert f"{se:.4f}" == "1.5044"
     row, = lines_starting(block, "| adaptive_ortho | 0.3 | − topk |")
     assert row.split(" | ")[3] == "+3.0000 ± 1.5044 (n 2 vs 3)"
-    ev_se = math.sqrt(0.0002 / 2 + 0.0001 / 3)  # EV without outliers: seed means 0.76, 0.78 against 0.80, 0.81, 0.82
+    # EV without outliers: seed means 0.76, 0.78 against 0.80, 0.81, 0.82
+    ev_se = math.sqrt(0.0002 / 2 + 0.0001 / 3)
     assert row.split(" | ")[7] == f"-0.0400 ± {ev_se:.4f} (n 2 vs 3)"  # Welch, then paired, per metric
 
 
@@ -77,7 +78,8 @@ def test_a_repeated_seed_is_averaged_first(block):
     (SE 0.5), so n = 2 seeds, not 3 runs."""
     row, geometry_row = lines_starting(block, "| adaptive_ortho | 0.3 | 2 |")  # the two per-variant tables
     assert "run_" not in geometry_row
-    assert row.startswith("| adaptive_ortho | 0.3 | 2 | run_4 + run_6, run_5 | 3.5000 ± 2.1213 | 0.4000 ± 0.1414 |")
+    assert row.startswith("| adaptive_ortho | 0.3 | 2 | run_4 + run_6, run_5 | 3.5000 ± 2.1213 | "
+                          "0.4000 ± 0.1414 |")
     assert f"{math.sqrt(4.5):.4f} | {math.sqrt(0.02):.4f}" == "2.1213 | 0.1414"
 
 
@@ -85,7 +87,8 @@ def test_one_seed_gives_no_standard_error(block):
     assert "| fixed_ortho | – | − topk | +0.1000 ± n/a (n 1 vs 3) |" in block
     assert "| adaptive_ortho | 0.3 | − fixed_ortho | +2.9000 ± n/a (n 2 vs 1) |" in block
     row, = lines_starting(block, "| allpairs_ortho λ2=15 | – | − topk |")
-    assert row.split(" | ")[3] == "-0.1000 ± n/a (n 1 vs 3)" and row.endswith(" | n/a |")  # n/a: no EV w/o outliers
+    # n/a: no EV w/o outliers
+    assert row.split(" | ")[3] == "-0.1000 ± n/a (n 1 vs 3)" and row.endswith(" | n/a |")
 
 
 def test_rows_order_references_and_groups(block):
@@ -94,7 +97,8 @@ def test_rows_order_references_and_groups(block):
     assert means == [["| topk", "–"], ["| fixed_ortho", "–"], ["| allpairs_ortho λ2=15", "–"],
                          ["| adaptive_ortho", "0.1"], ["| adaptive_ortho", "0.3"],
                          ["| adaptive_ortho no-group-biases", "0.3"], ["| adaptive_ortho", "0.1"]]  # L3
-    assert not lines_starting(block, "| topk | – | −") and "| fixed_ortho | – | − fixed_ortho |" not in block
+    assert (not lines_starting(block, "| topk | – | −")
+            and "| fixed_ortho | – | − fixed_ortho |" not in block)
     assert len(lines_starting(block, "| adaptive_ortho no-group-biases | 0.3 | − ")) == 2
     assert f"**Group {L15}**" in block and f"**Group {L3}**" in block
     assert block.rstrip().endswith("`run_10`: `python experiment.py --out_dir=run_10` (commit 0000000)")
@@ -134,7 +138,8 @@ def test_missing_markers_are_a_clear_error(root, tmp_path, text):
 
 
 def test_paired_difference_is_the_mean_per_seed_difference():
-    """Seeds 0, 1, 2 on both sides, seed 3 on one: d = 0.5, 0.1, 0.3 → mean 0.3, SE std(d)/√3 = 0.2/√3."""
+    """Seeds 0, 1, 2 on both sides, seed 3 on one: d = 0.5, 0.1, 0.3 → mean 0.3,
+    SE std(d)/√3 = 0.2/√3."""
     run = lambda seed, v: {"seed": seed, "held_out_score": v}
     a = {0: [run(0, 1.5)], 1: [run(1, 2.1)], 2: [run(2, 0.3)], 3: [run(3, 9.0)]}
     b = {0: [run(0, 1.0)], 1: [run(1, 2.0)], 2: [run(2, 0.0)]}

@@ -65,11 +65,12 @@ def naive_auxk(sae, x, dead, k_aux):
 
 @pytest.mark.parametrize("d, n, k, batch", [(16, 64, 4, 32), (24, 4608, 16, 1000)])
 def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, n, k, batch):
-    """recon + alpha * AuxK and all its parameter gradients (sparse custom backward) vs the dense textbook form.
-    At the second shape the encoder runs in several row chunks with the two-stage top-k selection, as at the
-    default shape."""
+    """recon + alpha * AuxK and all its parameter gradients (sparse custom backward) vs the dense
+    textbook form. At the second shape the encoder runs in several row chunks with the two-stage top-k
+    selection, as at the default shape."""
     sae = make_sae(d, n, k)
-    trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=0.5, dead_window_tokens=100)
+    trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=0.5,
+                          dead_window_tokens=100)
     dead = torch.zeros(n, dtype=torch.bool)
     dead[::3] = True
     trainer.tokens_since_fired[dead] = 100  # these latents count as dead for this step
@@ -85,7 +86,8 @@ def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, 
     torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-6)
     assert stats["auxk"] == pytest.approx(auxk.item(), rel=1e-5) and stats["auxk"] > 0
     variance = (x - x.mean(0)).pow(2).sum(-1).mean()
-    assert stats["explained_variance"] == pytest.approx(1 - (x - x_hat).pow(2).sum(-1).mean().item() / variance.item(), rel=1e-5)
+    assert stats["explained_variance"] == pytest.approx(
+        1 - (x - x_hat).pow(2).sum(-1).mean().item() / variance.item(), rel=1e-5)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
     sae.zero_grad()
@@ -93,27 +95,31 @@ def test_training_loss_and_gradients_match_dense_reference_with_dead_latents(d, 
     assert trainer.loss(x)[1]["auxk"] == 0.0
 
 
-@pytest.mark.parametrize("rows, n, k", [(64, 4608, 32), (40, 16384, 32), (300, 96, 3), (50, 100, 7), (20, 64, 16)])
+@pytest.mark.parametrize("rows, n, k", [(64, 4608, 32), (40, 16384, 32), (300, 96, 3), (50, 100, 7),
+                                        (20, 64, 16)])
 def test_topk_rows_selects_the_k_largest(rows, n, k):
-    """The staged selection (three levels for the first two shapes, two for the third) and its plain-topk fallback
-    (last two) against torch.topk, with ties and with rows that have fewer than k positive entries."""
+    """The staged selection (three levels for the first two shapes, two for the third) and its plain-topk
+    fallback (last two) against torch.topk, with ties and with rows that have fewer than k positive
+    entries."""
     torch.manual_seed(0)
     pre = torch.randn(rows, n)
     pre[:rows // 4] = pre[:rows // 4].round()  # many ties
     pre[rows // 4:rows // 2] = -pre[rows // 4:rows // 2].abs()  # nothing positive
     values, indices = experiment.topk_rows(pre, k)
-    torch.testing.assert_close(values.sort(dim=1, descending=True).values, pre.topk(k, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(values.sort(dim=1, descending=True).values, pre.topk(k, dim=1).values,
+                               rtol=0, atol=0)
     torch.testing.assert_close(pre.gather(1, indices), values, rtol=0, atol=0)
     assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct latents per row
 
 
 def test_scatter_rows_is_the_transposed_sparse_product():
-    """Sᵀ·dense for S [B, F] given as (indices, weights), with repeated latents in a row (AuxK can pick a latent the
-    main TopK also picked), against the dense product."""
+    """Sᵀ·dense for S [B, F] given as (indices, weights), with repeated latents in a row (AuxK can
+    pick a latent the main TopK also picked), against the dense product."""
     torch.manual_seed(0)
     B, n, k, d = 40, 30, 6, 7
     indices, weights, dense = torch.randint(0, n, (B, k)), torch.randn(B, k), torch.randn(B, d)
-    S = torch.zeros(B, n).index_put_((torch.arange(B)[:, None].expand(B, k), indices), weights, accumulate=True)
+    S = torch.zeros(B, n).index_put_((torch.arange(B)[:, None].expand(B, k), indices), weights,
+                                     accumulate=True)
     torch.testing.assert_close(experiment.scatter_rows(indices, weights, dense, n), S.T @ dense)
 
 
@@ -136,7 +142,8 @@ def test_dead_latent_counter_scales_with_run_and_fires():
     """With a window of 3 batches, latents that never win TopK count as dead from the 4th step on (deadness is
     judged on the tokens seen before the step); AuxK is then non-zero."""
     sae = make_sae(n=64, k=2)
-    trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32, dead_window_tokens=3 * 16)
+    trainer = TrainerTopK(sae, steps=10, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
+                          dead_window_tokens=3 * 16)
     x = torch.randn(16, 16)
     for _ in range(3):
         assert trainer.loss(x)[1]["dead_latents"] == 0
@@ -155,7 +162,8 @@ def test_parallel_gradient_removed_and_rows_stay_unit_norm():
         expected = grad_before - (grad_before @ row) * row  # naive per-row projection
         torch.testing.assert_close(grad_after, expected, rtol=1e-5, atol=1e-6)
         assert abs(float(grad_after @ row)) < 1e-5
-    trainer = TrainerTopK(sae, steps=5, lr=1e-2, warmup_steps=1, decay_start=0.8, auxk_alpha=0.0, dead_window_tokens=10**9)
+    trainer = TrainerTopK(sae, steps=5, lr=1e-2, warmup_steps=1, decay_start=0.8, auxk_alpha=0.0,
+                          dead_window_tokens=10**9)
     trainer.step(torch.randn(8, 16))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
 
@@ -164,7 +172,8 @@ def test_geometric_median_minimises_sum_of_distances():
     torch.manual_seed(0)
     points = torch.cat([torch.randn(50, 3), 40 + torch.randn(5, 3)])  # outliers pull the mean, not the median
     objective = lambda m: np.linalg.norm(points.numpy() - m, axis=1).sum()
-    reference = minimize(objective, points.mean(0).numpy(), method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000}).x
+    reference = minimize(objective, points.mean(0).numpy(), method="Nelder-Mead",
+                         options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000}).x
     median = geometric_median(points)
     np.testing.assert_allclose(median.numpy(), reference, atol=1e-3)
     assert objective(median.numpy()) < objective(points.mean(0).numpy()) - 1
@@ -172,7 +181,8 @@ def test_geometric_median_minimises_sum_of_distances():
 
 def test_learning_rate_schedule():
     sae = make_sae()
-    trainer = TrainerTopK(sae, steps=100, lr=1.0, warmup_steps=10, decay_start=0.8, auxk_alpha=0, dead_window_tokens=10**9)
+    trainer = TrainerTopK(sae, steps=100, lr=1.0, warmup_steps=10, decay_start=0.8, auxk_alpha=0,
+                          dead_window_tokens=10**9)
     lrs = []
     for _ in range(100):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
@@ -185,7 +195,8 @@ def test_saved_sae_loads_in_sae_lens_in_model_units(tmp_path):
     from sae_lens import SAE
     sae = make_sae(d=16, n=64, k=4)
     scale = 7.5
-    sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post", "hook_layer": 0})
+    sae.save(tmp_path / "sae", scale, {"model_name": "m", "hook_name": "blocks.0.hook_resid_post",
+                                       "hook_layer": 0})
     loaded = SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
     x = scale * torch.randn(32, 16)  # raw model-unit activations
     values, indices, *_ = sae.encode(x / scale)
@@ -199,7 +210,8 @@ def test_saved_sae_loads_in_sae_lens_in_model_units(tmp_path):
 def test_state_with_W_enc_in_the_sae_lens_layout_loads():
     """SAE-Lens files hold W_enc [d, F]; AutoEncoderTopK stores its transpose W_enc_T [F, d]."""
     sae = make_sae()
-    lens_layout = {("W_enc" if name == "W_enc_T" else name): (v.T.contiguous() if name == "W_enc_T" else v.clone())
+    lens_layout = {("W_enc" if name == "W_enc_T" else name):
+                   (v.T.contiguous() if name == "W_enc_T" else v.clone())
                    for name, v in sae.state_dict().items()}
     assert lens_layout["W_enc"].shape == (16, 64)
     loaded = AutoEncoderTopK(16, 64, 4)
@@ -210,8 +222,8 @@ def test_state_with_W_enc_in_the_sae_lens_layout_loads():
 
 def test_planted_features_are_recovered():
     """Tokens are sums of 3 of 48 known unit directions in d=24 with positive weights. A TopK SAE (F=96, k=3)
-    must find them: best |cos| with a decoder row > 0.9 for at least 90% of the directions. Random unit vectors
-    in 24 dimensions reach a max |cos| of ~0.6 against 96 rows, so 0.9 is far from chance."""
+    must find them: best |cos| with a decoder row > 0.9 for at least 90% of the directions. Random unit
+    vectors in 24 dimensions reach a max |cos| of ~0.6 against 96 rows, so 0.9 is far from chance."""
     torch.manual_seed(0)
     d, n_true, n_active = 24, 48, 3
     true = F.normalize(torch.randn(n_true, d), dim=1)
@@ -225,7 +237,8 @@ def test_planted_features_are_recovered():
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample(2048)))
     steps = 1500
-    trainer = TrainerTopK(sae, steps, lr=3e-3, warmup_steps=50, decay_start=0.8, auxk_alpha=1 / 32, dead_window_tokens=256 * 20)
+    trainer = TrainerTopK(sae, steps, lr=3e-3, warmup_steps=50, decay_start=0.8, auxk_alpha=1 / 32,
+                          dead_window_tokens=256 * 20)
     for _ in range(steps):
         stats = trainer.step(sample(256))
     best = (true @ F.normalize(sae.W_dec.detach(), dim=1).T).abs().max(dim=1).values
@@ -264,9 +277,11 @@ def test_cli_parses_every_field_and_errors_in_one_line(tmp_path):
     import subprocess, sys
     cfg = experiment.parse_config(["--out_dir=x", "--k=8", "--lr=0.01", "--overwrite", "--epochs=1.5"])
     assert (cfg.out_dir, cfg.k, cfg.lr, cfg.overwrite, cfg.epochs) == ("x", 8, 0.01, True, 1.5)
-    help_text = subprocess.run([sys.executable, "experiment.py", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, "experiment.py", "--help"], capture_output=True,
+                               text=True).stdout
     for f in experiment.dataclasses.fields(Config):
         assert f"--{f.name}" in help_text
-    bad = subprocess.run([sys.executable, "experiment.py", "--k=0", f"--out_dir={tmp_path}/r"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "experiment.py", "--k=0", f"--out_dir={tmp_path}/r"],
+                         capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--k" in bad.stderr
     assert not (tmp_path / "r").exists()

@@ -1,9 +1,9 @@
 """The unlearning evaluation (unlearning.py) on tiny random / planted HookedTransformers, offline.
 
-Models here: a 3-layer random model (hook at blocks.1.hook_resid_post, so one block runs after the hook) with a
-word-level tokenizer that has a chat template; and a planted 2-layer model whose blocks write nothing, so the
-residual is the token embedding, in which forget words carry an extra direction u and the unembedding predicts
-each word's successor from its embedding.
+Models here: a 3-layer random model (hook at blocks.1.hook_resid_post, so one block runs after the hook)
+with a word-level tokenizer that has a chat template; and a planted 2-layer model whose blocks write
+nothing, so the residual is the token embedding, in which forget words carry an extra direction u and the
+unembedding predicts each word's successor from its embedding.
 """
 import json
 import random
@@ -18,8 +18,8 @@ from data import Question
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 FORGET_WORDS = [f"f{i}" for i in range(10)]
 RETAIN_WORDS = [f"r{i}" for i in range(10)]
-PROMPT_WORDS = ("A B C D Answer : ( ) . ? The following are multiple choice questions with answers about biology "
-                "history user model what is").split()
+PROMPT_WORDS = ("A B C D Answer : ( ) . ? The following are multiple choice questions with answers "
+                "about biology history user model what is").split()
 VOCAB = SPECIALS + PROMPT_WORDS + FORGET_WORDS + RETAIN_WORDS
 TEMPLATE = ("{% for m in messages %}<bos>user {{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<bos>model {% endif %}")
@@ -56,7 +56,8 @@ class DenseSAE(torch.nn.Module):
 def random_sae(d=32, F=24, seed=0, bias=-0.3):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d, F, generator=g) / d ** 0.5
-    return DenseSAE(W, torch.full((F,), bias), torch.randn(F, d, generator=g) / d ** 0.5, 0.1 * torch.randn(d, generator=g))
+    return DenseSAE(W, torch.full((F,), bias), torch.randn(F, d, generator=g) / d ** 0.5,
+                    0.1 * torch.randn(d, generator=g))
 
 
 def texts(words, n, seed):
@@ -73,7 +74,8 @@ def contexts(tokenizer, words, n=6, length=24, seed=0):
 # ------------------------------------------------------------------------------------------------- selection
 
 def brute_force_selection(forget, retain, th, n, candidates=None):
-    pool = [i for i in range(len(forget)) if retain[i] < th and forget[i] > 0 and (candidates is None or i in candidates)]
+    pool = [i for i in range(len(forget))
+            if retain[i] < th and forget[i] > 0 and (candidates is None or i in candidates)]
     out = []
     while pool and len(out) < n:
         best = max(pool, key=lambda i: (forget[i], -i))  # highest rate, lowest index on ties
@@ -114,11 +116,14 @@ def test_clamp_without_selected_features_leaves_output_unchanged(model, tokenize
     tokens = contexts(tokenizer, FORGET_WORDS + RETAIN_WORDS)
     sae = random_sae()
     base = model(tokens)
-    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [], 50))]), base)
-    # a selected feature that never fires goes through resid - decode(f) + decode(f): unchanged to float tolerance
+    assert torch.equal(
+        model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [], 50))]), base)
+    # a selected feature that never fires goes through resid - decode(f) + decode(f): unchanged to float
+    # tolerance
     dead = random_sae(bias=-100.0)
     out = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(dead, [0, 3], 50))])
-    assert torch.allclose(out, base, atol=1e-5) and not torch.equal(dead.encode(torch.zeros(32)), torch.ones(24))
+    assert (torch.allclose(out, base, atol=1e-5)
+            and not torch.equal(dead.encode(torch.zeros(32)), torch.ones(24)))
 
 
 @pytest.mark.parametrize("kind", ["dense", "sae_lens_topk"])
@@ -143,7 +148,8 @@ def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, k
     active = f[:, :, j] > 0
     active[:, 0] = False  # BOS position untouched
     assert active.any() and (~active[:, 1:]).any()
-    expected = resid + torch.where(active, -m - f[:, :, j], torch.zeros_like(f[:, :, j]))[..., None] * W_dec[j]
+    expected = resid + (torch.where(active, -m - f[:, :, j], torch.zeros_like(f[:, :, j]))[..., None]
+                        * W_dec[j])
     got, on = unlearning.clamp_residual(sae, resid, [j], m)
     assert torch.equal(on, active)
     assert torch.allclose(got, expected, atol=1e-4)
@@ -155,7 +161,7 @@ def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, k
     assert not torch.allclose(hooked, model(tokens), atol=1e-2)
 
 
-# ------------------------------------------------------------------------------------------------- start_at_layer
+# ---------------------------------------------------------------------------------------- start_at_layer
 
 def rotary_model(make_tiny_model, tokenizer):
     """Rotary positions, grouped-query attention and a sliding window shorter than the contexts on alternate
@@ -194,10 +200,12 @@ def check_kept_residual_path(model, tokenizer):
     final = unlearning.tail(model, resid, HOOK_LAYER)
     assert torch.allclose(unlearning.logits_from_final_resid(model, final), model(tokens), atol=1e-5)
     per_token = model(tokens, return_type="loss", loss_per_token=True)
-    assert torch.allclose(unlearning.ce_sums(model, final, tokens, chunk_tokens=30), per_token.sum(1).double(), atol=1e-4)
+    assert torch.allclose(unlearning.ce_sums(model, final, tokens, chunk_tokens=30),
+                          per_token.sum(1).double(), atol=1e-4)
     # a re-run from the last position (its only edit): nothing left to predict, the loss is that of the prefix
     last = unlearning.token_nll(model, final[:, -1:], tokens[:, -1:])
-    assert last.shape == (len(tokens), 0) and unlearning.ce_sums(model, final[:, -1:], tokens[:, -1:]).eq(0).all()
+    assert (last.shape == (len(tokens), 0)
+            and unlearning.ce_sums(model, final[:, -1:], tokens[:, -1:]).eq(0).all())
     # the sweep (kept residuals, configs batched, unchanged rows skipped) against a full forward with the hook
     sae = random_sae()
     s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
@@ -234,7 +242,8 @@ def test_prompt_format_follows_sae_bench_and_chat_template(tokenizer, make_word_
     ids, _ = unlearning.prompt_tokens(plain, QUESTIONS[1])
     assert ids[0] == plain.bos_token_id and plain.convert_ids_to_tokens(ids[-2:]) == ["Answer", ":"]
     assert unlearning.letter_token_ids(tokenizer) == [[VOCAB.index(l)] for l in "ABCD"]
-    assert [len(set(o)) for o in unlearning.answer_orders(24)] == [4] * 24 and len(set(unlearning.answer_orders(24))) == 24
+    assert ([len(set(o)) for o in unlearning.answer_orders(24)] == [4] * 24
+            and len(set(unlearning.answer_orders(24))) == 24)
     assert unlearning.answer_orders(4) == [(0, 1, 2, 3), (1, 2, 3, 0), (2, 3, 0, 1), (3, 0, 1, 2)]
 
 
@@ -245,12 +254,14 @@ def direct_letter_probs(model, ids, letter_ids):
 
 def test_mcq_scoring_matches_direct_letter_probabilities(model, tokenizer):
     letter_ids = unlearning.letter_token_ids(tokenizer)
-    seqs = [unlearning.prompt_tokens(tokenizer, q, o)[0] for q in QUESTIONS for o in unlearning.answer_orders(3)]
+    seqs = [unlearning.prompt_tokens(tokenizer, q, o)[0]
+            for q in QUESTIONS for o in unlearning.answer_orders(3)]
     assert len({len(s) for s in seqs}) > 2  # padding is exercised
     direct = torch.stack([direct_letter_probs(model, s, letter_ids) for s in seqs])
     assert torch.allclose(unlearning.full_letter_probs(model, seqs, letter_ids, 5, "cpu"), direct, atol=1e-5)
     # kept-residual baseline and a clamped config, against full forwards one prompt at a time
-    batches = [unlearning.pad_right([seqs[i] for i in b], tokenizer.pad_token_id) for b in unlearning.length_batches(seqs, 4)]
+    batches = [unlearning.pad_right([seqs[i] for i in b], tokenizer.pad_token_id)
+               for b in unlearning.length_batches(seqs, 4)]
     order = [i for b in unlearning.length_batches(seqs, 4) for i in b]
     s = unlearning.EvalSet(model, "mcq", batches, HOOK_LAYER, "cpu", letter_ids)
     assert torch.allclose(torch.cat([b["base"] for b in s.batches]), direct[order], atol=1e-5)
@@ -267,9 +278,10 @@ def test_answer_order_filter_keeps_exactly_the_questions_right_under_every_order
     rng = random.Random(0)
     qs = [Question(f"q{i}", ["a", "b", "c", "d"], rng.randrange(4), "biology") for i in range(60)]
     orders = unlearning.answer_orders(24)
-    # made-up model: question i is answered right under order o unless (i, o) is in `wrong`; some questions fail
-    # only under the very last order, some under several, some never
-    wrong = {(i, o) for i in range(60) for o in orders if (i % 3 == 1 and rng.random() < 0.2) or (i % 7 == 0 and o == orders[-1])}
+    # made-up model: question i is answered right under order o unless (i, o) is in `wrong`; some
+    # questions fail only under the very last order, some under several, some never
+    wrong = {(i, o) for i in range(60) for o in orders
+             if (i % 3 == 1 and rng.random() < 0.2) or (i % 7 == 0 and o == orders[-1])}
     calls = []
 
     def score(pairs):
@@ -290,7 +302,8 @@ def test_filter_on_tiny_model_matches_brute_force(model, tokenizer):
     letter_ids = unlearning.letter_token_ids(tokenizer)
     orders = unlearning.answer_orders(4)
     qs = [Question(f"what is {a} {b} ?", [c, d, "f1", "r2"], k, "biology")
-          for a, b, c, d, k in zip(FORGET_WORDS, RETAIN_WORDS, RETAIN_WORDS[::-1], FORGET_WORDS[::-1], [0, 1, 2, 3] * 3)]
+          for a, b, c, d, k in zip(FORGET_WORDS, RETAIN_WORDS, RETAIN_WORDS[::-1], FORGET_WORDS[::-1],
+                                   [0, 1, 2, 3] * 3)]
     cfg = unlearning.UnlearningConfig(answer_orders=4, batch_size=3)
     kept, _ = unlearning.surviving_questions(model, qs, cfg, letter_ids, "cpu")
     brute = [i for i, q in enumerate(qs) if all(
@@ -302,26 +315,31 @@ def test_filter_on_tiny_model_matches_brute_force(model, tokenizer):
 def sweep_from_means(points, n=4, spread=0.0):
     """(rows, plan, deltas) of a sweep whose configs have the given per-split mean ΔCEs.
     points: [(threshold, n_features, multiplier, {"forget_select": mean, ...}, row extras)]; each split gets n
-    contexts around its mean (± spread, so its SE is spread / √(n − 1) · √n / √n ...: computed, not assumed)."""
+    contexts around its mean (± spread, so its SE is spread / √(n − 1) · √n / √n ...: computed,
+    not assumed)."""
     rows, plan, deltas = [], [], {}
     offsets = torch.tensor([spread * (1 if i % 2 else -1) for i in range(n)], dtype=torch.float64)
     for th, nf, m, means, extra in points:
         feats = (int(th * 1000), nf)  # a distinct feature tuple per curve
         plan.append((th, nf, m, feats))
         deltas[(feats, m)] = {name: mean + offsets for name, mean in means.items()}
-        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m, "forget_delta_ce": means["forget_select"],
+        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m,
+                     "forget_delta_ce": means["forget_select"],
                      "retain_delta_ce": means["retain_select"], **extra})
     return rows, plan, deltas
 
 
 def same(forget, retain):
-    return {"forget_select": forget, "forget_report": forget, "retain_select": retain, "retain_report": retain}
+    return {"forget_select": forget, "forget_report": forget, "retain_select": retain,
+            "retain_report": retain}
 
 
 def test_mcq_score_follows_sae_bench_rule():
     cfg = unlearning.UnlearningConfig()
-    rows, plan, deltas = sweep_from_means([(0.01, 10, m, same(d, r), {"forget_accuracy": fa, "retain_accuracy": ra})
-                                           for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0), (50, 0.5, 0.015, 0.6, 0.99),
+    rows, plan, deltas = sweep_from_means([(0.01, 10, m, same(d, r),
+                                            {"forget_accuracy": fa, "retain_accuracy": ra})
+                                           for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0),
+                                                                   (50, 0.5, 0.015, 0.6, 0.99),
                                                                    (100, 2.0, 0.3, 0.1, 0.95)]])
     s = unlearning._scores(rows, plan, deltas, cfg, 30, 40)
     assert s["unlearning_score"] == pytest.approx(0.4)  # config 100 fails the retain check
@@ -332,9 +350,12 @@ def test_mcq_score_follows_sae_bench_rule():
 
 def test_tolerance_point_brackets_the_first_crossing_and_never_extrapolates():
     assert unlearning.tolerance_point([0.0, 0.01, 0.03, 0.5], 0.02) == (1, pytest.approx(0.5), None)
-    assert unlearning.tolerance_point([0.0, 0.03, 0.01, 0.5], 0.02) == (0, pytest.approx(2 / 3), None)  # first one
-    assert unlearning.tolerance_point([0.0, 0.005, 0.01], 0.02) == (2, 0.0, "below_tolerance_at_every_multiplier")
-    assert unlearning.tolerance_point([0.05, 0.1], 0.02) == (None, None, "above_tolerance_at_smallest_multiplier")
+    # first one
+    assert unlearning.tolerance_point([0.0, 0.03, 0.01, 0.5], 0.02) == (0, pytest.approx(2 / 3), None)
+    assert (unlearning.tolerance_point([0.0, 0.005, 0.01], 0.02)
+            == (2, 0.0, "below_tolerance_at_every_multiplier"))
+    assert (unlearning.tolerance_point([0.05, 0.1], 0.02)
+            == (None, None, "above_tolerance_at_smallest_multiplier"))
 
 
 def test_mean_and_se_is_the_paired_standard_error():
@@ -348,8 +369,10 @@ def test_mean_and_se_is_the_paired_standard_error():
 def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
     cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
     # retain ΔCE 0.01 at ×50, 0.05 at ×100: the tolerance sits a quarter of the way, at ×62.5
-    rows, plan, deltas = sweep_from_means([(0.001, 10, 25, same(0.2, 0.0), {}), (0.001, 10, 50, same(1.0, 0.01), {}),
-                                           (0.001, 10, 100, same(3.0, 0.05), {}), (0.001, 10, 200, same(6.0, 0.4), {})],
+    rows, plan, deltas = sweep_from_means([(0.001, 10, 25, same(0.2, 0.0), {}),
+                                           (0.001, 10, 50, same(1.0, 0.01), {}),
+                                           (0.001, 10, 100, same(3.0, 0.05), {}),
+                                           (0.001, 10, 200, same(6.0, 0.4), {})],
                                           n=6, spread=0.1)
     s = unlearning._scores(rows, plan, deltas, cfg, 0, 0)
     (curve,) = s["curves_at_tolerance"]
@@ -366,8 +389,9 @@ def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
 
 
 def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_report_split():
-    """Curve A looks best on the selection text; curve B would look best on the report text. The held-out score
-    is A's report value at the multiplier found on the selection text, not the best report value."""
+    """Curve A looks best on the selection text; curve B would look best on the report text. The held-out
+    score is A's report value at the multiplier found on the selection text, not the best report
+    value."""
     cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
     def split(fs, fr, rs, rr):
         return {"forget_select": fs, "forget_report": fr, "retain_select": rs, "retain_report": rr}
@@ -386,13 +410,14 @@ def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_rep
     assert none["curves_at_tolerance"][0]["flag"] == "above_tolerance_at_smallest_multiplier"
 
 
-# ------------------------------------------------------------------------------------------------- planted end to end
+# ------------------------------------------------------------------------------------ planted end to end
 
 @pytest.fixture(scope="module")
 def planted(make_word_tokenizer, make_tiny_model):
-    """Blocks write nothing (W_O, W_out, biases, W_pos zero; no normalisation), so every residual is W_E[token].
-    W_E[t] = e_t (+ a·u for forget words), W_U[:, next(t)] = k·W_E[t] with words following a cycle per domain; the
-    SAE's feature 0 reads u (fires on forget words only), features 1-4 read retain words, feature 5 always fires."""
+    """Blocks write nothing (W_O, W_out, biases, W_pos zero; no normalisation), so every residual is
+    W_E[token]. W_E[t] = e_t (+ a·u for forget words), W_U[:, next(t)] = k·W_E[t] with words following
+    a cycle per domain; the SAE's feature 0 reads u (fires on forget words only), features 1-4 read
+    retain words, feature 5 always fires."""
     tok = make_word_tokenizer(VOCAB, split_punctuation=True, chat_template=TEMPLATE)
     V, D, a, k = len(VOCAB), len(VOCAB) + 2, 1.0, 6.0
     m = make_tiny_model(tok, n_layers=2, d_model=D, n_ctx=64, d_head=4, n_heads=2, d_mlp=16, act_fn="relu",
@@ -433,13 +458,15 @@ def planted(make_word_tokenizer, make_tiny_model):
 
 def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     m, sae, forget_docs, retain_docs = planted
-    cfg = unlearning.UnlearningConfig(retain_thresholds=(0.001, 0.01), n_features=(1, 3), multipliers=(25, 100),
-                                      context_length=24, n_rate_contexts=6, n_ce_contexts=6, batch_size=4)
-    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs, {}, {}, cfg,
-                                         "cpu", forget_group=torch.tensor([0, 5]))
+    cfg = unlearning.UnlearningConfig(retain_thresholds=(0.001, 0.01), n_features=(1, 3),
+                                      multipliers=(25, 100), context_length=24, n_rate_contexts=6,
+                                      n_ce_contexts=6, batch_size=4)
+    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs,
+                                         {}, {}, cfg, "cpu", forget_group=torch.tensor([0, 5]))
     json.dumps(res)  # serialisable
     d, met = res["eval_result_details"], res["eval_result_metrics"]["unlearning"]
-    assert d["selected_features"]["all"] == {"0.001": [0], "0.01": [0]}  # 1-4 never fire on forget, 5 on retain
+    # 1-4 never fire on forget, 5 on retain
+    assert d["selected_features"]["all"] == {"0.001": [0], "0.01": [0]}
     assert d["selected_features"]["forget_group"] == {"0.001": [0], "0.01": [0]}
     for side, docs in (("forget", forget_docs), ("retain", retain_docs)):
         text = d["text"][side]
@@ -447,38 +474,44 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
         assert text["select_documents"] + text["report_documents"] + text["rate_documents"] <= len(docs)
     for row in d["sweep"]:
         assert row["n_selected"] == 1
-        assert row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0 and row["retain_delta_ce_se"] == 0.0
+        assert (row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0
+                and row["retain_delta_ce_se"] == 0.0)
         assert row["forget_delta_ce_se"] > 0
-    # the report split ran only at the chosen curve's last multiplier (retain ΔCE never reaches the tolerance)
+    # the report split ran only at the chosen curve's last multiplier (retain ΔCE never reaches the
+    # tolerance)
     # (every curve selects feature 0 alone, so the rows at ×100 all share that one config)
     assert d["n_report_configs"] == 1
     assert all((r["report"] is not None) == (r["multiplier"] == 100) for r in d["sweep"])
     assert all(r["report"]["forget_delta_ce"] > 1.0 for r in d["sweep"] if r["report"])
-    # retain ΔCE stays 0 < tolerance: every curve gives its last multiplier, flagged; the held-out score is the
-    # report split's forget ΔCE there
+    # retain ΔCE stays 0 < tolerance: every curve gives its last multiplier, flagged; the held-out score
+    # is the report split's forget ΔCE there
     for curve in met["curves_at_tolerance"]:
         assert curve["flag"] == "below_tolerance_at_every_multiplier" and curve["multiplier"] == 100
     by_m = {(r["retain_threshold"], r["multiplier"]): r for r in d["sweep"] if r["n_features"] == 1}
     chosen = met["held_out"]["selection"]
-    assert met["held_out_score"] == pytest.approx(by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce"])
-    assert met["held_out_score_se"] == pytest.approx(by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce_se"])
+    assert met["held_out_score"] == pytest.approx(
+        by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce"])
+    assert met["held_out_score_se"] == pytest.approx(
+        by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce_se"])
     assert d["baseline"]["forget_ce"] < 2.0  # the planted model predicts its cycles
     assert met["text_score"] == pytest.approx(max(r["forget_delta_ce"] for r in d["sweep"]))
     assert met["text_score"] > 1.0 and met["text_score_config"]["multiplier"] == 100
     assert met["unlearning_score"] is None and "not meaningful" in met["mcq_note"]
-    assert res["eval_result_metrics"]["unlearning_forget_group"]["text_score"] == pytest.approx(met["text_score"])
+    assert (res["eval_result_metrics"]["unlearning_forget_group"]["text_score"]
+            == pytest.approx(met["text_score"]))
 
 
 def test_planted_clamp_of_a_retain_feature_fails_the_text_tolerance(planted):
-    """Retain text made of the forget words, forget text of both: feature 0 then fires on every retain word, so
-    clamping it raises retain CE beyond the tolerance and the text score is 0."""
+    """Retain text made of the forget words, forget text of both: feature 0 then fires on every retain
+    word, so clamping it raises retain CE beyond the tolerance and the text score is 0."""
     m, sae, forget_docs, retain_docs = planted
-    cfg = unlearning.UnlearningConfig(retain_thresholds=(1.01,), n_features=(1,), multipliers=(25,), context_length=24,
-                                      n_rate_contexts=6, n_ce_contexts=6, batch_size=4)
+    cfg = unlearning.UnlearningConfig(retain_thresholds=(1.01,), n_features=(1,), multipliers=(25,),
+                                      context_length=24, n_rate_contexts=6, n_ce_contexts=6,
+                                      batch_size=4)
     mixed = [d for pair in zip(retain_docs, forget_docs) for d in pair]
     # retain_threshold above 1 keeps every feature; forget_group restricts the choice to feature 0
-    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, mixed, forget_docs, {}, {}, cfg,
-                                         "cpu", forget_group=torch.tensor([0]))
+    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, mixed, forget_docs, {},
+                                         {}, cfg, "cpu", forget_group=torch.tensor([0]))
     g = res["eval_result_metrics"]["unlearning_forget_group"]
     row = res["eval_result_details"]["forget_group_sweep"][0]
     assert res["eval_result_details"]["selected_features"]["forget_group"] == {"1.01": [0]}
