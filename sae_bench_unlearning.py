@@ -90,7 +90,7 @@ def forget_corpus_in_place(forget_corpus: Path, work_dir: Path):
 
 def run_sae_bench_unlearning(sae, sae_name: str, model_name: str, forget_corpus: Path, device: str,
                              work_dir: Path) -> dict:
-    """Run SAE-Bench's unlearning eval on `sae` (a SAE-Bench custom SAE, e.g. core_eval.load_eval_sae's)
+    """Run SAE-Bench's unlearning eval on `sae` (a SAE-Lens SAE: experiment.intervention_sae's)
     and return its result for this SAE as SAE-Bench writes it, plus where its results file and artifacts
     are.
 
