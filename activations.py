@@ -59,7 +59,8 @@ def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, label
                 labels.to(torch.uint8).repeat_interleave(T - 1).numpy())
 
 
-def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int, splits: dict, batch_size: int) -> None:
+def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int, splits: dict,
+                batch_size: int) -> None:
     """Harvest every split {name: (tokens [n, T], context labels [n])} into a fresh cache entry.
 
     Work happens in a temporary sibling folder that is renamed into place once the manifest is written, so a
@@ -76,7 +77,8 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
                           f"harvest {split}")
             for suffix in ("acts", "labels") if distributed.is_main() else ():
                 path = tmp / f"{split}_{suffix}.npy"
-                files[path.name] = {"sha256": sha256_file(path), "shape": list(np.load(path, mmap_mode="r").shape)}
+                files[path.name] = {"sha256": sha256_file(path),
+                                    "shape": list(np.load(path, mmap_mode="r").shape)}
         if distributed.is_main():
             (tmp / "manifest.json").write_text(json.dumps({"key": key_fields, "files": files}, indent=1,
                                                           default=str))
@@ -84,8 +86,9 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"disk full while writing the activation cache under {entry.parent} (partial files "
-                                   f"removed; the entry needs about {_entry_bytes(splits, model.cfg.d_model) / 1e9:.1f} GB): "
+            raise OSError(e.errno, f"disk full while writing the activation cache under {entry.parent} "
+                                   f"(partial files removed; the entry needs about "
+                                   f"{_entry_bytes(splits, model.cfg.d_model) / 1e9:.1f} GB): "
                                    f"free space or point --cache_dir elsewhere") from None
         raise
     if distributed.is_main():
@@ -109,16 +112,20 @@ def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray
     for suffix in ("acts", "labels"):
         path = entry / f"{split}_{suffix}.npy"
         if verify and sha256_file(path) != manifest["files"][path.name]["sha256"]:
-            raise RuntimeError(f"cache file {path} does not match its manifest checksum: delete {entry} to rebuild")
+            raise RuntimeError(f"cache file {path} does not match its manifest checksum: "
+                               f"delete {entry} to rebuild")
         arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
     return arrays[0], np.asarray(arrays[1])
 
 
-def typical_rows(acts: np.ndarray, max_norm_multiple: float, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """(indices of rows with ‖x‖ <= max_norm_multiple · median ‖x‖, all row norms [n]); 0 keeps every row.
+def typical_rows(acts: np.ndarray, max_norm_multiple: float,
+                 chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of rows with ‖x‖ <= max_norm_multiple · median ‖x‖, all row norms [n]);
+    0 keeps every row.
 
-    Some models put norms ~100x the median on a few tokens (attention sinks, e.g. SmolLM2 on the token after
-    BOS); left in, they dominate the squared-error loss and the input scale. dictionary_learning filters the same way.
+    Some models put norms ~100x the median on a few tokens (attention sinks, e.g. SmolLM2 on the token
+    after BOS); left in, they dominate the squared-error loss and the input scale. dictionary_learning
+    filters the same way.
     """
     norms = np.concatenate([np.linalg.norm(acts[i:i + chunk], axis=1) for i in range(0, len(acts), chunk)])
     if max_norm_multiple <= 0:
@@ -126,8 +133,8 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float, chunk: int = 65536)
     return np.flatnonzero(norms <= max_norm_multiple * np.median(norms)), norms
 
 
-def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, rows: np.ndarray = None,
-                     skip: int = 0, part: slice = slice(None)):
+def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                     rows: np.ndarray = None, skip: int = 0, part: slice = slice(None)):
     """Endless stream of (x [B, d] float32, labels [B] uint8) over `rows` (default all): a fresh random
     permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
     same stream). `part` slices each batch: a data-parallel rank reads its share of the global batch only.
@@ -140,7 +147,8 @@ def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed
     n = len(rows)
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n:,} training activations: lower --batch_size")
+        raise ValueError(f"batch_size={batch_size} exceeds the {n:,} training activations: "
+                         f"lower --batch_size")
     for _ in range(skip // per_epoch):
         rng.permutation(n)  # advance the generator past the skipped epochs
     first = skip % per_epoch

@@ -1,9 +1,10 @@
 """Data parallelism under torchrun: N processes train one SAE (torch.distributed; NCCL on GPUs, gloo on CPU).
 
-Every rank holds the whole SAE and optimizer. A global batch of B rows is cut into N equal slices; each rank
-computes its slice's share of the loss (its local mean × n_local / B), so the sum of the ranks' gradients is the
-gradient of the global batch, and one all-reduce per step makes every rank take the same optimizer step. Without
-torchrun (WORLD_SIZE unset) every helper here is a no-op and the run is the single-process one.
+Every rank holds the whole SAE and optimizer. A global batch of B rows is cut into N equal slices; each
+rank computes its slice's share of the loss (its local mean × n_local / B), so the sum of the ranks'
+gradients is the gradient of the global batch, and one all-reduce per step makes every rank take the same
+optimizer step. Without torchrun (WORLD_SIZE unset) every helper here is a no-op and the run is the
+single-process one.
 """
 import os
 import sys
@@ -13,8 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# A collective waits this long for a rank that stopped answering, then raises; rank 0 meanwhile may load a model
-# or harvest its share, so the bound is generous. A rank that dies outright is seen at once (its sockets close).
+# A collective waits this long for a rank that stopped answering, then raises; rank 0 meanwhile may load
+# a model or harvest its share, so the bound is generous. A rank that dies outright is seen at once (its
+# sockets close).
 TIMEOUT = timedelta(minutes=30)
 
 
@@ -56,7 +58,8 @@ def is_main() -> bool:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+            else torch.device("cpu"))
 
 
 def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,7 +107,8 @@ def barrier() -> None:
 
 @contextmanager
 def main_first():
-    """Rank 0 runs the block first (it may download or convert into the shared cache), then the other ranks."""
+    """Rank 0 runs the block first (it may download or convert into the shared cache), then the other
+    ranks."""
     if not is_main():
         barrier()
     yield
@@ -130,7 +134,8 @@ def on_main(function, error: type = RuntimeError):
 
 
 def quiet_unless_main() -> None:
-    """Ranks other than 0 print nothing to stdout (their progress bars are off too); errors still reach stderr."""
+    """Ranks other than 0 print nothing to stdout (their progress bars are off too); errors still reach
+    stderr."""
     if not is_main():
         sys.stdout = open(os.devnull, "w")
 

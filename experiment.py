@@ -3,9 +3,10 @@
     python experiment.py --out_dir=run_1            # embedded default: CPU, no hub
     python experiment.py --help                     # every option, its meaning and default
 
-The run: load the model (Pythia-70M-deduped from the hub when reachable, else the embedded SmolLM2-135M-Instruct)
--> harvest residual-stream activations of forget-domain (biology) and retain-domain (general) text, cached on
-disk -> train the SAE -> SAE-Bench core evaluation on held-out retain text -> out_dir/final_info.json.
+The run: load the model (Pythia-70M-deduped from the hub when reachable, else the embedded
+SmolLM2-135M-Instruct) -> harvest residual-stream activations of forget-domain (biology) and
+retain-domain (general) text, cached on disk -> train the SAE -> SAE-Bench core evaluation on held-out
+retain text -> out_dir/final_info.json.
 """
 import argparse
 import dataclasses
@@ -128,8 +129,8 @@ class Config:
     group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases "
                               "b_forget, b_retain (false: the ablation without them; topk and "
                               "allpairs_ortho have none)")
-    ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² (P: "
-                             "matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per "
+    ortho_target: str = _opt("partner", "adaptive_ortho: 'partner' penalises ‖W_F W_Rᵀ − α·P‖² "
+                             "(P: matched partners) or 'hinge' ‖relu(|W_F W_Rᵀ| − α)‖², both per "
                              "cross-group pair")
     group_every: int = _opt(100, "regroup features into forget/retain/shared (and rematch partners, "
                             "log κ) every this many steps; also the horizon of the firing-frequency "
@@ -143,9 +144,9 @@ class Config:
                                      "fraction of d_model latents (the most domain-specific), so that "
                                      "n_F + n_R <= d and strict cross-group orthogonality (α = 0) can "
                                      "be met; 0: no cap")
-    kappa_max: float = _opt(1e4, "early stopping (fixed_ortho, adaptive_ortho): a group's decoder κ above this "
-                            "counts as ill-conditioned (healthy runs stay below a few thousand; "
-                            "orthogonality squeezes each group into fewer directions)")
+    kappa_max: float = _opt(1e4, "early stopping (fixed_ortho, adaptive_ortho): a group's decoder κ "
+                            "above this counts as ill-conditioned (healthy runs stay below a few "
+                            "thousand; orthogonality squeezes each group into fewer directions)")
     kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks "
                                "with a group's κ above kappa_max")
     # evaluation: after training, none of these changes what training computes
@@ -179,13 +180,16 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default, help=f.metadata["help"],
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
+                                help=f.metadata["help"],
                                 type=lambda s: s.lower() in ("1", "true", "yes"))
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            kind = ({"int": int, "float": float, "str": str}.get(f.type, f.type)
+                    if isinstance(f.type, str) else f.type)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
 
@@ -202,43 +206,61 @@ def validate(cfg: Config) -> None:
     """Checks that need no model: raise ConfigError naming the field and the fix."""
     checks = [
         (cfg.k >= 1, "k", f"k={cfg.k} must be >= 1"),
-        (cfg.dict_size >= 0, "dict_size", f"dict_size={cfg.dict_size} must be >= 0 (0 picks the device default)"),
-        (cfg.dict_size == 0 or cfg.k <= cfg.dict_size, "k", f"k={cfg.k} exceeds dict_size={cfg.dict_size}: lower --k or raise --dict_size"),
+        (cfg.dict_size >= 0, "dict_size",
+         f"dict_size={cfg.dict_size} must be >= 0 (0 picks the device default)"),
+        (cfg.dict_size == 0 or cfg.k <= cfg.dict_size, "k",
+         f"k={cfg.k} exceeds dict_size={cfg.dict_size}: lower --k or raise --dict_size"),
         (cfg.lr >= 0, "lr", f"lr={cfg.lr} must be > 0 (or 0 for the automatic rule)"),
-        (cfg.train_tokens >= 0, "train_tokens", f"train_tokens={cfg.train_tokens} must be >= 0 (0 picks the device default)"),
+        (cfg.train_tokens >= 0, "train_tokens",
+         f"train_tokens={cfg.train_tokens} must be >= 0 (0 picks the device default)"),
         (cfg.val_tokens > 0, "val_tokens", f"val_tokens={cfg.val_tokens} must be > 0"),
         (cfg.batch_size >= 1, "batch_size", f"batch_size={cfg.batch_size} must be >= 1"),
-        (cfg.checkpoint_every >= 1, "checkpoint_every", f"checkpoint_every={cfg.checkpoint_every} must be >= 1"),
+        (cfg.checkpoint_every >= 1, "checkpoint_every",
+         f"checkpoint_every={cfg.checkpoint_every} must be >= 1"),
         (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be > 0"),
-        (cfg.context_length >= 2, "context_length", f"context_length={cfg.context_length} must be >= 2 (BOS + one token)"),
+        (cfg.context_length >= 2, "context_length",
+         f"context_length={cfg.context_length} must be >= 2 (BOS + one token)"),
         (0 < cfg.eval_fraction < 1, "eval_fraction", f"eval_fraction={cfg.eval_fraction} must be in (0, 1)"),
-        (0 < cfg.val_fraction < 1 - cfg.eval_fraction, "val_fraction", f"val_fraction={cfg.val_fraction} must be in (0, 1 − eval_fraction)"),
-        (cfg.allpairs_lambda2 >= 0, "allpairs_lambda2", f"allpairs_lambda2={cfg.allpairs_lambda2} must be >= 0"),
-        (0 <= cfg.max_group_fraction <= 1, "max_group_fraction", f"max_group_fraction={cfg.max_group_fraction} must be in [0, 1]"),
+        (0 < cfg.val_fraction < 1 - cfg.eval_fraction, "val_fraction",
+         f"val_fraction={cfg.val_fraction} must be in (0, 1 − eval_fraction)"),
+        (cfg.allpairs_lambda2 >= 0, "allpairs_lambda2",
+         f"allpairs_lambda2={cfg.allpairs_lambda2} must be >= 0"),
+        (0 <= cfg.max_group_fraction <= 1, "max_group_fraction",
+         f"max_group_fraction={cfg.max_group_fraction} must be in [0, 1]"),
         (0 <= cfg.decay_start <= 1, "decay_start", f"decay_start={cfg.decay_start} must be in [0, 1]"),
         (cfg.auxk_alpha >= 0, "auxk_alpha", f"auxk_alpha={cfg.auxk_alpha} must be >= 0"),
         (cfg.layer >= -1, "layer", f"layer={cfg.layer} must be >= 0 (or -1 for the model's default)"),
-        (cfg.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode", f"wandb_mode={cfg.wandb_mode!r}: use auto, online, offline or disabled"),
+        (cfg.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode",
+         f"wandb_mode={cfg.wandb_mode!r}: use auto, online, offline or disabled"),
         (cfg.variant in VARIANTS, "variant", f"variant={cfg.variant!r}: use one of {', '.join(VARIANTS)}"),
-        (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit", f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: use one of {', '.join(GROUP_BIAS_EDITS)}"),
-        (cfg.absorption_words >= 0, "absorption_words", f"absorption_words={cfg.absorption_words} must be >= 0 (0: all)"),
-        (cfg.unlearning_ce_contexts >= 2, "unlearning_ce_contexts", f"unlearning_ce_contexts={cfg.unlearning_ce_contexts} must be >= 2 (a standard error needs two)"),
-        (cfg.ortho_target in ("partner", "hinge"), "ortho_target", f"ortho_target={cfg.ortho_target!r}: use partner or hinge"),
+        (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit",
+         f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: "
+         f"use one of {', '.join(GROUP_BIAS_EDITS)}"),
+        (cfg.absorption_words >= 0, "absorption_words",
+         f"absorption_words={cfg.absorption_words} must be >= 0 (0: all)"),
+        (cfg.unlearning_ce_contexts >= 2, "unlearning_ce_contexts",
+         f"unlearning_ce_contexts={cfg.unlearning_ce_contexts} must be >= 2 "
+         f"(a standard error needs two)"),
+        (cfg.ortho_target in ("partner", "hinge"), "ortho_target",
+         f"ortho_target={cfg.ortho_target!r}: use partner or hinge"),
         (0 <= cfg.alpha < 1, "alpha", f"alpha={cfg.alpha} must be in [0, 1)"),
         (cfg.lambda2_max >= 0, "lambda2_max", f"lambda2_max={cfg.lambda2_max} must be >= 0"),
         (cfg.t0 >= 0, "t0", f"t0={cfg.t0} must be >= 0"),
         (cfg.group_every >= 1, "group_every", f"group_every={cfg.group_every} must be >= 1"),
-        (0 <= cfg.specificity_threshold < 1, "specificity_threshold", f"specificity_threshold={cfg.specificity_threshold} must be in [0, 1)"),
+        (0 <= cfg.specificity_threshold < 1, "specificity_threshold",
+         f"specificity_threshold={cfg.specificity_threshold} must be in [0, 1)"),
         (cfg.min_freq >= 0, "min_freq", f"min_freq={cfg.min_freq} must be >= 0"),
         (cfg.kappa_max > 1, "kappa_max", f"kappa_max={cfg.kappa_max} must be > 1"),
         (cfg.kappa_patience >= 1, "kappa_patience", f"kappa_patience={cfg.kappa_patience} must be >= 1"),
-        (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", f"device={cfg.device!r}: use auto, cpu or cuda[:N]"),
+        (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
+         f"device={cfg.device!r}: use auto, cpu or cuda[:N]"),
     ]
     for ok, name, message in checks:
         if not ok:
             raise ConfigError(f"--{name}: {message}")
     if (Path(cfg.out_dir) / "final_info.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"--out_dir: {cfg.out_dir} holds a finished run (final_info.json); pick a new out_dir or pass --overwrite")
+        raise ConfigError(f"--out_dir: {cfg.out_dir} holds a finished run (final_info.json); "
+                          f"pick a new out_dir or pass --overwrite")
 
 
 def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
@@ -258,7 +280,8 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
         dead_window_tokens=cfg.dead_window_tokens or cfg.train_tokens // 20,
     )
     if not 0 <= cfg.layer < model_desc["n_layers"]:
-        raise ConfigError(f"--layer: layer={cfg.layer} is outside {model_desc['hf_name']} (layers 0..{model_desc['n_layers'] - 1})")
+        raise ConfigError(f"--layer: layer={cfg.layer} is outside {model_desc['hf_name']} "
+                          f"(layers 0..{model_desc['n_layers'] - 1})")
     if cfg.k > cfg.dict_size:
         raise ConfigError(f"--k: k={cfg.k} exceeds dict_size={cfg.dict_size}: lower --k or raise --dict_size")
     return cfg
@@ -268,23 +291,25 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
 # The sparse autoencoder
 
 
-# torch marks its sparse CSR tensors "beta"; the two products used here (sparse.mm, sparse.sampled_addmm) are checked
-# against dense references in tests/test_sae.py
+# torch marks its sparse CSR tensors "beta"; the two products used here (sparse.mm, sparse.sampled_addmm)
+# are checked against dense references in tests/test_sae.py
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
-def topk_rows(pre: torch.Tensor, k: int, blocks: tuple[int, ...] = (8, 4)) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(pre: torch.Tensor, k: int,
+              blocks: tuple[int, ...] = (8, 4)) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [B, k] of the k largest entries in each row of pre [B, F]: the same selection as
     pre.topk(k, sorted=False) (up to the order within a row and the choice among tied values), in stages.
 
     torch's CPU topk has a per-row cost comparable to the encoder GEMM's at the default shape (BENCHMARKS.md).
-    Each stage cuts a row into m = F/block strided blocks {c, c+m, …, c+(block−1)m} and
-    takes every block's max: one vectorised pass over [B, block, m]. Each of a row's k largest entries lies in one of
-    the k blocks with the largest maxima (an entry in any other block is ≤ its block's max ≤ the k-th largest block
-    max, which k entries in other blocks reach). Those k blocks are found the same way, one level down (the block
-    maxima [B, m] are a row of their own, cut into blocks[1]), and the answer is the topk over their k·block entries.
-    At the default shape: [B, 4608] → maxima [B, 576] → [B, 144], then topk over 144, 128 and 256 entries instead of
-    4608.
+    Each stage cuts a row into m = F/block strided blocks {c, c+m, …, c+(block−1)m} and takes every
+    block's max: one vectorised pass over [B, block, m]. Each of a row's k largest entries lies in one of
+    the k blocks with the largest maxima (an entry in any other block is ≤ its block's max ≤ the k-th
+    largest block max, which k entries in other blocks reach). Those k blocks are found the same way, one
+    level down (the block maxima [B, m] are a row of their own, cut into blocks[1]), and the answer is
+    the topk over their k·block entries.
+    At the default shape: [B, 4608] → maxima [B, 576] → [B, 144], then topk over 144, 128 and 256 entries
+    instead of 4608.
     A level that saves nothing (F not a multiple of its block, or k·block > F/4) is a plain topk.
     """
     B, F = pre.shape
@@ -297,13 +322,15 @@ def topk_rows(pre: torch.Tensor, k: int, blocks: tuple[int, ...] = (8, 4)) -> tu
     return values, candidates.gather(1, j)
 
 
-def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Sᵀ · dense: out [n_rows, d], out[f] = Σ_{(b, j): indices[b, j] = f} weights[b, j] · dense[b],
-    for S [B, n_rows] the sparse matrix with weights[b, j] at (b, indices[b, j]) (indices, weights [B, n], dense [B, d]).
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
+                 n_rows: int) -> torch.Tensor:
+    """Sᵀ · dense: out [n_rows, d], out[f] = Σ_{(b, j): indices[b, j] = f} weights[b, j] · dense[b], for
+    S [B, n_rows] the sparse matrix with weights[b, j] at (b, indices[b, j]) (indices, weights [B, n],
+    dense [B, d]).
 
-    The weight gradients of a TopK SAE are all of this form. S is laid out latent-major as a CSR matrix: a stable
-    argsort of the B·n latent ids (no COO coalescing) and a bincount for the row pointers, O(B·n); then one
-    sparse × dense product, O(B·n·d). Nothing of size B × n_rows is formed.
+    The weight gradients of a TopK SAE are all of this form. S is laid out latent-major as a CSR matrix:
+    a stable argsort of the B·n latent ids (no COO coalescing) and a bincount for the row pointers,
+    O(B·n); then one sparse × dense product, O(B·n·d). Nothing of size B × n_rows is formed.
     """
     B, n = indices.shape
     flat = indices.flatten()
@@ -311,7 +338,8 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tens
     crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=indices.device)
     torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
     rows_of_entries = torch.div(order, n, rounding_mode="floor").to(torch.int32)
-    S_t = torch.sparse_csr_tensor(crow, rows_of_entries, weights.flatten()[order], (n_rows, B), check_invariants=False)
+    S_t = torch.sparse_csr_tensor(crow, rows_of_entries, weights.flatten()[order], (n_rows, B),
+                                  check_invariants=False)
     return torch.sparse.mm(S_t, dense)
 
 
@@ -319,14 +347,15 @@ class TopKEncode(torch.autograd.Function):
     """(values, indices) = TopK_k(ReLU((x − b_dec) W_enc + b_enc)), plus the top k_aux pre-activations among
     `aux_latents` (the dead latents AuxK trains), from the same dense pre-activations.
 
-    Forward: the dense product [B, d] x [d, F], O(B·d·F), the only dense step. Rows go in chunks of ≤ 2^21
-    pre-activations (8 MB; 455 rows at F = 4608): the allocator reuses each chunk's block, where a whole B×F block
-    (75 MB at B = 4096) would be freshly mapped and page-faulted every step, and the selection reads it while it is
-    still in cache (together ~0.85x the time of one unchunked product + selection). Selection: topk_rows. ReLU is
-    applied to the k selected values only (ReLU and TopK commute; where fewer than k entries are positive, the
-    extra selected values are 0 either way).
-    Backward: the gradient w.r.t. the pre-activations is zero outside the B·(k + k_aux) selected entries, so every
-    weight gradient is a sparse product (scatter_rows), O(B·(k+k_aux)·d):
+    Forward: the dense product [B, d] x [d, F], O(B·d·F), the only dense step. Rows go in chunks of
+    ≤ 2^21 pre-activations (8 MB; 455 rows at F = 4608): the allocator reuses each chunk's block,
+    where a whole B×F block (75 MB at B = 4096) would be freshly mapped and page-faulted every step,
+    and the selection reads it while it is still in cache (together ~0.85x the time of one unchunked
+    product + selection). Selection: topk_rows. ReLU is applied to the k selected values only (ReLU
+    and TopK commute; where fewer than k entries are positive, the extra selected values are 0
+    either way).
+    Backward: the gradient w.r.t. the pre-activations is zero outside the B·(k + k_aux) selected entries,
+    so every weight gradient is a sparse product (scatter_rows), O(B·(k+k_aux)·d):
       ∂W_enc[:, f] = Σ_b (x_b − b_dec) g_bf,   ∂b_enc[f] = Σ_b g_bf,   ∂b_dec = −W_enc ∂b_enc.
     The dense [B, F] gradient is never formed.
     """
@@ -349,24 +378,29 @@ class TopKEncode(torch.autograd.Function):
             aux_values, aux_indices = torch.cat(aux_values).relu_(), torch.cat(aux_indices)
         else:
             aux_values, aux_indices = values.new_zeros(len(x), 0), indices.new_zeros(len(x), 0)
-        ctx.save_for_backward(centered, W_enc, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1))
+        ctx.save_for_backward(centered, W_enc, torch.cat([values, aux_values], 1),
+                              torch.cat([indices, aux_indices], 1))
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, grad_values, _, grad_aux_values, __):
         centered, W_enc, values, indices = ctx.saved_tensors
-        grad = torch.cat([grad_values, grad_aux_values], 1) * (values > 0)  # ReLU: no gradient where it clipped
+        # ReLU: no gradient where it clipped
+        grad = torch.cat([grad_values, grad_aux_values], 1) * (values > 0)
         grad_W_enc = scatter_rows(indices, grad, centered, W_enc.shape[1]).T
-        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, indices.flatten(), grad.flatten())
+        grad_b_enc = (torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device)
+                      .index_add_(0, indices.flatten(), grad.flatten()))
         return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """Σ_j values[:, j] · W[indices[:, j]] = S W, for S [B, F] sparse with k entries per row, W [F, d]: [B, d].
+    """Σ_j values[:, j] · W[indices[:, j]] = S W, for S [B, F] sparse with k entries per row,
+    W [F, d]: [B, d].
 
     Forward: an embedding_bag over W's rows, O(B·k·d). Backward, both O(B·k·d), no [B, F] tensor:
-      ∂values[b, j] = g_b · W[indices[b, j]]   a sampled product g Wᵀ at S's entries (sparse.sampled_addmm);
+      ∂values[b, j] = g_b · W[indices[b, j]]   a sampled product g Wᵀ at S's entries
+                                               (sparse.sampled_addmm);
       ∂W = Sᵀ g                                scatter_rows.
     """
 
@@ -379,15 +413,16 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad):
         values, indices, W = ctx.saved_tensors
         B, k = indices.shape
-        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=indices.device), indices.flatten(),
-                                          values.new_zeros(B * k), (B, len(W)), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=indices.device),
+                                          indices.flatten(), values.new_zeros(B * k), (B, len(W)),
+                                          check_invariants=False)
         grad_values = torch.sparse.sampled_addmm(pattern, grad, W.T, beta=0.0).values().view(B, k)
         return grad_values, None, scatter_rows(indices, values, grad, len(W))
 
 
 class MeanSquaredNorm(torch.autograd.Function):
-    """mean_b ‖r_b‖² for r [B, d], as one dot product (no r² temporary); backward: ∂/∂r = (2/B)·g·r, one pass
-    (autograd's pow/sum/mean chain makes three)."""
+    """mean_b ‖r_b‖² for r [B, d], as one dot product (no r² temporary); backward:
+    ∂/∂r = (2/B)·g·r, one pass (autograd's pow/sum/mean chain makes three)."""
 
     @staticmethod
     def forward(ctx, r):
@@ -411,16 +446,16 @@ class Codes(NamedTuple):
 class AutoEncoderTopK(nn.Module):
     """TopK SAE on inputs scaled to unit mean squared norm.
 
-    encode: f = TopK_k(ReLU((x − b_dec) W_enc + b_enc))      x [B, d], W_enc [d, F], f [B, F] with k non-zeros
-    decode: x̂ = f W_dec + b_dec [+ Σ_g w_g(f) b_g]             W_dec [F, d], rows unit norm
-    The active latents are kept as (values [B, k], indices [B, k]); encoding is TopKEncode, decoding SparseDecode,
-    so a training step costs one dense [B, d] x [d, F] product plus O(B·k·d) for everything else, and no [B, F]
-    tensor is formed except the (chunked) pre-activations.
+    encode: f = TopK_k(ReLU((x − b_dec) W_enc + b_enc))   x [B, d], W_enc [d, F], f [B, F] with k non-zeros
+    decode: x̂ = f W_dec + b_dec [+ Σ_g w_g(f) b_g]          W_dec [F, d], rows unit norm
+    The active latents are kept as (values [B, k], indices [B, k]); encoding is TopKEncode, decoding
+    SparseDecode, so a training step costs one dense [B, d] x [d, F] product plus O(B·k·d) for everything
+    else, and no [B, F] tensor is formed except the (chunked) pre-activations.
 
-    With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias b_g
-    (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of activation mass in
-    that group, w_g(f) (`group_weights`). `feature_group` [F] holds each latent's group (−1 shared); the decoder
-    weights stay shared. Saved, it is a GroupBiasTopKSAE.
+    With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias
+    b_g (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of
+    activation mass in that group, w_g(f) (`group_weights`). `feature_group` [F] holds each latent's
+    group (−1 shared); the decoder weights stay shared. Saved, it is a GroupBiasTopKSAE.
     """
 
     def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False):
@@ -429,8 +464,9 @@ class AutoEncoderTopK(nn.Module):
         W_dec = torch.randn(dict_size, d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        # tied initialisation, as dictionary_learning and OpenAI. Stored as W_encᵀ [F, d], one row per latent: the
-        # backward forms the encoder gradient in that layout, and fused Adam takes it without a transposing copy
+        # tied initialisation, as dictionary_learning and OpenAI. Stored as W_encᵀ [F, d], one row per
+        # latent: the backward forms the encoder gradient in that layout, and fused Adam takes it without
+        # a transposing copy
         self.W_enc_T = nn.Parameter(W_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -472,7 +508,8 @@ class AutoEncoderTopK(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
-        """Project out each row's gradient component along the row, so the unit-norm constraint holds to first order."""
+        """Project out each row's gradient component along the row, so the unit-norm constraint holds to
+        first order."""
         if self.W_dec.grad is not None:
             for start in range(0, self.dict_size, 1024):  # in row blocks, so vecdot's product stays in cache
                 grad, W = self.W_dec.grad[start:start + 1024], self.W_dec[start:start + 1024]
@@ -482,19 +519,20 @@ class AutoEncoderTopK(nn.Module):
         """Save as a SAE-Lens SAE in the model's own units: TopKSAE, or GroupBiasTopKSAE with group biases
         (sae_lens.SAE.load_from_disk reads either once this module is imported).
 
-        Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and x̂' = scale·x̂ on raw x,
-        with the same latents firing and W_dec still unit-norm, so feature values are in activation units.
-        Group biases are biases of x̂ too, so they are scaled the same way (the weights w_g are ratios of activation
-        mass, unchanged by the scale).
+        Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and
+        x̂' = scale·x̂ on raw x, with the same latents firing and W_dec still unit-norm, so feature values
+        are in activation units. Group biases are biases of x̂ too, so they are scaled the same way (the
+        weights w_g are ratios of activation mass, unchanged by the scale).
         """
         from sae_lens.saes.sae import SAEMetadata
         groups = self.group_bias is not None
         config_class = GroupBiasTopKSAEConfig if groups else TopKSAEConfig
         sae_class = GroupBiasTopKSAE if groups else TopKSAE
-        sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32", device="cpu",
-                                     apply_b_dec_to_input=True, normalize_activations="none",
-                                     metadata=SAEMetadata(**metadata)))
-        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale, "b_dec": self.b_dec * scale}
+        sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32",
+                                     device="cpu", apply_b_dec_to_input=True,
+                                     normalize_activations="none", metadata=SAEMetadata(**metadata)))
+        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale,
+                   "b_dec": self.b_dec * scale}
         if groups:
             weights |= {"group_bias": self.group_bias * scale, "feature_group": self.feature_group}
         sae.load_state_dict({name: w.detach().cpu() for name, w in weights.items()})
@@ -505,19 +543,20 @@ SHARED = -1  # feature_group of a latent in neither domain group
 
 
 def group_weights(codes: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """w [..., 2]: each token's share of activation mass in the retain (column RETAIN) and forget (FORGET) group,
+    """w [..., 2]: each token's share of activation mass in the retain (column RETAIN) and
+    forget (FORGET) group,
 
         w_g = Σ_j relu(c_j)·[groups_j = g] / Σ_j relu(c_j)      (0 for a token with no positive code),
 
-    codes [..., n] with groups [..., n] (training's sparse path: TopK values and their latents' groups) or [n]
-    (the dense path: n = F, groups = feature_group). Only positive codes carry mass, so 0 ≤ w_g ≤ 1 and
-    w_RETAIN + w_FORGET ≤ 1 for any codes, negative ones included: an intervention that clamps features to −m
-    moves the group-bias term by at most ‖b_RETAIN‖ + ‖b_FORGET‖. TopK codes are ≥ 0, where this is the plain
-    share Σ_{j∈g} f_j / Σ_j f_j.
+    codes [..., n] with groups [..., n] (training's sparse path: TopK values and their latents' groups)
+    or [n] (the dense path: n = F, groups = feature_group). Only positive codes carry mass, so
+    0 ≤ w_g ≤ 1 and w_RETAIN + w_FORGET ≤ 1 for any codes, negative ones included: an intervention
+    that clamps features to −m moves the group-bias term by at most ‖b_RETAIN‖ + ‖b_FORGET‖.
+    TopK codes are ≥ 0, where this is the plain share Σ_{j∈g} f_j / Σ_j f_j.
     """
     mass = codes.clamp_min(0)
-    per_group = torch.stack([(mass * (groups == g)).sum(dim=-1) for g in (activations.RETAIN, activations.FORGET)],
-                            dim=-1)
+    per_group = torch.stack([(mass * (groups == g)).sum(dim=-1)
+                             for g in (activations.RETAIN, activations.FORGET)], dim=-1)
     return per_group / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
@@ -532,10 +571,11 @@ class GroupBiasTopKSAEConfig(TopKSAEConfig):
 
 
 class GroupBiasTopKSAE(TopKSAE):
-    """A saved adaptive_ortho SAE for SAE-Lens and SAE-Bench: SAE-Lens's TopK SAE on dense codes f [..., F] whose
-    decoder adds the group biases, x̂ = f W_dec + b_dec + group_weights(f, feature_group) @ group_bias
-    (AutoEncoderTopK's decode, in model units). sae_weights.safetensors holds group_bias [2, d] and
-    feature_group [F] beside the TopK weights; cfg.json's architecture is "topk_group_biases".
+    """A saved adaptive_ortho SAE for SAE-Lens and SAE-Bench: SAE-Lens's TopK SAE on dense codes
+    f [..., F] whose decoder adds the group biases,
+    x̂ = f W_dec + b_dec + group_weights(f, feature_group) @ group_bias (AutoEncoderTopK's decode, in
+    model units). sae_weights.safetensors holds group_bias [2, d] and feature_group [F] beside the TopK
+    weights; cfg.json's architecture is "topk_group_biases".
     """
 
     def initialize_weights(self) -> None:
@@ -550,7 +590,8 @@ class GroupBiasTopKSAE(TopKSAE):
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         x_hat = feature_acts @ self.W_dec + self.b_dec
         x_hat = x_hat + group_weights(feature_acts, self.feature_group).to(x_hat.dtype) @ self.group_bias
-        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(self.hook_sae_recons(x_hat)), self.d_head)
+        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(self.hook_sae_recons(x_hat)),
+                                   self.d_head)
 
     def without_group_biases(self) -> TopKSAE:
         """The same encoder and decoder as a plain TopKSAE (its decode leaves the group-bias term out)."""
@@ -567,21 +608,24 @@ GROUP_BIAS_EDITS = ("held", "relu")
 
 
 def intervention_sae(sae: TopKSAE, group_bias_edit: str) -> TopKSAE:
-    """The SAE whose decode defines an intervention's edit, resid' = resid − decode(f) + decode(f') (SAE-Bench's
-    clamp), f' the edited codes. Encoding, and so feature selection, is the same either way.
-      held: the group-bias term stays at its value under the codes before the intervention (it is left in the
-            error term), so the edit is (f' − f)·W_dec: the same edit for an SAE with or without group biases.
-            This is the plain TopK view of a GroupBiasTopKSAE.
-      relu: the SAE itself. Group weights come from relu(f'): clamped features carry no mass, so the bias moves
-            toward the group(s) of the token's other active features (by at most ‖b_RETAIN‖ + ‖b_FORGET‖).
+    """The SAE whose decode defines an intervention's edit, resid' = resid − decode(f) + decode(f')
+    (SAE-Bench's clamp), f' the edited codes. Encoding, and so feature selection, is the same either way.
+      held: the group-bias term stays at its value under the codes before the intervention (it is left in
+            the error term), so the edit is (f' − f)·W_dec: the same edit for an SAE with or without
+            group biases. This is the plain TopK view of a GroupBiasTopKSAE.
+      relu: the SAE itself. Group weights come from relu(f'): clamped features carry no mass, so the bias
+            moves toward the group(s) of the token's other active features
+            (by at most ‖b_RETAIN‖ + ‖b_FORGET‖).
     A TopK SAE without group biases is its own view under both readings."""
     if group_bias_edit not in GROUP_BIAS_EDITS:
         raise ValueError(f"group_bias_edit={group_bias_edit!r}: use one of {', '.join(GROUP_BIAS_EDITS)}")
-    return sae.without_group_biases() if isinstance(sae, GroupBiasTopKSAE) and group_bias_edit == "held" else sae
+    return (sae.without_group_biases() if isinstance(sae, GroupBiasTopKSAE) and group_bias_edit == "held"
+            else sae)
 
 
 def load_sae(path: Path, device: str = "cpu") -> TopKSAE:
-    """An SAE saved by AutoEncoderTopK.save, in model units: a TopKSAE, or a GroupBiasTopKSAE with group biases."""
+    """An SAE saved by AutoEncoderTopK.save, in model units: a TopKSAE, or a GroupBiasTopKSAE with group
+    biases."""
     return SAE.load_from_disk(str(path), device=device)
 
 
@@ -601,18 +645,21 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 # Knowledge separation: orthogonality losses, feature grouping, condition numbers
 
 
-def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float, target: str,
-                        w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
-    """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d] unit rows.
+def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float,
+                        target: str, w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
+    """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d]
+    unit rows.
 
-    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched partners
-    (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m), 0 elsewhere.
-      partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at matching, so a
-                                pair never has to cross 0), every other pair to 0
+    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched
+    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m),
+    0 elsewhere.
+      partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at
+                                matching, so a pair never has to cross 0), every other pair to 0
       hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
-    L = Σ_ij w_F,i·w_R,j·E_ij² / (n_F·n_R), w ∈ [0, 1] the rows' membership weights (default 1; a row that has just
-    joined its group ramps in, see FeatureGrouper.member_weights). Dividing by n_F·n_R (the number of pairs) makes
-    L a per-pair mean, so λ2 means the same at any group sizes; an empty group gives exactly 0 (no pairs).
+    L = Σ_ij w_F,i·w_R,j·E_ij² / (n_F·n_R), w ∈ [0, 1] the rows' membership weights (default 1; a row
+    that has just joined its group ramps in, see FeatureGrouper.member_weights). Dividing by n_F·n_R (the
+    number of pairs) makes L a per-pair mean, so λ2 means the same at any group sizes; an empty group
+    gives exactly 0 (no pairs).
     """
     if len(W_F) == 0 or len(W_R) == 0:
         return W_F.new_zeros(())
@@ -630,9 +677,9 @@ def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torc
 
 def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row i in `rows` of W [F, d]: (max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)|, that j), [len(rows)] each;
-    (nan, −1) where no such j exists. `chunk` rows at a time, so memory is O(chunk · len(cols)) and no F×F
-    matrix is formed. No gradient."""
+    """For each row i in `rows` of W [F, d]: (max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)|, that j), [len(rows)]
+    each; (nan, −1) where no such j exists. `chunk` rows at a time, so memory is O(chunk · len(cols)) and
+    no F×F matrix is formed. No gradient."""
     with torch.no_grad():
         unit = F.normalize(W.detach().float(), dim=1)
         targets = unit[cols].T
@@ -652,12 +699,13 @@ def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 
 
 class AllPairsOrthogonalityLoss:
-    """allpairs_ortho (OrtSAE, arXiv 2509.22033): L = (1/F) Σ_i max_{j≠i} cos²(W_i, W_j), W = W_dec [F, d].
+    """allpairs_ortho (OrtSAE, arXiv 2509.22033): L = (1/F) Σ_i max_{j≠i} cos²(W_i, W_j),
+    W = W_dec [F, d].
 
     Every feature is pushed away from its nearest other feature, which can be met when F > d (unlike
-    ‖WWᵀ − I‖², whose minimum is the Welch bound); no groups. The neighbour j(i) is found each step without gradient
-    (nearest_neighbours, exact rather than OrtSAE's random chunks), and the gradient flows through cos(W_i, W_j(i)).
-    λ2 constant from step 0 (allpairs_lambda2)."""
+    ‖WWᵀ − I‖², whose minimum is the Welch bound); no groups. The neighbour j(i) is found each step
+    without gradient (nearest_neighbours, exact rather than OrtSAE's random chunks), and the gradient
+    flows through cos(W_i, W_j(i)). λ2 constant from step 0 (allpairs_lambda2)."""
 
     def __init__(self, lambda2: float):
         self.lambda2_max = lambda2
@@ -672,16 +720,18 @@ class AllPairsOrthogonalityLoss:
         return self.lambda2_max, cos.pow(2).mean()
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
-        """Nothing to add: the penalty reads W_dec itself, so backward has already put its gradient in W_dec.grad."""
+        """Nothing to add: the penalty reads W_dec itself, so backward has already put its gradient in
+        W_dec.grad."""
 
 
 class CrossGroupOrthogonalityLoss:
     """L = L_recon + λ1·L_sparse + λ2(t)·L_ortho, λ2(t) = λ2_max·min(1, t/t0).
 
     For TopK, sparsity is enforced by k, so L_sparse is the AuxK dead-latent term and λ1 = auxk_alpha.
-    L_ortho = cross_group_penalty between the grouper's forget and retain decoder rows (unit norm, since W_dec rows
-    are renormalised every step and their radial gradient removed), with the partner or hinge target and the
-    grouper's membership weights. adaptive_ortho: the ramp and α; fixed_ortho: t0 = 0 (λ2 constant) and α = 0.
+    L_ortho = cross_group_penalty between the grouper's forget and retain decoder rows (unit norm, since
+    W_dec rows are renormalised every step and their radial gradient removed), with the partner or hinge
+    target and the grouper's membership weights. adaptive_ortho: the ramp and α; fixed_ortho: t0 = 0
+    (λ2 constant) and α = 0.
     """
 
     def __init__(self, lambda2_max: float, t0: int, alpha: float, target: str):
@@ -691,25 +741,27 @@ class CrossGroupOrthogonalityLoss:
         return self.lambda2_max * min(1.0, t / self.t0) if self.t0 > 0 else self.lambda2_max
 
     def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
-        """(λ2(t), L_ortho). L_ortho is taken on a detached copy of the group rows; add_gradient puts its gradient into
-        W_dec.grad after backward. (Through autograd, the gather's backward would zero-fill a fresh [F, d] gradient
-        and add it to W_dec's every step.)"""
+        """(λ2(t), L_ortho). L_ortho is taken on a detached copy of the group rows; add_gradient puts its
+        gradient into W_dec.grad after backward. (Through autograd, the gather's backward would zero-fill
+        a fresh [F, d] gradient and add it to W_dec's every step.)"""
         self.index = torch.cat([grouper.forget_idx, grouper.retain_idx]).to(W_dec.device)
         self.rows = W_dec.detach().index_select(0, self.index).requires_grad_()
         n_forget = len(grouper.forget_idx)
         w_F, w_R = grouper.member_weights(t)
-        return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:], grouper.partner_sign,
-                                                    self.alpha, self.target, w_F, w_R)
+        return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:],
+                                                    grouper.partner_sign, self.alpha, self.target,
+                                                    w_F, w_R)
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
-        """W_dec.grad[index] += ∂(λ2·L_ortho)/∂rows, once backward has run (no gradient when a group is empty)."""
+        """W_dec.grad[index] += ∂(λ2·L_ortho)/∂rows, once backward has run (no gradient when a group is
+        empty)."""
         if self.rows.grad is not None:
             W_dec.grad.index_add_(0, self.index, self.rows.grad)
 
 
 def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy matching on |C| [n_F, n_R]: repeatedly take the largest |cos| whose row and column are both free.
-    Returns (rows, cols) [min(n_F, n_R)], pairs in the order they were taken."""
+    """Greedy matching on |C| [n_F, n_R]: repeatedly take the largest |cos| whose row and column are both
+    free. Returns (rows, cols) [min(n_F, n_R)], pairs in the order they were taken."""
     m = min(C.shape)
     rows, cols, used_r, used_c = [], [], set(), set()
     n_R = C.shape[1]
@@ -725,20 +777,22 @@ def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FeatureGrouper:
     """Assigns latents to forget / retain / shared from how often they fire on each domain's tokens.
 
-    Every step: p_g ← β·p_g + (1 − β)·(firings on domain-g tokens / number of domain-g tokens), one bincount over
-    the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every (the EMA horizon is the
-    regroup period), bias-corrected by 1 − β^t as Adam does.
-    Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold}, retain =
-    {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its max_group_size most
-    specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs whose two latents are still in their
-    groups are kept (with their sign); the other forget latents are paired greedily (on |cos| of decoder rows) with
-    the free retain latents. Both index lists put partners first in the same order (the partner matrix is diagonal).
-    Defaults measured on the default run's cached activations with a trained topk SAE (100k tokens): median firing
-    rate 4.7e-3 (k/F = 6.9e-3), 2% of latents below 1e-3; s quartiles −0.39 / −0.04 / 0.32; threshold 0.5 gives
-    ~680 forget and ~800 retain latents of 4608 before the cap.
+    Every step: p_g ← β·p_g + (1 − β)·(firings on domain-g tokens / number of domain-g tokens), one
+    bincount over the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every
+    (the EMA horizon is the regroup period), bias-corrected by 1 − β^t as Adam does.
+    Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold},
+    retain = {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its
+    max_group_size most specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs
+    whose two latents are still in their groups are kept (with their sign); the other forget latents are
+    paired greedily (on |cos| of decoder rows) with the free retain latents. Both index lists put
+    partners first in the same order (the partner matrix is diagonal).
+    Defaults measured on the default run's cached activations with a trained topk SAE (100k tokens):
+    median firing rate 4.7e-3 (k/F = 6.9e-3), 2% of latents below 1e-3; s quartiles −0.39 / −0.04 / 0.32;
+    threshold 0.5 gives ~680 forget and ~800 retain latents of 4608 before the cap.
     """
 
-    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float, max_group_size: int = 0):
+    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float,
+                 max_group_size: int = 0):
         self.dict_size, self.every, self.threshold, self.min_freq = dict_size, every, threshold, min_freq
         self.max_group_size = max_group_size
         self.beta = 1 - 1 / every
@@ -746,7 +800,8 @@ class FeatureGrouper:
         self.updates = torch.zeros(2)
         self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
         self.partner_sign = torch.zeros(0)
-        self.joined = torch.zeros(dict_size, dtype=torch.long)  # step at which a latent joined its current group
+        # step at which a latent joined its current group
+        self.joined = torch.zeros(dict_size, dtype=torch.long)
         self.regroups = 0
 
     @torch.no_grad()
@@ -804,10 +859,12 @@ class FeatureGrouper:
         self.regroups += 1
 
     def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_F [n_F], w_R [n_R]), w = clamp((t − joined)/every, 0, 1): a latent that joined its group at the last
-        regroup enters the penalty over one regroup period, so a regroup does not make the penalty jump."""
+        """(w_F [n_F], w_R [n_R]), w = clamp((t − joined)/every, 0, 1): a latent that joined its group at
+        the last regroup enters the penalty over one regroup period, so a regroup does not make the
+        penalty jump."""
         w = ((t - self.joined).float() / self.every).clamp(0, 1)
-        return (w[self.forget_idx.cpu()].to(self.forget_idx.device), w[self.retain_idx.cpu()].to(self.retain_idx.device))
+        return (w[self.forget_idx.cpu()].to(self.forget_idx.device),
+                w[self.retain_idx.cpu()].to(self.retain_idx.device))
 
     def assignment(self) -> torch.Tensor:
         """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
@@ -824,9 +881,10 @@ class FeatureGrouper:
             setattr(self, name, value)
 
     def full_state(self) -> dict:
-        """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes either)."""
-        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(), "joined": self.joined.clone(),
-                               "regroups": self.regroups}
+        """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes
+        either)."""
+        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(),
+                               "joined": self.joined.clone(), "regroups": self.regroups}
 
 
 def condition_number(W: torch.Tensor) -> float:
@@ -838,9 +896,10 @@ def condition_number(W: torch.Tensor) -> float:
 
 
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Principal angles (radians, descending, as scipy.linalg.subspace_angles) between the row spans of A [n_a, d]
-    and B [n_b, d]: cosines are the singular values of Q_Aᵀ Q_B, Q orthonormal bases (rank-revealing SVD, scipy's
-    orth tolerance). When rank A + rank B > d the spans must share dimensions, so some angles are exactly 0."""
+    """Principal angles (radians, descending, as scipy.linalg.subspace_angles) between the row spans of
+    A [n_a, d] and B [n_b, d]: cosines are the singular values of Q_Aᵀ Q_B, Q orthonormal bases
+    (rank-revealing SVD, scipy's orth tolerance). When rank A + rank B > d the spans must share
+    dimensions, so some angles are exactly 0."""
     def basis(M):
         U, s, _ = torch.linalg.svd(M.detach().double().cpu().T, full_matrices=False)
         return U[:, s > s.max() * max(M.shape) * torch.finfo(torch.float64).eps] if len(s) else U
@@ -851,8 +910,9 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
-    """Group sizes, κ per group and of the union, principal angles (degrees) between span(W_F) and span(W_R),
-    cross-group |cos| mean and max, the partners' mean |cos|. nan (None in JSON) where a group is empty."""
+    """Group sizes, κ per group and of the union, principal angles (degrees) between span(W_F) and
+    span(W_R), cross-group |cos| mean and max, the partners' mean |cos|. nan (None in JSON) where a group
+    is empty."""
     W = W_dec.detach().cpu()
     W_F, W_R = W[grouper.forget_idx.cpu()], W[grouper.retain_idx.cpu()]
     cross = (W_F @ W_R.T).abs() if len(W_F) and len(W_R) else torch.full((1,), float("nan"))
@@ -872,19 +932,21 @@ def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
 
 
 def cos_summary(values: torch.Tensor) -> dict:
-    """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values (nan ones left out)."""
+    """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values
+    (nan ones left out)."""
     v = values[~values.isnan()]
     if len(v) == 0:
         return {"n": 0, "mean": None, "median": None, "share_above_0.5": None, "share_above_0.7": None}
     return {"n": len(v), "mean": v.mean().item(), "median": v.quantile(0.5).item(),
-            "share_above_0.5": (v > 0.5).float().mean().item(), "share_above_0.7": (v > 0.7).float().mean().item()}
+            "share_above_0.5": (v > 0.5).float().mean().item(),
+            "share_above_0.7": (v > 0.7).float().mean().item()}
 
 
 def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
-    """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each group g of
-    `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g ("within") and to the
-    rows outside g ("across"). The groups partition the rows, so a row's overall value is the larger of its two:
-    F² products in all."""
+    """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each
+    group g of `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g
+    ("within") and to the rows outside g ("across"). The groups partition the rows, so a row's overall
+    value is the larger of its two: F² products in all."""
     groups = groups.to(W_dec.device)
     nearest = torch.full((len(W_dec),), float("nan"))
     out = {}
@@ -897,24 +959,27 @@ def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
 
 
 def regroup(sae: "AutoEncoderTopK", grouper: FeatureGrouper, t: int) -> None:
-    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new assignment."""
+    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new
+    assignment."""
     grouper.regroup(sae.W_dec, t)
     if sae.group_bias is not None:
         sae.feature_group.copy_(grouper.assignment().to(sae.feature_group.device))
 
 
 class KappaEarlyStopping:
-    """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup checks."""
+    """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup
+    checks."""
 
     def __init__(self, kappa_max: float, patience: int):
         self.kappa_max, self.patience, self.strikes, self.reason = kappa_max, patience, 0, None
 
     def check(self, metrics: dict, step: int) -> bool:
-        bad = [g for g in ("forget", "retain") if metrics[f"kappa_{g}"] > self.kappa_max]  # nan (empty) is not bad
+        # nan (empty) is not bad
+        bad = [g for g in ("forget", "retain") if metrics[f"kappa_{g}"] > self.kappa_max]
         self.strikes = self.strikes + 1 if bad else 0
         if self.strikes >= self.patience:
-            self.reason = (f"step {step}: κ of the {' and '.join(bad)} group above kappa_max={self.kappa_max} "
-                           f"for {self.patience} consecutive checks")
+            self.reason = (f"step {step}: κ of the {' and '.join(bad)} group above "
+                           f"kappa_max={self.kappa_max} for {self.patience} consecutive checks")
             return True
         return False
 
@@ -924,21 +989,24 @@ class KappaEarlyStopping:
 
 
 class TrainerTopK:
-    """Adam on L = ‖x − x̂‖² + auxk_alpha · L_auxk [+ λ2(t) · L_ortho]  (sparsity is enforced by k, so TopK needs no L1 term).
+    """Adam on L = ‖x − x̂‖² + auxk_alpha · L_auxk [+ λ2(t) · L_ortho]  (sparsity is enforced by k,
+    so TopK needs no L1 term).
 
-    L_auxk (Gao et al. 2024): the residual e = x − x̂ is reconstructed from the top k_aux = d/2 pre-activations of
-    the dead latents only, ê = Σ a_j W_dec[j] (no bias), and L_auxk = ‖e − ê‖² / ‖e − mean(e)‖², batch means.
-    A latent is dead when it has not fired for `dead_window_tokens` tokens. Learning rate: linear warmup, constant,
-    linear decay to 0 over the last (1 − decay_start) of training.
-    `ortho` (FixedOrthogonalityLoss / AdaptiveOrthogonalityLoss) adds the orthogonality term; `grouper` is fed the
-    TopK indices and domain labels every step and regroups every `grouper.every` steps (for every variant, so
-    the separation metrics are comparable; for topk it only watches). After a regroup an SAE with group biases
-    takes the new assignment.
+    L_auxk (Gao et al. 2024): the residual e = x − x̂ is reconstructed from the top k_aux = d/2
+    pre-activations of the dead latents only, ê = Σ a_j W_dec[j] (no bias), and
+    L_auxk = ‖e − ê‖² / ‖e − mean(e)‖², batch means. A latent is dead when it has not fired for
+    `dead_window_tokens` tokens. Learning rate: linear warmup, constant, linear decay to 0 over the last
+    (1 − decay_start) of training.
+    `ortho` (FixedOrthogonalityLoss / AdaptiveOrthogonalityLoss) adds the orthogonality term; `grouper`
+    is fed the TopK indices and domain labels every step and regroups every `grouper.every` steps (for
+    every variant, so the separation metrics are comparable; for topk it only watches). After a regroup
+    an SAE with group biases takes the new assignment.
     """
 
     def __init__(self, sae: AutoEncoderTopK, steps: int, lr: float, warmup_steps: int, decay_start: float,
                  auxk_alpha: float, dead_window_tokens: int, ortho=None, grouper: FeatureGrouper = None):
-        self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = sae, steps, auxk_alpha, dead_window_tokens
+        self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = (
+            sae, steps, auxk_alpha, dead_window_tokens)
         self.ortho, self.grouper, self.t = ortho, grouper, 0
         self.k_aux = sae.d_in // 2
         # fused: one kernel per parameter instead of a dozen elementwise passes (the same update up to float
@@ -990,7 +1058,8 @@ class TrainerTopK:
         extra = {}
         if self.ortho is not None:
             lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.t)
-            total = total + lambda2 * ortho * share  # every rank computes the same term; the sum counts it once
+            # every rank computes the same term; the sum counts it once
+            total = total + lambda2 * ortho * share
             extra = {"ortho": ortho.item(), "lambda2": lambda2}
         with torch.no_grad():
             fired = torch.zeros(self.sae.dict_size, dtype=torch.int32)
@@ -998,11 +1067,13 @@ class TrainerTopK:
             self.tokens_since_fired += len(x) * distributed.world_size()
             self.tokens_since_fired[distributed.reduce_sum(fired) > 0] = 0
             l0 = (values > 0).sum(dim=-1).float().mean()
-            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share, l0 * share]),
+            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share,
+                                            l0 * share]),
                                x.mean(dim=0) * share])
             summed = distributed.reduce_sum(local)
             mean = summed[5:]
-            fve = 1 - summed[1] / (summed[3] - mean @ mean)  # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
+            # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
+            fve = 1 - summed[1] / (summed[3] - mean @ mean)
             if self.grouper is not None and labels is not None:
                 self.grouper.update(values, indices, labels)
         total_, recon_, auxk_, _, l0_ = summed[:5].tolist()
@@ -1028,8 +1099,9 @@ class TrainerTopK:
 @torch.no_grad()
 def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str,
                     batch_size: int = 4096) -> dict:
-    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled units; each
-    rank takes its share of the rows and the sums are reduced, so every rank gets the same numbers."""
+    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled
+    units; each rank takes its share of the rows and the sums are reduced, so every rank gets the
+    same numbers."""
     sq_err, sq_dev, n = 0.0, 0.0, len(acts)
     mean = torch.from_numpy(np.asarray(acts).mean(axis=0)).to(device) / scale
     part = distributed.shard(n)
@@ -1060,8 +1132,8 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus, retain: data.Corpus,
-                        documents: dict):
+def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus,
+                        retain: data.Corpus, documents: dict):
     """Harvest (or read back) train and validation activations from the training and validation documents of
     `documents` ({"forget"|"retain": data.DocumentSplit}); returns the cache entry and its key fields."""
     key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision")},
@@ -1074,15 +1146,17 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
     if distributed.on_main(lambda: cached_entry_is_sound(entry)):
         return entry, key
     print(f"activations: harvesting into {entry}")
-    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else model.tokenizer.eos_token_id
+    bos = models.bos_token_id(model.tokenizer)
     splits = {}
     for split, n_tokens in (("train", cfg.train_tokens), ("val", cfg.val_tokens)):
         contexts, labels = [], []
-        for corpus, side, label in ((forget, "forget", activations.FORGET), (retain, "retain", activations.RETAIN)):
+        for corpus, side, label in ((forget, "forget", activations.FORGET),
+                                    (retain, "retain", activations.RETAIN)):
             docs = getattr(documents[side], split)
             try:
                 ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
-            except ValueError as e:  # the corpus is too small for the budget: say so before harvesting anything
+            except ValueError as e:
+                # the corpus is too small for the budget: say so before harvesting anything
                 raise ConfigError(f"--{split}_tokens: {corpus.name} ({split} documents): {e}") from None
             contexts.append(ctx)
             labels.append(torch.full((len(ctx),), label))
@@ -1125,16 +1199,17 @@ def check_shared_cache(cache_dir: Path) -> None:
     if distributed.is_main():
         probe.unlink()
     if missing:
-        raise ConfigError(f"--cache_dir: {missing} of {distributed.world_size()} processes cannot see {cache_dir} "
-                          f"as rank 0 writes it; under torchrun the cache (and the out_dir) must be on a filesystem "
-                          f"every node shares")
+        raise ConfigError(f"--cache_dir: {missing} of {distributed.world_size()} processes cannot see "
+                          f"{cache_dir} as rank 0 writes it; under torchrun the cache (and the "
+                          f"out_dir) must be on a filesystem every node shares")
 
 
 def open_wandb(cfg: Config):
     mode = cfg.wandb_mode
     if mode == "auto":
         netrc = Path.home() / ".netrc"
-        configured = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        configured = (bool(os.environ.get("WANDB_API_KEY"))
+                      or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
         mode = "online" if configured else "disabled"
     if mode == "disabled":
         return None
@@ -1173,9 +1248,10 @@ def training_fields(cfg: Config) -> dict:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """File = sha256 of the payload (64 hex digits + newline), then the torch.save payload. Written to a temporary
-    file, fsynced and renamed: a reader sees the old checkpoint or the new one, never half of one. The checksum
-    catches what torch.load would not: flipped bytes inside tensor data load silently."""
+    """File = sha256 of the payload (64 hex digits + newline), then the torch.save payload. Written to a
+    temporary file, fsynced and renamed: a reader sees the old checkpoint or the new one, never half of
+    one. The checksum catches what torch.load would not: flipped bytes inside tensor data load
+    silently."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -1184,8 +1260,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """The checkpoint's state (tensors and plain values only: weights_only, nothing is unpickled), after checking
-    that it was written by a run with the same training config."""
+    """The checkpoint's state (tensors and plain values only: weights_only, nothing is unpickled), after
+    checking that it was written by a run with the same training config."""
     raw = path.read_bytes()
     digest, payload = raw[:64].decode("ascii", "replace"), raw[65:]
     if hashlib.sha256(payload).hexdigest() != digest:
@@ -1196,14 +1272,16 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     differing = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if differing:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing)
-        raise ConfigError(f"--out_dir: the checkpoint in {path.parent} is from a different config ({changes}); "
-                          f"rerun with the checkpoint's values, pick a new out_dir, or pass --overwrite to start afresh")
+        raise ConfigError(f"--out_dir: the checkpoint in {path.parent} is from a different config "
+                          f"({changes}); rerun with the checkpoint's values, pick a new out_dir, "
+                          f"or pass --overwrite to start afresh")
     return state
 
 
 class StopRequest:
-    """Turns Ctrl-C / SIGTERM during training into a flag checked between steps, so the checkpoint written on the
-    way out holds a consistent state (never one taken in the middle of an optimizer step)."""
+    """Turns Ctrl-C / SIGTERM during training into a flag checked between steps, so the checkpoint
+    written on the way out holds a consistent state (never one taken in the middle of an optimizer
+    step)."""
 
     def __enter__(self):
         self.signal = None
@@ -1218,8 +1296,9 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on validation "
-                   "documents disjoint from training and from every evaluation; the same rule for every variant")
+CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on "
+                   "validation documents disjoint from training and from every evaluation; the same "
+                   "rule for every variant")
 
 
 def ortho_lambda2_default(variant: str) -> float:
@@ -1230,9 +1309,9 @@ def ortho_lambda2_default(variant: str) -> float:
 
 @dataclass
 class TrainingData:
-    """The cached activations as training reads them: train rows (those kept: norm <= max_norm_multiple × median),
-    their norms, the kept validation rows, and the scale that makes E‖x‖² = 1 over the kept training rows
-    (dictionary_learning's normalisation)."""
+    """The cached activations as training reads them: train rows (those kept:
+    norm <= max_norm_multiple × median), their norms, the kept validation rows, and the scale that makes
+    E‖x‖² = 1 over the kept training rows (dictionary_learning's normalisation)."""
     acts: np.ndarray
     labels: np.ndarray
     keep: np.ndarray
@@ -1251,26 +1330,30 @@ class TrainingData:
 
 
 class Training:
-    """One SAE's training: the SAE, trainer, grouper and κ stopper, the regroup history and the best checkpoint.
-    state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are the loop's events."""
+    """One SAE's training: the SAE, trainer, grouper and κ stopper, the regroup history and the best
+    checkpoint. state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are
+    the loop's events."""
 
     def __init__(self, cfg: Config, data: TrainingData):
         self.cfg, self.data = cfg, data
         d = data.acts.shape[1]
-        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg)).to(cfg.device)
+        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k,
+                                   group_biases=uses_group_biases(cfg)).to(cfg.device)
         self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
         self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
                                       max_group_size=int(cfg.max_group_fraction * d))
         self.ortho = make_ortho(cfg)
-        self.trainer = TrainerTopK(self.sae, self.steps, cfg.lr, cfg.warmup_steps, cfg.decay_start, cfg.auxk_alpha,
-                                   cfg.dead_window_tokens, ortho=self.ortho, grouper=self.grouper)
+        self.trainer = TrainerTopK(self.sae, self.steps, cfg.lr, cfg.warmup_steps, cfg.decay_start,
+                                   cfg.auxk_alpha, cfg.dead_window_tokens, ortho=self.ortho,
+                                   grouper=self.grouper)
         self.stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
         self.step, self.finished, self.wall_s = 0, False, 0.0  # step: the next step to run
         self.history, self.stats, self.best = [], {}, {"val_recon": float("inf")}
 
     def state_dict(self) -> dict:
         return {"config": json.dumps(training_fields(self.cfg)), "step": self.step, "finished": self.finished,
-                "sae": self.sae.state_dict(), "trainer": self.trainer.state(), "grouper": self.grouper.full_state(),
+                "sae": self.sae.state_dict(), "trainer": self.trainer.state(),
+                "grouper": self.grouper.full_state(),
                 "stopper": {"strikes": self.stopper.strikes, "reason": self.stopper.reason},
                 "history": json.dumps(self.history), "stats": json.dumps(self.stats), "best": self.best,
                 "wall_s": self.wall_s, "torch_rng": torch.get_rng_state()}
@@ -1281,12 +1364,14 @@ class Training:
         self.grouper.load_state(state["grouper"])
         self.stopper.strikes, self.stopper.reason = state["stopper"]["strikes"], state["stopper"]["reason"]
         self.history, self.stats = json.loads(state["history"]), json.loads(state["stats"])
-        self.step, self.finished, self.best, self.wall_s = state["step"], state["finished"], state["best"], state["wall_s"]
+        self.step, self.finished, self.best, self.wall_s = (
+            state["step"], state["finished"], state["best"], state["wall_s"])
         torch.set_rng_state(state["torch_rng"])
 
     def regroup(self, step: int) -> tuple[dict, bool]:
-        """The regroup event after `step`: new groups and partners (and the group-bias assignment), the separation
-        metrics, and the κ check (ortho variants; topk only watches). Returns (metrics, stop)."""
+        """The regroup event after `step`: new groups and partners (and the group-bias assignment), the
+        separation metrics, and the κ check (ortho variants; topk only watches). Returns
+        (metrics, stop)."""
         regroup(self.sae, self.grouper, self.trainer.t)
         metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
         self.history.append(metrics)
@@ -1324,8 +1409,9 @@ def resume_training(path: Path, training: Training, log_path: Path) -> None:
 def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
 
-    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged; for the
-    cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops training early.
+    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged;
+    for the cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops
+    training early.
     Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
     out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
     """
@@ -1345,11 +1431,13 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
                                            skip=start_step + 1, part=distributed.shard(cfg.batch_size))
     main = distributed.is_main()
-    steps, wandb_run, started, wall_before = training.steps, main and open_wandb(cfg), time.time(), training.wall_s
+    steps, wandb_run, started, wall_before = (
+        training.steps, main and open_wandb(cfg), time.time(), training.wall_s)
     last = start_step - 1
-    with open(log_path if main else os.devnull, "ab" if start_step else "wb") as log, StopRequest() as stop_request:
-        bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE", unit="step",
-                   initial=start_step, total=steps, disable=not main)
+    with open(log_path if main else os.devnull,
+              "ab" if start_step else "wb") as log, StopRequest() as stop_request:
+        bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE",
+                   unit="step", initial=start_step, total=steps, disable=not main)
         for step in bar:
             x, y = next(batches)
             record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
@@ -1371,8 +1459,9 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                 break
             if interrupted:
                 save_training(ckpt_path, training, log)
-                raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of {steps}: "
-                                          f"checkpoint written to {ckpt_path}; run the same command again to resume")
+                raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of "
+                                          f"{steps}: checkpoint written to {ckpt_path}; run the same "
+                                          f"command again to resume")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 save_training(ckpt_path, training, log)
         if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
@@ -1396,10 +1485,13 @@ def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
                                  f"{ckpt_path} is kept, no final_info.json was written")
 
 
-def training_results(training: Training, start_step: int, last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
-    """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured, then the
-    checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's, measured already)."""
-    cfg, data, sae, grouper, ortho = training.cfg, training.data, training.sae, training.grouper, training.ortho
+def training_results(training: Training, start_step: int,
+                     last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
+    """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured,
+    then the checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's,
+    measured already)."""
+    cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
+                                      training.ortho)
     measure = lambda: {"validation": validation_loss(sae, data.val_acts, data.scale, cfg.device),
                        "separation": separation_metrics(sae.W_dec, grouper),
                        "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
@@ -1410,11 +1502,14 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
     grouper.load_state(training.best["grouper"])
     chosen = at_last if training.best["step"] == last else measure()
     stats, stopper = training.stats, training.stopper
-    info = {"training_steps": training.steps, "steps_run": last + 1, "best_checkpoint_step": training.best["step"],
+    info = {"training_steps": training.steps, "steps_run": last + 1,
+            "best_checkpoint_step": training.best["step"],
             "training_tokens_seen": (last + 1) * cfg.batch_size, "final_loss": stats["loss"],
             "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
-            "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr, "sparsity_penalty": cfg.auxk_alpha,
-            "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss (TopK enforces sparsity by k)",
+            "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr,
+            "sparsity_penalty": cfg.auxk_alpha,
+            "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss "
+                                        "(TopK enforces sparsity by k)",
             "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
             "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
             "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
@@ -1425,7 +1520,8 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
     separation = {
         "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
         "ortho_target": cfg.ortho_target if adaptive else None,
-        "lambda2_max": ortho.lambda2_max if ortho else 0.0, "lambda2_default": ortho_lambda2_default(cfg.variant),
+        "lambda2_max": ortho.lambda2_max if ortho else 0.0,
+        "lambda2_default": ortho_lambda2_default(cfg.variant),
         "t0": cfg.t0 if adaptive else 0, "group_biases": uses_group_biases(cfg),
         "lambda2_final": ortho.lambda2(training.trainer.t) if ortho else 0.0,
         "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
@@ -1435,7 +1531,8 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
         "final": chosen["separation"],  # of the chosen checkpoint, with its own groups
         "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
         "geometry": chosen["geometry"],  # max |cos| to the nearest other feature
-        "forget_features": grouper.forget_idx.tolist(),  # the chosen checkpoint's forget group (unlearning uses it)
+        # the chosen checkpoint's forget group (unlearning uses it)
+        "forget_features": grouper.forget_idx.tolist(),
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
                            "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
                            "reason": stopper.reason or "ran all steps", "step": last,
@@ -1448,13 +1545,15 @@ def training_results(training: Training, start_step: int, last: int) -> tuple[Au
 
 
 def code_version() -> dict:
-    """The git commit of this code and whether tracked files other than notes.txt and run_*/ (which runs write)
-    had uncommitted changes (None outside git)."""
+    """The git commit of this code and whether tracked files other than notes.txt and run_*/
+    (which runs write) had uncommitted changes (None outside git)."""
     here = Path(__file__).resolve().parent
     try:
-        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                                                                  ":(exclude)notes.txt", ":(exclude)run_*"))}
+        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no",
+                                                "--", ".", ":(exclude)notes.txt", ":(exclude)run_*"))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": None, "uncommitted_changes": None}
 
@@ -1468,50 +1567,58 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     ablation = " (no group biases)" if cfg.variant in GROUPED and not cfg.group_biases else ""
     entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
              f"variant {cfg.variant}{setting.get(cfg.variant, '')}{ablation} | seed {cfg.seed} | model "
-             f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} k {cfg.k} | "
-             f"train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
+             f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} "
+             f"k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
              f"val explained variance {g(r['val_ev'])} (checkpoint step {r['best_step']}; last step "
              f"{g(r['final_step_val_ev'])}) | core: explained variance (conventional) {g(r['conv_ev'])} "
-             f"({g(r['conv_ev_typical'])} without outliers), ce_loss_score {g(r['ce_loss_score'])}, kl_div_score "
-             f"{g(r['kl_div_score'])}, L0 {g(r['l0'])}\n"
+             f"({g(r['conv_ev_typical'])} without outliers), ce_loss_score {g(r['ce_loss_score'])}, "
+             f"kl_div_score {g(r['kl_div_score'])}, L0 {g(r['l0'])}\n"
              f"separation: groups {r['n_forget']} forget / {r['n_retain']} retain | cross-group |cos| mean "
              f"{g(r['cross_cos'])} max {g(r['cross_cos_max'])} | κ forget {g(r['kappa_forget'])} retain "
              f"{g(r['kappa_retain'])} | nearest-neighbour |cos| mean {g(r['nn_cos'])}\n")
     if r["absorption"] is not None or r["absorption_reason"]:
-        entry += (f"absorption: mean absorption fraction {g(r['absorption'])}\n" if r["absorption"] is not None
+        entry += (f"absorption: mean absorption fraction {g(r['absorption'])}\n"
+                  if r["absorption"] is not None
                   else f"absorption: not measured ({r['absorption_reason']})\n")
     if r["has_unlearning"]:
-        mcq = g(r["mcq"]) if r["mcq"] is not None else f"n/a ({r['n_forget_questions']} forget questions survive)"
+        mcq = (g(r["mcq"]) if r["mcq"] is not None
+               else f"n/a ({r['n_forget_questions']} forget questions survive)")
         held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
             f"{g(r['held_out_score'])} ± {g(r['held_out_score_se'])} nats"
-        entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score {held} (forget ΔCE "
-                  f"at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, scored on report text) | text "
-                  f"score {g(r['text_score'])} nats | MCQ unlearning_score {mcq}\n")
+        entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score "
+                  f"{held} (forget ΔCE at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, "
+                  f"scored on report text) | text score {g(r['text_score'])} nats | "
+                  f"MCQ unlearning_score {mcq}\n")
     with open(notes_path, "a") as f:
         f.write(entry)
 
 
-def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits: dict, forget_questions: dict,
-                        retain_questions: dict, separation: dict) -> dict:
+def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits: dict,
+                        forget_questions: dict, retain_questions: dict, separation: dict) -> dict:
     """unlearning.run_unlearning_eval on held-out documents, with the clamp's edit defined by
-    `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted to the
-    SAE's own forget group. The question filter depends only on the model, so it is cached across runs."""
+    `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted
+    to the SAE's own forget group. The question filter depends only on the model, so it is cached across
+    runs."""
     floats = lambda text: tuple(float(v) for v in text.split(","))
     unlearn_cfg = unlearning.UnlearningConfig(
-        retain_thresholds=floats(cfg.unlearning_retain_thresholds), n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
+        retain_thresholds=floats(cfg.unlearning_retain_thresholds),
+        n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
         multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
         n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
         max_questions_per_subject=cfg.unlearning_questions_per_subject,
         question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
-    forget_group = torch.tensor(separation["forget_features"], dtype=torch.long) if cfg.variant in GROUPED else None
-    result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model, hook_name,
-                                            cfg.layer, splits["forget"].eval, splits["retain"].eval, forget_questions,
-                                            retain_questions, unlearn_cfg, cfg.device, forget_group=forget_group)
+    forget_group = (torch.tensor(separation["forget_features"], dtype=torch.long)
+                    if cfg.variant in GROUPED else None)
+    result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model,
+                                            hook_name, cfg.layer, splits["forget"].eval,
+                                            splits["retain"].eval, forget_questions, retain_questions,
+                                            unlearn_cfg, cfg.device, forget_group=forget_group)
     result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
     return result
 
 
-def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, model_name: str, device: str) -> dict:
+def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, model_name: str,
+                                       device: str) -> dict:
     """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
     bio-forget-corpus.jsonl), with the same edit as the port; otherwise a record of why it did not run."""
     applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
@@ -1520,9 +1627,9 @@ def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, mod
     print(f"unlearning: SAE-Bench's own eval ({why})")
     # the SAE's name in SAE-Bench's artifacts: unique per out_dir, so two runs never share firing-rate files
     sae_name = f"{out.name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
-    result = sae_bench_unlearning.run_sae_bench_unlearning(intervention_sae(sae, cfg.unlearning_group_bias_edit), sae_name,
-                                                           model_name, Path(cfg.forget_corpus), device,
-                                                           Path(cfg.cache_dir) / "sae_bench_unlearning")
+    result = sae_bench_unlearning.run_sae_bench_unlearning(
+        intervention_sae(sae, cfg.unlearning_group_bias_edit), sae_name, model_name,
+        Path(cfg.forget_corpus), device, Path(cfg.cache_dir) / "sae_bench_unlearning")
     return {"ran": True, "reason": why, "group_bias_edit": cfg.unlearning_group_bias_edit, **result}
 
 
@@ -1530,9 +1637,9 @@ _OUT_DIR_LOCKS = {}  # resolved out_dir -> open lock file: a lock lives as long 
 
 
 def lock_out_dir(out: Path) -> None:
-    """Hold an exclusive flock on out/.lock until this process exits (the OS releases it, even after SIGKILL), so
-    that a second run in the same out_dir is refused instead of overwriting the first one's files. Taking it again
-    in the same process is a no-op."""
+    """Hold an exclusive flock on out/.lock until this process exits (the OS releases it, even after
+    SIGKILL), so that a second run in the same out_dir is refused instead of overwriting the first one's
+    files. Taking it again in the same process is a no-op."""
     if out.resolve() in _OUT_DIR_LOCKS:
         return
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -1554,13 +1661,14 @@ def prepare_out_dir(cfg: Config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         lock_out_dir(out)
     except OSError as e:
-        raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); pick a writable folder") from None
+        raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); "
+                          f"pick a writable folder") from None
     if cfg.overwrite:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "final_info.json").unlink(missing_ok=True)
     elif (out / "final_info.json").exists():  # finished while this run waited for the lock
-        raise ConfigError(f"--out_dir: {out} holds a finished run (final_info.json); pick a new out_dir or pass "
-                          f"--overwrite")
+        raise ConfigError(f"--out_dir: {out} holds a finished run (final_info.json); "
+                          f"pick a new out_dir or pass --overwrite")
     elif (out / "checkpoints" / "last.pt").exists():
         load_checkpoint(out / "checkpoints" / "last.pt", cfg)
     return out
@@ -1589,8 +1697,8 @@ class Inputs:
 
 
 def configure(cfg: Config) -> tuple[Config, str, str]:
-    """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises ConfigError
-    before anything heavy is loaded."""
+    """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises
+    ConfigError before anything heavy is loaded."""
     validate(cfg)
     device = distributed.init(pick_device(cfg.device))
     if cfg.batch_size % distributed.world_size():
@@ -1613,17 +1721,21 @@ def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
     print(f"model: {model_info['name']} ({model_info['source']}; {why})")
     forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
                       (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
-    documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed, cfg.val_fraction)
+    documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed,
+                                            cfg.val_fraction)
                  for side, corpus in (("forget", forget), ("retain", retain))}
     questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
-    return Inputs(model, model_info, f"blocks.{cfg.layer}.hook_resid_post", forget, retain, documents, *questions)
+    return Inputs(model, model_info, f"blocks.{cfg.layer}.hook_resid_post", forget, retain, documents,
+                  *questions)
 
 
-def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict, separation: dict) -> dict:
+def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict,
+             separation: dict) -> dict:
     """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
     core_cfg = core_eval.CoreEvalConfig(
         context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
-        n_eval_reconstruction_batches=cfg.core_eval_batches, n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
+        n_eval_reconstruction_batches=cfg.core_eval_batches,
+        n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
     max_norm = cfg.max_norm_multiple * train_info["median_activation_norm"] or None  # training's outlier rule
     sections = {"core evaluation results": core_eval.run_core_eval(
         sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device, max_norm=max_norm)}
@@ -1648,7 +1760,8 @@ def run(cfg: Config) -> dict:
     out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
     distributed.quiet_unless_main()
     set_seed(cfg.seed)
-    torch.set_num_threads(min(torch.get_num_threads(), (os.cpu_count() or 1) // distributed.local_world_size() or 1))
+    torch.set_num_threads(min(torch.get_num_threads(),
+                              (os.cpu_count() or 1) // distributed.local_world_size() or 1))
     with distributed.main_first():  # rank 0 fills the shared cache (model, corpora), then the others read it
         inputs = load_inputs(cfg, model_name, why)
     entry, key = prepare_activations(cfg, inputs.model, inputs.model_info, inputs.hook_name, inputs.forget,
@@ -1657,8 +1770,8 @@ def run(cfg: Config) -> dict:
     sae, scale, train_info, separation = train(cfg, entry, out)
     if not distributed.is_main():
         return None
-    metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name, "hook_layer": cfg.layer,
-                "context_size": cfg.context_length, "prepend_bos": True}
+    metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name,
+                "hook_layer": cfg.layer, "context_size": cfg.context_length, "prepend_bos": True}
     sae.save(out / "sae", scale, metadata)
     saved = load_sae(out / "sae", cfg.device)  # what every evaluation sees: the SAE as saved, in model units
     evaluations = evaluate(cfg, out, saved, inputs, train_info, separation)
@@ -1679,7 +1792,8 @@ def run(cfg: Config) -> dict:
     }
     write_json_atomic(out / "final_info.json", final_info)
     append_notes(cfg, final_info, out.resolve().parent / "notes.txt")  # beside the run folders
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is finished; final_info.json and sae/ hold it
+    # the run is finished; final_info.json and sae/ hold it
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
     return final_info
 
@@ -1688,7 +1802,8 @@ if __name__ == "__main__":
     try:
         run(parse_config())
         distributed.shutdown()
-    except ConfigError as e:  # a config, input file or model that cannot work; raised before heavy work where possible
+    except ConfigError as e:
+        # a config, input file or model that cannot work; raised before heavy work where possible
         sys.exit(f"error: {e}")
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -1697,6 +1812,7 @@ if __name__ == "__main__":
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:  # outside training: partial cache entries and outputs were cleaned up on the way out
+    except KeyboardInterrupt:
+        # outside training: partial cache entries and outputs were cleaned up on the way out
         print("interrupted: no final_info.json was written; run the same command again", file=sys.stderr)
         sys.exit(130)

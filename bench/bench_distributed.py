@@ -1,17 +1,19 @@
-"""Data-parallel training step: 1 process vs N processes under torchrun (gloo on this CPU), and a projection to GPUs.
+"""Data-parallel training step: 1 process vs N processes under torchrun (gloo on this CPU), and a
+projection to GPUs.
 
     python -m bench.bench_distributed [--nproc 2] [--reps 5] [--steps 5]
 
 Each repetition launches a 1-process and an N-process torchrun job in turn (alternated, since the machine is
 shared and noisy); every job times `--steps` adaptive_ortho training steps on one global batch of 2048 random
-rows (d=576, F=4608, k=32: the CPU default) and the gradient all-reduce alone. The threads are split between the
-processes (cores / N each), so both jobs use the same cores. Printed: median step times, their ratio, the
-all-reduce volume per step, and the projected GPU step time
+rows (d=576, F=4608, k=32: the CPU default) and the gradient all-reduce alone. The threads are split
+between the processes (cores / N each), so both jobs use the same cores. Printed: median step times,
+their ratio, the all-reduce volume per step, and the projected GPU step time
 
-    t_N = t_compute / N + t_allreduce,   t_allreduce = 2 (N − 1) / N · bytes / bandwidth   (ring all-reduce)
+    t_N = t_compute / N + t_allreduce,
+    t_allreduce = 2 (N − 1) / N · bytes / bandwidth   (ring all-reduce)
 
-with t_compute = 6·B·d·F FLOPs (encoder forward and backward; the sparse decoder is k/F of that) over a stated
-sustained throughput. The projection is a model with stated inputs, not a measurement.
+with t_compute = 6·B·d·F FLOPs (encoder forward and backward; the sparse decoder is k/F of that) over a
+stated sustained throughput. The projection is a model with stated inputs, not a measurement.
 """
 import argparse
 import json
@@ -63,20 +65,22 @@ def launch(nproc: int, steps: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def projection(bytes_: float, batch: int, d: int, f: int, tflops: float, bandwidth_gbs: float, n: int) -> float:
+def projection(bytes_: float, batch: int, d: int, f: int, tflops: float, bandwidth_gbs: float,
+               n: int) -> float:
     """Projected seconds per step on n GPUs (see the module docstring)."""
     compute = 6 * batch * d * f / (tflops * 1e12)
     return compute / n + (2 * (n - 1) / n * bytes_ / (bandwidth_gbs * 1e9) if n > 1 else 0.0)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--worker", action="store_true", help="internal: one rank of a timing job")
     parser.add_argument("--tflops", type=float, default=50.0,
-                        help="sustained GPU matmul throughput for the projection (TF32 on an H100 runs ~50-400)")
+                        help="sustained GPU matmul throughput for the projection "
+                             "(TF32 on an H100 runs ~50-400)")
     args = parser.parse_args()
     if args.worker:
         return worker(args.steps)

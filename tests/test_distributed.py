@@ -28,7 +28,8 @@ TRAIN_DRIVER = textwrap.dedent("""
     torch.manual_seed(0)
     real_step = experiment.TrainerTopK.step
     def step(self, *args):
-        if self.t == kill_step and distributed.rank() == 1:  # a real SIGKILL to rank 1 in the middle of training
+        # a real SIGKILL to rank 1 in the middle of training
+        if self.t == kill_step and distributed.rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args)
     experiment.TrainerTopK.step = step
@@ -50,8 +51,9 @@ HARVEST_DRIVER = textwrap.dedent("""
     distributed.init("cpu")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_heads=4, n_ctx=16,
-                                                      d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN",
-                                                      device="cpu", seed=0), tokenizer=tokenizer).eval()
+                                                      d_vocab=len(tokenizer), act_fn="gelu",
+                                                      normalization_type="LN", device="cpu", seed=0),
+                              tokenizer=tokenizer).eval()
     gen = torch.Generator().manual_seed(0)
     splits = {split: (torch.randint(4, len(tokenizer), (n, 9), generator=gen), torch.arange(n) % 2)
               for split, n in (("train", 23), ("val", 6))}
@@ -70,7 +72,8 @@ def launch(script: Path, *args, nproc: int = 2, timeout: int = 300) -> subproces
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The planted entry, and the same tiny training run by 1 and by 2 processes (global batch 128 in both)."""
+    """The planted entry, and the same tiny training run by 1 and by 2 processes (global batch 128 in
+    both)."""
     root = tmp_path_factory.mktemp("distributed")
     entry = make_entry(root)
     driver = root / "train_driver.py"
@@ -89,20 +92,23 @@ def read(out: Path) -> tuple[dict, dict, list]:
 
 
 def test_two_processes_train_the_single_process_sae(trained):
-    """Same weights up to float reduction order: a 2-process step sums two half-batch gradients where one process
-    sums the batch at once (relative differences ~1e-7 per step). 46 Adam steps with TopK selection keep them
-    near 1e-5; a wrong share (each rank's loss not halved, a missed all-reduce) gives differences of order 1."""
+    """Same weights up to float reduction order: a 2-process step sums two half-batch gradients where one
+    process sums the batch at once (relative differences ~1e-7 per step). 46 Adam steps with TopK
+    selection keep them near 1e-5; a wrong share (each rank's loss not halved, a missed all-reduce) gives
+    differences of order 1."""
     root, _, _ = trained
     (sae_1, res_1, log_1), (sae_2, res_2, log_2) = read(root / "n1"), read(root / "n2")
     for name in sae_1:
         assert torch.allclose(sae_1[name], sae_2[name], rtol=1e-4, atol=1e-5), name
     assert res_2["info"]["world_size"] == 2 and res_1["info"]["world_size"] == 1
     assert res_1["separation"]["forget_features"] == res_2["separation"]["forget_features"]
-    groups = lambda res: [(h["step"], h["n_forget"], h["n_retain"]) for h in res["separation"]["regroup_history"]]
+    groups = lambda res: [(h["step"], h["n_forget"], h["n_retain"])
+                          for h in res["separation"]["regroup_history"]]
     assert groups(res_1) == groups(res_2) and len(groups(res_1)) >= 5
     assert len(log_1) == len(log_2) == res_1["info"]["training_steps"]
     for a, b in zip(log_1, log_2):
-        assert a["dead_latents"] == b["dead_latents"], a["step"]  # the dead-latent counters saw the global batch
+        # the dead-latent counters saw the global batch
+        assert a["dead_latents"] == b["dead_latents"], a["step"]
         for key in ("loss", "recon", "auxk", "explained_variance", "l0", "ortho"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
         if "val_recon" in a:
@@ -110,9 +116,9 @@ def test_two_processes_train_the_single_process_sae(trained):
 
 
 def test_a_killed_rank_stops_the_job_and_the_rerun_resumes_to_the_same_sae(trained, tmp_path):
-    """SIGKILL to rank 1 at step 21: torchrun stops rank 0 and exits non-zero, the last checkpoint (step 20) is
-    kept; the same command resumes and ends with the uninterrupted 2-process SAE. The checkpoint holds global
-    state only, so one process can resume it as well."""
+    """SIGKILL to rank 1 at step 21: torchrun stops rank 0 and exits non-zero, the last checkpoint
+    (step 20) is kept; the same command resumes and ends with the uninterrupted 2-process SAE. The
+    checkpoint holds global state only, so one process can resume it as well."""
     root, entry, driver = trained
     for nproc in (2, 1):
         out = tmp_path / f"killed_then_{nproc}"
@@ -151,9 +157,9 @@ def test_two_process_harvest_writes_the_single_process_entry(tmp_path, make_word
 
 
 TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256",
-        "--epochs=1", "--dict_size=1152", "--k=16", "--core_eval_batches=1", "--core_eval_sparsity_batches=1",
-        "--core_eval_batch_prompts=2", "--harvest_batch_size=8", "--variant=adaptive_ortho", "--group_every=4",
-        "--unlearning=false", "--device=cpu"]
+        "--epochs=1", "--dict_size=1152", "--k=16", "--core_eval_batches=1",
+        "--core_eval_sparsity_batches=1", "--core_eval_batch_prompts=2", "--harvest_batch_size=8",
+        "--variant=adaptive_ortho", "--group_every=4", "--unlearning=false", "--device=cpu"]
 
 
 def test_torchrun_runs_the_embedded_default_end_to_end(tmp_path):
@@ -172,8 +178,9 @@ def test_a_locked_out_dir_is_refused_on_every_rank(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
-                               "time.sleep(120)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(120)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         result = launch(ROOT / "experiment.py", f"--out_dir={out}", *TINY)
@@ -181,5 +188,6 @@ def test_a_locked_out_dir_is_refused_on_every_rank(tmp_path):
         holder.kill()
         holder.wait()
     assert result.returncode != 0
-    assert result.stderr.count("another run is using") == 2, result.stderr[-3000:]  # both ranks, one line each
+    # both ranks, one line each
+    assert result.stderr.count("another run is using") == 2, result.stderr[-3000:]
     assert not (out / "train_log.jsonl").exists()

@@ -5,15 +5,17 @@ import sys
 
 import pytest
 
-TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256", "--epochs=1",
-        "--dict_size=1152", "--k=16", "--core_eval_batches=1", "--core_eval_sparsity_batches=1",
-        "--core_eval_batch_prompts=2", "--harvest_batch_size=8", "--variant=adaptive_ortho", "--group_every=4",
-        "--unlearning_retain_thresholds=0.01", "--unlearning_n_features=10", "--unlearning_multipliers=100",
+TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256",
+        "--epochs=1", "--dict_size=1152", "--k=16", "--core_eval_batches=1",
+        "--core_eval_sparsity_batches=1", "--core_eval_batch_prompts=2", "--harvest_batch_size=8",
+        "--variant=adaptive_ortho", "--group_every=4", "--unlearning_retain_thresholds=0.01",
+        "--unlearning_n_features=10", "--unlearning_multipliers=100",
         "--unlearning_questions_per_subject=2"]
 
 
 def run(*args):
-    result = subprocess.run([sys.executable, "experiment.py", *args], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "experiment.py", *args], capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -29,14 +31,18 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     root, _ = finished_run
     info = json.loads((root / "run_1" / "final_info.json").read_text())
     training = info["training results for layer 15"]
-    assert training["config"]["k"] == 16 and training["config"]["dict_size"] == 1152 and training["config"]["layer"] == 15
+    assert (training["config"]["k"] == 16 and training["config"]["dict_size"] == 1152
+            and training["config"]["layer"] == 15)
     final = training["final_info"]
-    assert final["train_tokens_harvested"] == 2 * 17 * 127  # ceil(2048 / 127) contexts per domain, BOS dropped
-    assert final["training_steps"] == (final["train_tokens_harvested"] - final["tokens_dropped_as_outliers"]) // 256
+    # ceil(2048 / 127) contexts per domain, BOS dropped
+    assert final["train_tokens_harvested"] == 2 * 17 * 127
+    assert final["training_steps"] == (final["train_tokens_harvested"]
+                                       - final["tokens_dropped_as_outliers"]) // 256
     assert 0 < final["val_explained_variance"] < 1 and final["final_loss"] > 0
     metrics = info["core evaluation results"]["metrics"]
     assert metrics["sparsity"]["l0"] == pytest.approx(16, abs=0.5)
-    assert metrics["model_performance_preservation"]["ce_loss_without_sae"] < metrics["model_performance_preservation"]["ce_loss_with_ablation"]
+    assert (metrics["model_performance_preservation"]["ce_loss_without_sae"]
+            < metrics["model_performance_preservation"]["ce_loss_with_ablation"])
     assert metrics["reconstruction_quality"]["explained_variance_conventional"] < 1
     provenance = info["provenance"]
     assert provenance["model"]["name"] == "smollm2-135m-instruct" and provenance["model"]["gguf_sha256"]
@@ -48,8 +54,10 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     assert scores["n_forget_questions"] <= 10  # 2 sampled per forget subject: too few for an MCQ score
     assert scores["unlearning_score"] is None and "not meaningful" in scores["mcq_note"]
     assert scores["text_score"] >= 0 and scores["max_forget_delta_ce"] is not None
-    assert info["SAE-Bench unlearning evaluation results"]["ran"] is False  # SmolLM2: SAE-Bench's own eval refuses it
-    assert provenance["code"]["git_commit"] and not (root / "run_1" / "checkpoints").exists()  # removed once finished
+    # SmolLM2: SAE-Bench's own eval refuses it
+    assert info["SAE-Bench unlearning evaluation results"]["ran"] is False
+    # removed once finished
+    assert provenance["code"]["git_commit"] and not (root / "run_1" / "checkpoints").exists()
     steps = [json.loads(line) for line in (root / "run_1" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps) == final["training_steps"] and "dead_latents" in steps[0]
 
@@ -76,7 +84,8 @@ def test_notes_entry_appended_with_real_numbers(finished_run):
 
 def test_second_run_reads_the_cache_and_finished_run_is_protected(finished_run):
     root, _ = finished_run  # its activations may come from an earlier session's cache; run_2 must read them
-    refused = subprocess.run([sys.executable, "experiment.py", f"--out_dir={root / 'run_1'}", *TINY], capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "experiment.py", f"--out_dir={root / 'run_1'}", *TINY],
+                             capture_output=True, text=True)
     assert refused.returncode != 0 and "--overwrite" in refused.stderr
     log = run(f"--out_dir={root / 'run_2'}", "--seed=1", *TINY)
     assert "reading the cache" in log and "harvest train" not in log

@@ -21,8 +21,8 @@ D, N_TRAIN, N_VAL = 16, 3000, 400
 
 
 def make_entry(root: Path) -> Path:
-    """A cache entry as activations.build_cache writes it, from planted data: forget and retain tokens are sparse
-    sums of their own domain's directions plus shared ones."""
+    """A cache entry as activations.build_cache writes it, from planted data: forget and retain tokens
+    are sparse sums of their own domain's directions plus shared ones."""
     gen = np.random.default_rng(0)
     directions = gen.standard_normal((24, D)).astype(np.float32)
     entry = root / "entry"
@@ -44,9 +44,10 @@ def make_entry(root: Path) -> Path:
 
 def tiny_config(out: Path, **changes) -> experiment.Config:
     """A resolved config (no 0 / -1 defaults left) for a ~45-step adaptive_ortho run on the planted entry."""
-    cfg = experiment.Config(out_dir=str(out), device="cpu", layer=0, dict_size=64, k=4, batch_size=128, epochs=2.0,
-                            lr=3e-3, warmup_steps=5, dead_window_tokens=1000, train_tokens=N_TRAIN, group_every=5,
-                            t0=10, lambda2_max=10.0, checkpoint_every=4, variant="adaptive_ortho", min_freq=0.0)
+    cfg = experiment.Config(out_dir=str(out), device="cpu", layer=0, dict_size=64, k=4, batch_size=128,
+                            epochs=2.0, lr=3e-3, warmup_steps=5, dead_window_tokens=1000,
+                            train_tokens=N_TRAIN, group_every=5, t0=10, lambda2_max=10.0,
+                            checkpoint_every=4, variant="adaptive_ortho", min_freq=0.0)
     return experiment.dataclasses.replace(cfg, **changes)
 
 
@@ -111,12 +112,14 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_result(unin
     killed = drive(entry, tmp_path / "run", kill_step, "kill")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "run" / "result.json").exists()
-    ckpt = experiment.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", tiny_config(tmp_path / "run"))
+    ckpt = experiment.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt",
+                                      tiny_config(tmp_path / "run"))
     assert ckpt["step"] == kill_step // 4 * 4 and not ckpt["finished"]  # the last periodic checkpoint
     resumed = drive(entry, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert json.loads((tmp_path / "run" / "result.json").read_text())["info"]["resumed_from_step"] == ckpt["step"]
+    assert (json.loads((tmp_path / "run" / "result.json").read_text())["info"]["resumed_from_step"]
+            == ckpt["step"])
     assert_same_outcome(clean, tmp_path / "run")
 
 
@@ -125,8 +128,10 @@ def test_ctrl_c_writes_a_checkpoint_at_that_step_and_the_rerun_resumes(uninterru
     interrupted = drive(entry, tmp_path / "run", 11, "int")
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert "SIGINT at step 12" in interrupted.stdout and "run the same command again" in interrupted.stdout
-    ckpt = experiment.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", tiny_config(tmp_path / "run"))
-    assert ckpt["step"] == 12  # the signal arrived as step 11 began; that step finished, then training stopped
+    ckpt = experiment.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt",
+                                      tiny_config(tmp_path / "run"))
+    # the signal arrived as step 11 began; that step finished, then training stopped
+    assert ckpt["step"] == 12
     assert drive(entry, tmp_path / "run").returncode == 0
     assert_same_outcome(clean, tmp_path / "run")
 
@@ -139,8 +144,10 @@ def test_finished_training_is_not_redone_after_a_crash_in_the_evaluations(uninte
     ckpt = experiment.load_checkpoint(out / "checkpoints" / "last.pt", tiny_config(out))
     assert ckpt["finished"] and ckpt["step"] == first_info["training_steps"]
     log_before = (out / "train_log.jsonl").read_bytes()
-    sae, _, info, _ = experiment.train(tiny_config(out), entry, out)  # as a rerun after a crash in the evals would
-    assert info["steps_run"] == info["training_steps"] and (out / "train_log.jsonl").read_bytes() == log_before
+    # as a rerun after a crash in the evals would
+    sae, _, info, _ = experiment.train(tiny_config(out), entry, out)
+    assert (info["steps_run"] == info["training_steps"]
+            and (out / "train_log.jsonl").read_bytes() == log_before)
     assert info["val_recon"] == first_info["val_recon"]
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in sae.state_dict().items())
 
@@ -148,10 +155,12 @@ def test_finished_training_is_not_redone_after_a_crash_in_the_evaluations(uninte
 def test_checkpoint_from_another_config_is_refused_naming_the_fields(uninterrupted, tmp_path):
     entry, _ = uninterrupted
     assert drive(entry, tmp_path / "run", 9, "int").returncode == 130
-    other = tiny_config(tmp_path / "run", k=5, alpha=0.2, unlearning=False)  # unlearning does not affect training
+    # unlearning does not affect training
+    other = tiny_config(tmp_path / "run", k=5, alpha=0.2, unlearning=False)
     with pytest.raises(experiment.ConfigError) as e:
         experiment.prepare_out_dir(other)
-    assert "k: 4 -> 5" in str(e.value) and "alpha: 0.1 -> 0.2" in str(e.value) and "unlearning" not in str(e.value)
+    assert ("k: 4 -> 5" in str(e.value) and "alpha: 0.1 -> 0.2" in str(e.value)
+            and "unlearning" not in str(e.value))
     assert "--overwrite" in str(e.value)
     fresh = experiment.prepare_out_dir(experiment.dataclasses.replace(other, overwrite=True))
     assert not (fresh / "checkpoints").exists()  # --overwrite starts afresh
@@ -172,13 +181,15 @@ def test_damaged_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         experiment.load_checkpoint(path, tiny_config(tmp_path / "run"))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path,
+                                                                            monkeypatch):
     entry, _ = uninterrupted
     real_step = experiment.TrainerTopK.step
 
     def step(self, *args):
         stats = real_step(self, *args)
-        return stats | {"loss": float("nan"), "ortho": float("nan")} if self.t == 10 else stats  # t counts done steps
+        # t counts done steps
+        return stats | {"loss": float("nan"), "ortho": float("nan")} if self.t == 10 else stats
     monkeypatch.setattr(experiment.TrainerTopK, "step", step)
     out = tmp_path / "run"
     out.mkdir()
@@ -210,14 +221,15 @@ def test_unwritable_out_dir_is_refused(tmp_path):
 
 
 def test_an_out_dir_in_use_is_refused_and_freed_when_its_run_exits(tmp_path):
-    """A second run in the same out_dir (here: another process holding the lock) is refused before it touches the
-    folder, also with --overwrite; once the holder exits, the folder can be used again."""
+    """A second run in the same out_dir (here: another process holding the lock) is refused before it
+    touches the folder, also with --overwrite; once the holder exits, the folder can be used again."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "final_info.json").write_text("{}")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
-                               "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(60)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(experiment.ConfigError, match="another run is using"):
@@ -248,10 +260,12 @@ def test_bad_corpus_file_gives_a_one_line_error(tmp_path, content, message):
 def test_malformed_question_rows_are_counted_by_reason():
     rows = [json.dumps({"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d",
                         "correct_answer": letter, "topic": "human aging"}) for letter in ("B", "answer", "E")]
-    rows += ["{not json", json.dumps({"question": "q", "topic": "x", "correct_answer": "A"}), json.dumps([1, 2]), ""]
+    rows += ["{not json", json.dumps({"question": "q", "topic": "x", "correct_answer": "A"}),
+             json.dumps([1, 2]), ""]
     by_subject, skipped = data.parse_mcq_rows(rows)
     assert [q.answer for q in by_subject["human_aging"]] == [1]
-    assert skipped == {"correct_answer not one of A-D": 2, "not valid JSON": 1, "missing or non-text fields": 2}
+    assert skipped == {"correct_answer not one of A-D": 2, "not valid JSON": 1,
+                       "missing or non-text fields": 2}
 
 
 def test_disk_full_while_harvesting_removes_partial_files(tmp_path, monkeypatch):
