@@ -1406,6 +1406,25 @@ def resume_training(path: Path, training: Training, log_path: Path) -> None:
           + (" (training had finished)" if training.finished else ""))
 
 
+def start_training(cfg: Config, entry: Path, ckpt_path: Path, log_path: Path) -> tuple[Training, object]:
+    """(training at its next step, this rank's stream of batch slices from there): resumed from the
+    checkpoint when there is one, else fresh with b_dec at the geometric median of batch 0 (training step s
+    uses batch s + 1); every rank starts from rank 0's SAE."""
+    data = TrainingData.load(entry, cfg.max_norm_multiple)
+    training = Training(cfg, data)
+    if ckpt_path.exists():
+        resume_training(ckpt_path, training, log_path)
+    elif distributed.is_main():
+        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
+                                                     rows=data.keep))
+        with torch.no_grad():
+            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
+    distributed.broadcast_tensors(training.sae.parameters())
+    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
+                                           skip=training.step + 1, part=distributed.shard(cfg.batch_size))
+    return training, batches
+
+
 def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
 
@@ -1416,21 +1435,8 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
     """
     log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
-    data = TrainingData.load(entry, cfg.max_norm_multiple)
-    training, start_step = Training(cfg, data), 0
-    if ckpt_path.exists():
-        resume_training(ckpt_path, training, log_path)
-        start_step = training.step
-    elif distributed.is_main():  # batch 0 initialises b_dec; training step s uses batch s + 1
-        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
-                                                     rows=data.keep))
-        with torch.no_grad():
-            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
-    distributed.broadcast_tensors(training.sae.parameters())  # every rank starts from rank 0's SAE
-    # this rank's slice of every global batch, from the batch after the last one used
-    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
-                                           skip=start_step + 1, part=distributed.shard(cfg.batch_size))
-    main = distributed.is_main()
+    training, batches = start_training(cfg, entry, ckpt_path, log_path)
+    data, start_step, main = training.data, training.step, distributed.is_main()
     steps, wandb_run, started, wall_before = (
         training.steps, main and open_wandb(cfg), time.time(), training.wall_s)
     last = start_step - 1

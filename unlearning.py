@@ -70,6 +70,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -752,6 +753,101 @@ def rate_summary(rates) -> dict:
             "n_below_0.01": int((r < 0.01).sum())}
 
 
+def plan_sweeps(rates: dict, group: "list | None", cfg: UnlearningConfig) -> tuple[dict, dict, list]:
+    """(selected: per sweep ("all", and "forget_group" when `group` is given) and retain threshold, the
+    features ranked by forget firing rate; plan: per sweep, its (threshold, n_features, multiplier,
+    features) rows; the unique (features, multiplier) configs over all sweeps, sorted)."""
+    sweeps = {"all": None} | ({"forget_group": group} if group is not None else {})
+    selected = {name: {str(th): select_features(rates["forget"], rates["retain"], th,
+                                                max(cfg.n_features), cand)
+                       for th in cfg.retain_thresholds} for name, cand in sweeps.items()}
+    plan = {name: [(th, n, m, tuple(selected[name][str(th)][:n]))
+                   for th in cfg.retain_thresholds for n in cfg.n_features for m in cfg.multipliers]
+            for name in sweeps}
+    configs = sorted({(feats, m) for rows in plan.values() for (_, _, m, feats) in rows})
+    return selected, plan, configs
+
+
+class Sweep(NamedTuple):
+    select_sets: dict  # name -> EvalSet: the selection split's ΔCE sets and the question sets
+    report_sets: dict  # name -> EvalSet: the report split's ΔCE sets
+    by_config: dict  # (features, multiplier) -> raw results on the selection sets
+    deltas: dict  # (features, multiplier) -> {set name: per-context deltas}, selection and report splits
+    reported: list  # the configs run on the report split
+    fraction_rerun: float
+
+
+def sweep(model, sae, hook_layer: int, texts: dict, mcq_sets: dict, plan: dict, configs: list,
+          cfg: UnlearningConfig, device: str, timing: dict) -> Sweep:
+    """Every config on the selection split (and the questions); the report split only at the configs the
+    held-out score reads there (each sweep's chosen curve's bracketing pair): it never chooses anything."""
+    t = time.time()
+
+    def ce_set(side, split):
+        tokens = texts[side][split]
+        return EvalSet(model, "ce", [(tokens[i:i + cfg.batch_size], None)
+                                     for i in range(0, len(tokens), cfg.batch_size)],
+                       hook_layer, device)
+    select_sets = {f"{side}_select": ce_set(side, "select") for side in ("forget", "retain")} | mcq_sets
+    report_sets = {f"{side}_report": ce_set(side, "report") for side in ("forget", "retain")}
+    timing["baseline_passes"] = time.time() - t
+    t = time.time()
+    results, fraction_rerun = run_sweep(model, sae, hook_layer, select_sets, configs, cfg)
+    by_config = dict(zip(configs, results))
+    deltas = {config: {name: context_deltas(values, select_sets[name])
+                       for name, values in r.items() if "_mcq" not in name}
+              for config, r in by_config.items()}
+    reported = sorted(set().union(*(report_configs(rows, deltas, cfg.ce_tolerance)
+                                    for rows in plan.values())))
+    if reported:
+        for config, r in zip(reported, run_sweep(model, sae, hook_layer, report_sets, reported, cfg)[0]):
+            deltas[config] |= {name: context_deltas(values, report_sets[name]) for name, values in r.items()}
+    timing["sweep"] = time.time() - t
+    return Sweep(select_sets, report_sets, by_config, deltas, reported, fraction_rerun)
+
+
+def held_out_rates(model, sae, texts: dict, hook_layer: int, cfg: UnlearningConfig, device: str,
+                   timing: dict) -> dict:
+    """{"forget"|"retain": [F] firing rate of every feature on that side's rate contexts}."""
+    t = time.time()
+    print(f"unlearning: firing rates on {sum(len(texts[s]['rate']) for s in texts)} held-out contexts")
+    rates = {side: firing_rates(model, sae, texts[side]["rate"].to(device), hook_layer, cfg.batch_size,
+                                special_token_ids(model.tokenizer))
+             for side in ("forget", "retain")}
+    timing["firing_rates"] = time.time() - t
+    return rates
+
+
+def baseline(sw: Sweep, answers: dict) -> dict:
+    """The unedited model's mean CE per side (selection and report contexts) and its MCQ summary."""
+    mcq = {side: _mcq_summary([b["base"] for b in sw.select_sets[f"{side}_mcq"].batches], None,
+                              answers[side])
+           for side in answers}
+    return ({f"{side}_ce": _ce_mean(sw.select_sets[f"{side}_select"].batches
+                                    + sw.report_sets[f"{side}_report"].batches)
+             for side in ("forget", "retain")}
+            | {"forget_mcq": mcq.get("forget"), "retain_mcq": mcq.get("retain")})
+
+
+def score_sweeps(plan: dict, sw: Sweep, answers: dict, qinfo: dict, cfg: UnlearningConfig,
+                 group: "list | None") -> tuple[dict, dict]:
+    """(per sweep, its table of config rows; the metrics: the held-out score and the rest per sweep)."""
+    tables = {name: [config_row(*p, sw.by_config[p[3], p[2]], sw.deltas[p[3], p[2]], answers) for p in rows]
+              for name, rows in plan.items()}
+    nf, nr = qinfo["forget"]["n_surviving"], qinfo["retain"]["n_surviving"]
+    metrics = {"unlearning": _scores(tables["all"], plan["all"], sw.deltas, cfg, nf, nr)}
+    if group is not None:
+        metrics["unlearning_forget_group"] = (_scores(tables["forget_group"], plan["forget_group"],
+                                                      sw.deltas, cfg, nf, nr) | {"group_size": len(group)})
+    return tables, metrics
+
+
+def text_record(text: dict, cfg: UnlearningConfig) -> dict:
+    """How many contexts and documents each part of one side's held-out text (held_out_text) holds."""
+    return ({f"{part}_{what}": text[f"{part}_{what}"] for part in (*SPLITS, "rate")
+             for what in ("contexts", "documents")} | {"context_length": cfg.context_length})
+
+
 def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs: list, retain_docs: list,
                         forget_questions: dict, retain_questions: dict, cfg: UnlearningConfig, device: str,
                         forget_group: "torch.Tensor | None" = None) -> dict:
@@ -764,34 +860,20 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     started = time.time()
     if hook_name != f"blocks.{hook_layer}.hook_resid_post":
         raise ValueError(f"hook_name must be blocks.{hook_layer}.hook_resid_post, got {hook_name}")
-    tok = model.tokenizer
+    tok, timing = model.tokenizer, {}
     bos = bos_token_id(tok)
     eos = tok.eos_token_id if tok.eos_token_id is not None else bos
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    timing = {}
 
     # 1. text: selection ΔCE contexts, then report ΔCE contexts, then rate contexts, each from the
     # documents after the previous part's (disjoint by document)
     texts = {side: held_out_text(tok, docs, cfg, bos, eos, side)
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
-    t = time.time()
-    print(f"unlearning: firing rates on {sum(len(texts[s]['rate']) for s in texts)} held-out contexts")
-    rates = {side: firing_rates(model, sae, texts[side]["rate"].to(device), hook_layer, cfg.batch_size,
-                                special_token_ids(tok))
-             for side in ("forget", "retain")}
-    timing["firing_rates"] = time.time() - t
+    rates = held_out_rates(model, sae, texts, hook_layer, cfg, device, timing)
 
     # 2. selection
-    group = (None if forget_group is None
-             else [int(i) for i in torch.as_tensor(forget_group).flatten().tolist()])
-    sweeps = {"all": None} | ({"forget_group": group} if group is not None else {})
-    selected = {name: {str(th): select_features(rates["forget"], rates["retain"], th,
-                                                max(cfg.n_features), cand)
-                       for th in cfg.retain_thresholds} for name, cand in sweeps.items()}
-    plan = {name: [(th, n, m, tuple(selected[name][str(th)][:n]))
-                   for th in cfg.retain_thresholds for n in cfg.n_features for m in cfg.multipliers]
-            for name in sweeps}
-    configs = sorted({(feats, m) for rows in plan.values() for (_, _, m, feats) in rows})
+    group = None if forget_group is None else [int(i) for i in torch.as_tensor(forget_group).flatten()]
+    selected, plan, configs = plan_sweeps(rates, group, cfg)
 
     # 3. questions: the per-model filter, then the survivors' residuals
     t = time.time()
@@ -800,65 +882,29 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
                                              hook_layer, device)
     timing["question_filter"] = time.time() - t
 
-    # 4. sweep: every config on the selection split (and the questions); the report split only at the configs
-    # the held-out score reads there (each sweep's chosen curve's bracketing pair): it never chooses anything
-    t = time.time()
-    def ce_set(side, split):
-        tokens = texts[side][split]
-        return EvalSet(model, "ce", [(tokens[i:i + cfg.batch_size], None)
-                                     for i in range(0, len(tokens), cfg.batch_size)],
-                       hook_layer, device)
-    select_sets = {f"{side}_select": ce_set(side, "select") for side in ("forget", "retain")} | mcq_sets
-    report_sets = {f"{side}_report": ce_set(side, "report") for side in ("forget", "retain")}
-    timing["baseline_passes"] = time.time() - t
-    t = time.time()
-    results, frac_run = run_sweep(model, sae, hook_layer, select_sets, configs, cfg)
-    by_config = dict(zip(configs, results))
-    deltas = {config: {name: context_deltas(values, select_sets[name])
-                       for name, values in r.items() if "_mcq" not in name}
-              for config, r in by_config.items()}
-    reported = sorted(set().union(*(report_configs(plan[name], deltas, cfg.ce_tolerance) for name in sweeps)))
-    if reported:
-        for config, r in zip(reported, run_sweep(model, sae, hook_layer, report_sets, reported, cfg)[0]):
-            deltas[config] |= {name: context_deltas(values, report_sets[name]) for name, values in r.items()}
-    timing["sweep"] = time.time() - t
-
-    base_mcq = {side: _mcq_summary([b["base"] for b in select_sets[f"{side}_mcq"].batches], None,
-                                   answers[side])
-                for side in answers}
-
-    tables = {name: [config_row(*p, by_config[p[3], p[2]], deltas[p[3], p[2]], answers) for p in rows]
-              for name, rows in plan.items()}
-    nf, nr = qinfo["forget"]["n_surviving"], qinfo["retain"]["n_surviving"]
-    metrics = {"unlearning": _scores(tables["all"], plan["all"], deltas, cfg, nf, nr)}
-    if group is not None:
-        metrics["unlearning_forget_group"] = (_scores(tables["forget_group"], plan["forget_group"],
-                                                      deltas, cfg, nf, nr) | {"group_size": len(group)})
+    # 4. sweep
+    sw = sweep(model, sae, hook_layer, texts, mcq_sets, plan, configs, cfg, device, timing)
+    tables, metrics = score_sweeps(plan, sw, answers, qinfo, cfg, group)
     timing["total"] = time.time() - started
 
     return json_safe({
         "eval_type_id": "unlearning",
         "eval_config": asdict(cfg) | {
-            "hook_name": hook_name, "hook_layer": hook_layer,
+            "hook_name": hook_name, "hook_layer": hook_layer, "letter_token_ids": letter_ids,
             "answer_orders_used": [list(o) for o in answer_orders(cfg.answer_orders)],
-            "chat_template": bool(getattr(tok, "chat_template", None)), "letter_token_ids": letter_ids},
+            "chat_template": bool(getattr(tok, "chat_template", None))},
         "eval_result_metrics": metrics,
         "eval_result_details": {
             "sweep": tables["all"],
             **({"forget_group_sweep": tables["forget_group"]} if group is not None else {}),
             "selected_features": selected,
-            "baseline": {f"{side}_ce": _ce_mean(select_sets[f"{side}_select"].batches
-                                                + report_sets[f"{side}_report"].batches)
-                         for side in ("forget", "retain")}
-                        | {"forget_mcq": base_mcq.get("forget"), "retain_mcq": base_mcq.get("retain")},
+            "baseline": baseline(sw, answers),
             "questions": qinfo,
-            "text": {side: {f"{part}_{what}": texts[side][f"{part}_{what}"] for part in (*SPLITS, "rate")
-                            for what in ("contexts", "documents")} | {"context_length": cfg.context_length}
-                     for side in texts},
+            "text": {side: text_record(texts[side], cfg) for side in texts},
             "firing_rates": {side: rate_summary(rates[side]) for side in rates},
             "sweep_split": "select (every config); report: only the configs the held-out score reads",
-            "n_unique_configs": len(configs), "n_report_configs": len(reported),
-            "fraction_of_rows_rerun": frac_run,
+            "n_unique_configs": len(configs), "n_report_configs": len(sw.reported),
+            "fraction_of_rows_rerun": sw.fraction_rerun,
             "timing_s": timing,
         },
     })
