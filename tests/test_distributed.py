@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_robust import make_entry
+from tests.test_robust import lock_held_elsewhere, make_entry
 
 ROOT = Path(__file__).parent.parent
 
@@ -177,16 +177,8 @@ def test_torchrun_runs_the_embedded_default_end_to_end(tmp_path):
 def test_a_locked_out_dir_is_refused_on_every_rank(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-                               "print('held', flush=True); time.sleep(120)", str(out / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / ".lock"):
         result = launch(ROOT / "experiment.py", f"--out_dir={out}", *TINY)
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.returncode != 0
     # both ranks, one line each
     assert result.stderr.count("another run is using") == 2, result.stderr[-3000:]

@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -220,24 +221,31 @@ def test_unwritable_out_dir_is_refused(tmp_path):
         experiment.prepare_out_dir(tiny_config(blocker / "run"))
 
 
+@contextmanager
+def lock_held_elsewhere(lock: Path):
+    """Another process holds an exclusive flock on `lock` for the duration of the block."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(300)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_an_out_dir_in_use_is_refused_and_freed_when_its_run_exits(tmp_path):
     """A second run in the same out_dir (here: another process holding the lock) is refused before it
     touches the folder, also with --overwrite; once the holder exits, the folder can be used again."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "final_info.json").write_text("{}")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-                               "print('held', flush=True); time.sleep(60)", str(out / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / ".lock"):
         with pytest.raises(experiment.ConfigError, match="another run is using"):
             experiment.prepare_out_dir(tiny_config(out, overwrite=True))
         assert (out / "final_info.json").exists()  # --overwrite did not get to delete anything
-    finally:
-        holder.kill()
-        holder.wait()
     assert experiment.prepare_out_dir(tiny_config(out, overwrite=True)) == out
     assert not (out / "final_info.json").exists()
 
