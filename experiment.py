@@ -7,7 +7,13 @@ The run: load the model (Pythia-70M-deduped from the hub when reachable, else th
 SmolLM2-135M-Instruct) -> harvest residual-stream activations of forget-domain (biology) and
 retain-domain (general) text, cached on disk -> train the SAE -> SAE-Bench core evaluation on held-out
 retain text -> out_dir/final_info.json.
+
+The file reads top down, each part calling into the next: the config (the CLI), the run, the training
+loop with its state and checkpoints, the trainer (one optimisation step), the knowledge-separation
+losses and grouping, and the sparse autoencoder itself.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import errno
@@ -46,6 +52,7 @@ import results
 import sae_bench_unlearning
 import unlearning
 from files import json_safe, write_bytes_atomic, write_json_atomic
+
 
 # -----------------------------------------------------------------------------
 # Config: the dataclass is the CLI (--name=value for every field)
@@ -288,7 +295,1286 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
 
 
 # -----------------------------------------------------------------------------
+# The run: configure, load the inputs, harvest, train, evaluate, write final_info.json
+
+
+def run(cfg: Config) -> dict:
+    """The whole run. Under torchrun every rank harvests its share and trains; rank 0 alone writes the outputs
+    and runs the evaluations (the other ranks return None once training is done)."""
+    started = time.time()
+    cfg, model_name, why = configure(cfg)
+    out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
+    distributed.quiet_unless_main()
+    set_seed(cfg.seed)
+    torch.set_num_threads(min(torch.get_num_threads(),
+                              (os.cpu_count() or 1) // distributed.local_world_size() or 1))
+    with distributed.main_first():  # rank 0 fills the shared cache (model, corpora), then the others read it
+        inputs = load_inputs(cfg, model_name, why)
+    entry, key = prepare_activations(cfg, inputs.model, inputs.model_info, inputs.hook_name, inputs.forget,
+                                     inputs.retain, inputs.documents)
+
+    sae, scale, train_info, separation = train(cfg, entry, out)
+    if not distributed.is_main():
+        return None
+    metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name,
+                "hook_layer": cfg.layer, "context_size": cfg.context_length, "prepend_bos": True}
+    sae.save(out / "sae", scale, metadata)
+    saved = load_sae(out / "sae", cfg.device)  # what every evaluation sees: the SAE as saved, in model units
+    evaluations = evaluate(cfg, out, saved, inputs, train_info, separation)
+
+    config = {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
+              "lm_name": inputs.model_info["name"], "submodule_name": f"resid_post_layer_{cfg.layer}",
+              **dataclasses.asdict(cfg)}
+    final_info = {
+        f"training results for layer {cfg.layer}": {"config": config, "final_info": train_info},
+        "core evaluation results": evaluations.pop("core evaluation results"),
+        "knowledge separation results": separation,
+        **evaluations,
+        "provenance": {"model": inputs.model_info, "forget_corpus": inputs.forget.provenance(),
+                       "retain_corpus": inputs.retain.provenance(), "questions": inputs.questions,
+                       "activation_cache": {"entry": str(entry), "key": key}, "code": code_version(),
+                       "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
+                       "wall_time_s": time.time() - started},
+    }
+    write_json_atomic(out / "final_info.json", final_info)
+    append_notes(cfg, final_info, out.resolve().parent / "notes.txt")  # beside the run folders
+    # the run is finished; final_info.json and sae/ hold it
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
+    return final_info
+
+
+def configure(cfg: Config) -> tuple[Config, str, str]:
+    """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises
+    ConfigError before anything heavy is loaded."""
+    validate(cfg)
+    device = distributed.init(pick_device(cfg.device))
+    if cfg.batch_size % distributed.world_size():
+        raise ConfigError(f"--batch_size: batch_size={cfg.batch_size} is not divisible by the "
+                          f"{distributed.world_size()} processes; each takes an equal slice of every batch")
+    model_name, why = models.resolve_auto() if cfg.model == "auto" else (cfg.model, "requested by name")
+    try:
+        description = models.describe_model(model_name, Path(cfg.cache_dir))
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    return resolve(cfg, device, description), model_name, why
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {requested} asked for but CUDA is not available; use --device=cpu")
+    return requested
+
+
+_OUT_DIR_LOCKS = {}  # resolved out_dir -> open lock file: a lock lives as long as this process
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    """Create and lock out_dir (refusing one that is not writable or that another run holds); with --overwrite
+    drop a finished run and any checkpoint; otherwise check that a checkpoint there is from this config (so a
+    mismatch fails before any heavy work)."""
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out)
+    except OSError as e:
+        raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); "
+                          f"pick a writable folder") from None
+    if cfg.overwrite:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "final_info.json").unlink(missing_ok=True)
+    elif (out / "final_info.json").exists():  # finished while this run waited for the lock
+        raise ConfigError(f"--out_dir: {out} holds a finished run (final_info.json); "
+                          f"pick a new out_dir or pass --overwrite")
+    elif (out / "checkpoints" / "last.pt").exists():
+        load_checkpoint(out / "checkpoints" / "last.pt", cfg)
+    return out
+
+
+def lock_out_dir(out: Path) -> None:
+    """Hold an exclusive flock on out/.lock until this process exits (the OS releases it, even after
+    SIGKILL), so that a second run in the same out_dir is refused instead of overwriting the first one's
+    files. Taking it again in the same process is a no-op."""
+    if out.resolve() in _OUT_DIR_LOCKS:
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--out_dir: another run is using {out} (it holds {out / '.lock'}); wait for it to "
+                          f"finish or pick another out_dir") from None
+    _OUT_DIR_LOCKS[out.resolve()] = fd
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Inputs:
+    """What a run reads before training: the model, the corpora split once into train / val / eval documents
+    ({"forget"|"retain": data.DocumentSplit}), and the questions."""
+    model: object
+    model_info: dict
+    hook_name: str
+    forget: data.Corpus
+    retain: data.Corpus
+    documents: dict
+    forget_questions: dict
+    retain_questions: dict
+    questions: dict
+
+
+def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
+    try:
+        model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir))
+    except RuntimeError as e:  # a named model that cannot be had: say so in one line
+        raise ConfigError(f"--model: {e}") from None
+    model_info |= {"requested": cfg.model, "reason": why}
+    print(f"model: {model_info['name']} ({model_info['source']}; {why})")
+    forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
+                      (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
+    documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed,
+                                            cfg.val_fraction)
+                 for side, corpus in (("forget", forget), ("retain", retain))}
+    questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
+    return Inputs(model, model_info, f"blocks.{cfg.layer}.hook_resid_post", forget, retain, documents,
+                  *questions)
+
+
+def load_corpus_or_explain(option: str, spec: str, cfg: Config) -> data.Corpus:
+    try:
+        return data.load_corpus(spec, Path(cfg.cache_dir))
+    except (FileNotFoundError, ValueError) as e:  # a missing, empty or malformed corpus file
+        raise ConfigError(f"--{option}: {e}") from None
+
+
+def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus,
+                        retain: data.Corpus, documents: dict):
+    """Harvest (or read back) train and validation activations from the training and validation documents of
+    `documents` ({"forget"|"retain": data.DocumentSplit}); returns the cache entry and its key fields."""
+    key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision")},
+           "layer": cfg.layer, "hook_name": hook_name, "context_length": cfg.context_length,
+           "train_tokens": cfg.train_tokens, "val_tokens": cfg.val_tokens, "eval_fraction": cfg.eval_fraction,
+           "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "forget": forget.provenance(),
+           "retain": retain.provenance()}
+    entry = Path(cfg.cache_dir) / "activations" / activations.cache_key(key)
+    check_shared_cache(Path(cfg.cache_dir))
+    if distributed.on_main(lambda: cached_entry_is_sound(entry)):
+        return entry, key
+    print(f"activations: harvesting into {entry}")
+    bos = models.bos_token_id(model.tokenizer)
+    splits = {}
+    for split, n_tokens in (("train", cfg.train_tokens), ("val", cfg.val_tokens)):
+        contexts, labels = [], []
+        for corpus, side, label in ((forget, "forget", activations.FORGET),
+                                    (retain, "retain", activations.RETAIN)):
+            docs = getattr(documents[side], split)
+            try:
+                ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
+            except ValueError as e:
+                # the corpus is too small for the budget: say so before harvesting anything
+                raise ConfigError(f"--{split}_tokens: {corpus.name} ({split} documents): {e}") from None
+            contexts.append(ctx)
+            labels.append(torch.full((len(ctx),), label))
+        contexts, labels = torch.cat(contexts), torch.cat(labels)
+        order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(cfg.data_seed))
+        splits[split] = (contexts[order], labels[order])
+    activations.build_cache(entry, key, model, hook_name, cfg.layer, splits, cfg.harvest_batch_size)
+    return entry, key
+
+
+def check_shared_cache(cache_dir: Path) -> None:
+    """Under torchrun, refuse a cache folder that the ranks do not all see: rank 0 writes a token file there
+    and every rank must read it back (nodes need a shared filesystem for the cache and the out_dir)."""
+    if distributed.world_size() == 1:
+        return
+    token = distributed.broadcast_object(os.urandom(8).hex())
+    probe = cache_dir / f".rank-probe-{token}"
+    if distributed.is_main():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    distributed.barrier()
+    seen = probe.exists() and probe.read_text() == token
+    missing = int(distributed.reduce_sum(torch.tensor([int(not seen)])))
+    distributed.barrier()
+    if distributed.is_main():
+        probe.unlink()
+    if missing:
+        raise ConfigError(f"--cache_dir: {missing} of {distributed.world_size()} processes cannot see "
+                          f"{cache_dir} as rank 0 writes it; under torchrun the cache (and the "
+                          f"out_dir) must be on a filesystem every node shares")
+
+
+def cached_entry_is_sound(entry: Path) -> bool:
+    """True when the entry exists and every file matches its manifest's sha256; a damaged entry is removed."""
+    if not (entry / "manifest.json").exists():
+        return False
+    try:
+        for split in ("train", "val"):
+            activations.load_split(entry, split)  # verifies every file against the manifest's sha256
+        print(f"activations: reading the cache {entry}")
+        return True
+    except (RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, corrupted or missing file
+        print(f"activations: cache entry {entry} is damaged ({e}); rebuilding it")
+        shutil.rmtree(entry)
+        return False
+
+
+def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict,
+             separation: dict) -> dict:
+    """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
+    core_cfg = core_eval.CoreEvalConfig(
+        context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
+        n_eval_reconstruction_batches=cfg.core_eval_batches,
+        n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
+    max_norm = cfg.max_norm_multiple * train_info["median_activation_norm"] or None  # training's outlier rule
+    sections = {"core evaluation results": core_eval.run_core_eval(
+        sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device, max_norm=max_norm)}
+    if cfg.absorption:
+        sections["absorption evaluation results"] = absorption.run_absorption(
+            sae, inputs.model, cfg.device, absorption.AbsorptionConfig(n_words=cfg.absorption_words or None),
+            work_dir=Path(cfg.cache_dir) / "absorption")
+    if cfg.unlearning:
+        sections["unlearning evaluation results"] = evaluate_unlearning(
+            cfg, sae, inputs.model, inputs.hook_name, inputs.documents, inputs.forget_questions,
+            inputs.retain_questions, separation)
+        sections["SAE-Bench unlearning evaluation results"] = evaluate_unlearning_with_sae_bench(
+            cfg, out, sae, inputs.model_info["name"], cfg.device)
+    return sections
+
+
+def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits: dict,
+                        forget_questions: dict, retain_questions: dict, separation: dict) -> dict:
+    """unlearning.run_unlearning_eval on held-out documents, with the clamp's edit defined by
+    `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted
+    to the SAE's own forget group. The question filter depends only on the model, so it is cached across
+    runs."""
+    floats = lambda text: tuple(float(v) for v in text.split(","))
+    unlearn_cfg = unlearning.UnlearningConfig(
+        retain_thresholds=floats(cfg.unlearning_retain_thresholds),
+        n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
+        multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
+        n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
+        max_questions_per_subject=cfg.unlearning_questions_per_subject,
+        question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
+    forget_group = (torch.tensor(separation["forget_features"], dtype=torch.long)
+                    if cfg.variant in GROUPED else None)
+    result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model,
+                                            hook_name, cfg.layer, splits["forget"].eval,
+                                            splits["retain"].eval, forget_questions, retain_questions,
+                                            unlearn_cfg, cfg.device, forget_group=forget_group)
+    result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
+    return result
+
+
+def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, model_name: str,
+                                       device: str) -> dict:
+    """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
+    bio-forget-corpus.jsonl), with the same edit as the port; otherwise a record of why it did not run."""
+    applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
+    if not applies:
+        return {"ran": False, "reason": why}
+    print(f"unlearning: SAE-Bench's own eval ({why})")
+    # the SAE's name in SAE-Bench's artifacts: unique per out_dir, so two runs never share firing-rate files
+    sae_name = f"{out.name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
+    result = sae_bench_unlearning.run_sae_bench_unlearning(
+        intervention_sae(sae, cfg.unlearning_group_bias_edit), sae_name, model_name,
+        Path(cfg.forget_corpus), device, Path(cfg.cache_dir) / "sae_bench_unlearning")
+    return {"ran": True, "reason": why, "group_bias_edit": cfg.unlearning_group_bias_edit, **result}
+
+
+def code_version() -> dict:
+    """The git commit of this code and whether tracked files other than notes.txt and run_*/
+    (which runs write) had uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no",
+                                                "--", ".", ":(exclude)notes.txt", ":(exclude)run_*"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "uncommitted_changes": None}
+
+
+def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
+    """One entry per finished run, appended: what the run was and its headline numbers (results.flatten)."""
+    r = results.flatten(final_info)
+    g = lambda v: "n/a" if v is None else f"{v:.4g}"
+    setting = {"adaptive_ortho": f" (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})",
+               "fixed_ortho": f" (λ2 {cfg.lambda2_max})", "allpairs_ortho": f" (λ2 {cfg.allpairs_lambda2})"}
+    ablation = " (no group biases)" if cfg.variant in GROUPED and not cfg.group_biases else ""
+    entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
+             f"variant {cfg.variant}{setting.get(cfg.variant, '')}{ablation} | seed {cfg.seed} | model "
+             f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} "
+             f"k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
+             f"val explained variance {g(r['val_ev'])} (checkpoint step {r['best_step']}; last step "
+             f"{g(r['final_step_val_ev'])}) | core: explained variance (conventional) {g(r['conv_ev'])} "
+             f"({g(r['conv_ev_typical'])} without outliers), ce_loss_score {g(r['ce_loss_score'])}, "
+             f"kl_div_score {g(r['kl_div_score'])}, L0 {g(r['l0'])}\n"
+             f"separation: groups {r['n_forget']} forget / {r['n_retain']} retain | cross-group |cos| mean "
+             f"{g(r['cross_cos'])} max {g(r['cross_cos_max'])} | κ forget {g(r['kappa_forget'])} retain "
+             f"{g(r['kappa_retain'])} | nearest-neighbour |cos| mean {g(r['nn_cos'])}\n")
+    if r["absorption"] is not None or r["absorption_reason"]:
+        entry += (f"absorption: mean absorption fraction {g(r['absorption'])}\n"
+                  if r["absorption"] is not None
+                  else f"absorption: not measured ({r['absorption_reason']})\n")
+    if r["has_unlearning"]:
+        mcq = (g(r["mcq"]) if r["mcq"] is not None
+               else f"n/a ({r['n_forget_questions']} forget questions survive)")
+        held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
+            f"{g(r['held_out_score'])} ± {g(r['held_out_score_se'])} nats"
+        entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score "
+                  f"{held} (forget ΔCE at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, "
+                  f"scored on report text) | text score {g(r['text_score'])} nats | "
+                  f"MCQ unlearning_score {mcq}\n")
+    with open(notes_path, "a") as f:
+        f.write(entry)
+
+
+# -----------------------------------------------------------------------------
+# Training: the loop, its state, checkpoints (resume a killed run where it stopped, bit-identical on CPU)
+
+
+CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on "
+                   "validation documents disjoint from training and from every evaluation; the same "
+                   "rule for every variant")
+
+
+def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
+    """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
+
+    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged;
+    for the cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops
+    training early.
+    Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
+    out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
+    """
+    log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
+    training, batches = start_training(cfg, entry, ckpt_path, log_path)
+    data, start_step, main = training.data, training.step, distributed.is_main()
+    steps, wandb_run, started, wall_before = (
+        training.steps, main and open_wandb(cfg), time.time(), training.wall_s)
+    last = start_step - 1
+    with open(log_path if main else os.devnull,
+              "ab" if start_step else "wb") as log, StopRequest() as stop_request:
+        bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE",
+                   unit="step", initial=start_step, total=steps, disable=not main)
+        for step in bar:
+            x, y = next(batches)
+            record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
+            check_finite(record, step, ckpt_path)
+            training.stats, stop = record, False
+            if (step + 1) % cfg.group_every == 0:
+                record["separation"], stop = training.regroup(step)
+            if step % 50 == 0 or step == steps - 1 or "separation" in record:
+                record |= training.validate(step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
+                                dead=record["dead_latents"])
+            log.write((json.dumps(json_safe(record)) + "\n").encode())
+            if wandb_run:
+                wandb_run.log(record, step=step)
+            last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
+            stop, interrupted = agree(stop, stop_request.signal is not None)
+            if stop:
+                print(f"early stop: {training.stopper.reason}")
+                break
+            if interrupted:
+                save_training(ckpt_path, training, log)
+                raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of "
+                                          f"{steps}: checkpoint written to {ckpt_path}; run the same "
+                                          f"command again to resume")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                save_training(ckpt_path, training, log)
+        if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
+            training.finished = True
+            save_training(ckpt_path, training, log)
+    if wandb_run:
+        wandb_run.finish()
+    return training_results(training, start_step, last)
+
+
+def start_training(cfg: Config, entry: Path, ckpt_path: Path, log_path: Path) -> tuple[Training, object]:
+    """(training at its next step, this rank's stream of batch slices from there): resumed from the
+    checkpoint when there is one, else fresh with b_dec at the geometric median of batch 0 (training step s
+    uses batch s + 1); every rank starts from rank 0's SAE."""
+    data = TrainingData.load(entry, cfg.max_norm_multiple)
+    training = Training(cfg, data)
+    if ckpt_path.exists():
+        resume_training(ckpt_path, training, log_path)
+    elif distributed.is_main():
+        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
+                                                     rows=data.keep))
+        with torch.no_grad():
+            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
+    distributed.broadcast_tensors(training.sae.parameters())
+    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
+                                           skip=training.step + 1, part=distributed.shard(cfg.batch_size))
+    return training, batches
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """argmin_m Σ_i ‖p_i − m‖ by Weiszfeld's iteration, points [N, d] -> [d]."""
+    median = points.mean(dim=0)
+    for _ in range(max_iter):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median
+
+
+def agree(*flags: bool) -> list[bool]:
+    """Each flag, true on every rank when it is true on any (an early stop, a Ctrl-C on one rank), so that all
+    ranks leave the loop at the same step."""
+    return (distributed.reduce_sum(torch.tensor([int(f) for f in flags])) > 0).tolist()
+
+
+def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
+    if not math.isfinite(record["loss"]):
+        terms = ", ".join(f"{k} {record[k]}" for k in ("recon", "auxk", "ortho") if k in record)
+        raise FloatingPointError(f"step {step}: loss is {record['loss']} ({terms}); the last good checkpoint "
+                                 f"{ckpt_path} is kept, no final_info.json was written")
+
+
+@dataclass
+class TrainingData:
+    """The cached activations as training reads them: train rows (those kept:
+    norm <= max_norm_multiple × median), their norms, the kept validation rows, and the scale that makes
+    E‖x‖² = 1 over the kept training rows (dictionary_learning's normalisation)."""
+    acts: np.ndarray
+    labels: np.ndarray
+    keep: np.ndarray
+    norms: np.ndarray
+    val_acts: np.ndarray
+    scale: float
+
+    @classmethod
+    def load(cls, entry: Path, max_norm_multiple: float) -> "TrainingData":
+        acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
+        val_acts, _ = activations.load_split(entry, "val", verify=False)
+        keep, norms = activations.typical_rows(acts, max_norm_multiple)
+        val_keep, _ = activations.typical_rows(val_acts, max_norm_multiple)
+        scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
+        return cls(acts, labels, keep, norms, val_acts[val_keep], scale)
+
+
+class Training:
+    """One SAE's training: the SAE, trainer, grouper and κ stopper, the regroup history and the best
+    checkpoint. state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are
+    the loop's events."""
+
+    def __init__(self, cfg: Config, data: TrainingData):
+        self.cfg, self.data = cfg, data
+        d = data.acts.shape[1]
+        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k,
+                                   group_biases=uses_group_biases(cfg)).to(cfg.device)
+        self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
+        self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
+                                      max_group_size=int(cfg.max_group_fraction * d))
+        self.ortho = make_ortho(cfg)
+        self.trainer = TrainerTopK(self.sae, self.steps, cfg.lr, cfg.warmup_steps, cfg.decay_start,
+                                   cfg.auxk_alpha, cfg.dead_window_tokens, ortho=self.ortho,
+                                   grouper=self.grouper)
+        self.stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
+        self.step, self.finished, self.wall_s = 0, False, 0.0  # step: the next step to run
+        self.history, self.stats, self.best = [], {}, {"val_recon": float("inf")}
+
+    def state_dict(self) -> dict:
+        return {"config": json.dumps(training_fields(self.cfg)), "step": self.step, "finished": self.finished,
+                "sae": self.sae.state_dict(), "trainer": self.trainer.state(),
+                "grouper": self.grouper.full_state(),
+                "stopper": {"strikes": self.stopper.strikes, "reason": self.stopper.reason},
+                "history": json.dumps(self.history), "stats": json.dumps(self.stats), "best": self.best,
+                "wall_s": self.wall_s, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.trainer.load_state(state["trainer"])
+        self.grouper.load_state(state["grouper"])
+        self.stopper.strikes, self.stopper.reason = state["stopper"]["strikes"], state["stopper"]["reason"]
+        self.history, self.stats = json.loads(state["history"]), json.loads(state["stats"])
+        self.step, self.finished, self.best, self.wall_s = (
+            state["step"], state["finished"], state["best"], state["wall_s"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def regroup(self, step: int) -> tuple[dict, bool]:
+        """The regroup event after `step`: new groups and partners (and the group-bias assignment), the
+        separation metrics, and the κ check (ortho variants; topk only watches). Returns
+        (metrics, stop)."""
+        regroup(self.sae, self.grouper, self.trainer.t)
+        metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
+        self.history.append(metrics)
+        return metrics, self.cfg.variant in GROUPED and self.stopper.check(metrics, step)
+
+    def validate(self, step: int) -> dict:
+        """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
+        result = validation_loss(self.sae, self.data.val_acts, self.data.scale, self.cfg.device)
+        if result["val_recon"] < self.best["val_recon"]:
+            self.best = {"val_recon": result["val_recon"], "step": step, "grouper": self.grouper.state(),
+                         "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()}}
+        return result
+
+
+def make_ortho(cfg: Config):
+    """The orthogonality term of `cfg.variant` (None for topk)."""
+    if cfg.variant == "fixed_ortho":
+        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, t0=0, alpha=0.0, target="partner")
+    if cfg.variant == "allpairs_ortho":
+        return AllPairsOrthogonalityLoss(cfg.allpairs_lambda2)
+    if cfg.variant == "adaptive_ortho":
+        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, cfg.t0, cfg.alpha, cfg.ortho_target)
+    return None
+
+
+def uses_group_biases(cfg: Config) -> bool:
+    return cfg.variant in GROUPED and cfg.group_biases
+
+
+def open_wandb(cfg: Config):
+    mode = cfg.wandb_mode
+    if mode == "auto":
+        netrc = Path.home() / ".netrc"
+        configured = (bool(os.environ.get("WANDB_API_KEY"))
+                      or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
+        mode = "online" if configured else "disabled"
+    if mode == "disabled":
+        return None
+    import wandb
+    return wandb.init(project="orthogonal-sae", dir=cfg.out_dir, mode=mode, config=dataclasses.asdict(cfg))
+
+
+def save_training(path: Path, training: Training, log) -> None:
+    """Checkpoint (rank 0 writes it; every rank holds the same state): the training state and the log's
+    length (a resumed run truncates lines written after it)."""
+    if distributed.is_main():
+        log.flush()
+        save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})
+
+
+def resume_training(path: Path, training: Training, log_path: Path) -> None:
+    """Load the checkpoint at `path` into `training` and drop the log lines written after it. The state holds
+    global batches only, so any number of processes can resume it."""
+    state = load_checkpoint(path, training.cfg)
+    training.load_state_dict(state)
+    if distributed.is_main():
+        with open(log_path, "r+b") as log:
+            log.truncate(state["log_bytes"])
+    print(f"train: resuming from {path} at step {training.step} of {training.steps}"
+          + (" (training had finished)" if training.finished else ""))
+
+
+# Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
+NOT_TRAINING_FIELDS = {f.name for f in dataclasses.fields(Config) if not f.metadata["training"]}
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: a checkpoint was written; the same command resumes."""
+
+
+def training_fields(cfg: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING_FIELDS}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """File = sha256 of the payload (64 hex digits + newline), then the torch.save payload. Written to a
+    temporary file, fsynced and renamed: a reader sees the old checkpoint or the new one, never half of
+    one. The checksum catches what torch.load would not: flipped bytes inside tensor data load
+    silently."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    write_bytes_atomic(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint's state (tensors and plain values only: weights_only, nothing is unpickled), after
+    checking that it was written by a run with the same training config."""
+    raw = path.read_bytes()
+    digest, payload = raw[:64].decode("ascii", "replace"), raw[65:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ConfigError(f"--out_dir: checkpoint {path} is truncated or corrupted (checksum mismatch); "
+                          f"delete it or pass --overwrite to start afresh")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    saved, now = json.loads(state["config"]), training_fields(cfg)
+    differing = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if differing:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing)
+        raise ConfigError(f"--out_dir: the checkpoint in {path.parent} is from a different config "
+                          f"({changes}); rerun with the checkpoint's values, pick a new out_dir, "
+                          f"or pass --overwrite to start afresh")
+    return state
+
+
+class StopRequest:
+    """Turns Ctrl-C / SIGTERM during training into a flag checked between steps, so the checkpoint
+    written on the way out holds a consistent state (never one taken in the middle of an optimizer
+    step)."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def training_results(training: Training, start_step: int,
+                     last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
+    """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured,
+    then the checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's,
+    measured already)."""
+    cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
+                                      training.ortho)
+    measure = lambda: {"validation": validation_loss(sae, data.val_acts, data.scale, cfg.device),
+                       "separation": separation_metrics(sae.W_dec, grouper),
+                       "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
+    at_last = measure()
+    final_step = {"step": last, **at_last["validation"], "separation": at_last["separation"],
+                  "nearest_neighbour_abs_cos": at_last["geometry"]["all"]}
+    sae.load_state_dict(training.best["sae"])
+    grouper.load_state(training.best["grouper"])
+    chosen = at_last if training.best["step"] == last else measure()
+    stats, stopper = training.stats, training.stopper
+    info = {"training_steps": training.steps, "steps_run": last + 1,
+            "best_checkpoint_step": training.best["step"],
+            "training_tokens_seen": (last + 1) * cfg.batch_size, "final_loss": stats["loss"],
+            "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
+            "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr,
+            "sparsity_penalty": cfg.auxk_alpha,
+            "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss "
+                                        "(TopK enforces sparsity by k)",
+            "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
+            "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
+            "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
+            "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
+            "world_size": distributed.world_size(),
+            **chosen["validation"]}
+    adaptive = cfg.variant == "adaptive_ortho"
+    separation = {
+        "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
+        "ortho_target": cfg.ortho_target if adaptive else None,
+        "lambda2_max": ortho.lambda2_max if ortho else 0.0,
+        "lambda2_default": ortho_lambda2_default(cfg.variant),
+        "t0": cfg.t0 if adaptive else 0, "group_biases": uses_group_biases(cfg),
+        "lambda2_final": ortho.lambda2(training.trainer.t) if ortho else 0.0,
+        "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
+                     "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
+                     "passive": cfg.variant not in GROUPED},
+        "final_checkpoint_step": training.best["step"],
+        "final": chosen["separation"],  # of the chosen checkpoint, with its own groups
+        "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
+        "geometry": chosen["geometry"],  # max |cos| to the nearest other feature
+        # the chosen checkpoint's forget group (unlearning uses it)
+        "forget_features": grouper.forget_idx.tolist(),
+        "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
+                           "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
+                           "reason": stopper.reason or "ran all steps", "step": last,
+                           "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"],
+                                              "retain": h["kappa_retain"], "union": h["kappa_union"]}
+                                             for h in training.history]},
+        "regroup_history": training.history,
+    }
+    return sae, data.scale, info, json_safe(separation)
+
+
+def ortho_lambda2_default(variant: str) -> float:
+    """The Config default of the variant's λ2 field (plot.py names λ2 in a label only where it differs)."""
+    name = "allpairs_lambda2" if variant == "allpairs_ortho" else "lambda2_max"
+    return Config.__dataclass_fields__[name].default
+
+
+@torch.no_grad()
+def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str,
+                    batch_size: int = 4096) -> dict:
+    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled
+    units; each rank takes its share of the rows and the sums are reduced, so every rank gets the
+    same numbers."""
+    sq_err, sq_dev, n = 0.0, 0.0, len(acts)
+    mean = torch.from_numpy(np.asarray(acts).mean(axis=0)).to(device) / scale
+    part = distributed.shard(n)
+    for start in range(part.start, part.stop, batch_size):
+        rows = np.ascontiguousarray(acts[start:min(start + batch_size, part.stop)])
+        x = torch.from_numpy(rows).to(device) / scale
+        sq_err += (x - sae(x)).pow(2).sum().item()
+        sq_dev += (x - mean).pow(2).sum().item()
+    sq_err, sq_dev = distributed.reduce_sum(torch.tensor([sq_err, sq_dev], dtype=torch.float64)).tolist()
+    return {"val_recon": sq_err / n, "val_explained_variance": 1 - sq_err / sq_dev}
+
+
+# -----------------------------------------------------------------------------
+# The trainer
+
+
+class TrainerTopK:
+    """Adam on L = ‖x − x̂‖² + auxk_alpha · L_auxk [+ λ2(t) · L_ortho]  (sparsity is enforced by k,
+    so TopK needs no L1 term).
+
+    L_auxk (Gao et al. 2024): the residual e = x − x̂ is reconstructed from the top k_aux = d/2
+    pre-activations of the dead latents only, ê = Σ a_j W_dec[j] (no bias), and
+    L_auxk = ‖e − ê‖² / ‖e − mean(e)‖², batch means. A latent is dead when it has not fired for
+    `dead_window_tokens` tokens. Learning rate: linear warmup, constant, linear decay to 0 over the last
+    (1 − decay_start) of training.
+    `ortho` (FixedOrthogonalityLoss / AdaptiveOrthogonalityLoss) adds the orthogonality term; `grouper`
+    is fed the TopK indices and domain labels every step and regroups every `grouper.every` steps (for
+    every variant, so the separation metrics are comparable; for topk it only watches). After a regroup
+    an SAE with group biases takes the new assignment.
+    """
+
+    def __init__(self, sae: AutoEncoderTopK, steps: int, lr: float, warmup_steps: int, decay_start: float,
+                 auxk_alpha: float, dead_window_tokens: int, ortho=None, grouper: FeatureGrouper = None):
+        self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = (
+            sae, steps, auxk_alpha, dead_window_tokens)
+        self.ortho, self.grouper, self.t = ortho, grouper, 0
+        self.k_aux = sae.d_in // 2
+        # fused: one kernel per parameter instead of a dozen elementwise passes (the same update up to float
+        # rounding; BENCHMARKS.md)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        decay_from = int(decay_start * steps)
+
+        def schedule(step):
+            warm = min(1.0, (step + 1) / max(1, warmup_steps))
+            decay = 1.0 if step < decay_from else max(0.0, (steps - step) / max(1, steps - decay_from))
+            return warm * decay
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.tokens_since_fired = torch.zeros(sae.dict_size, dtype=torch.long)
+
+    def state(self) -> dict:
+        """Everything step() depends on besides the SAE's weights and the grouper (for checkpoints)."""
+        return {"t": self.t, "tokens_since_fired": self.tokens_since_fired.clone(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.t = state["t"]
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor,
+                  share: float) -> torch.Tensor:
+        """This rank's share of L_auxk; both of its means are over the global batch."""
+        if aux_values.shape[1] == 0:  # the dead set is the same on every rank, so all return here together
+            return residual.new_zeros(())
+        e_hat = SparseDecode.apply(aux_values, aux_indices, self.sae.W_dec)  # no bias
+        mean = distributed.reduce_sum(residual.mean(dim=0) * share)
+        denom = distributed.reduce_sum((residual - mean).pow(2).sum(dim=-1).mean() * share)
+        return ((residual - e_hat).pow(2).sum(dim=-1).mean() * share / denom).nan_to_num(0.0)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor = None) -> tuple[torch.Tensor, dict]:
+        """This rank's share of the loss, and the global batch's statistics; updates the dead-latent counters
+        and (with labels) the grouper. x [n, d] is this rank's slice of the global batch [B, d]; a global mean
+        is Σ over ranks of (local mean × share), share = n / B (1 with one process)."""
+        share = 1 / distributed.world_size()
+        dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten().to(x.device)
+        values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)  # Codes
+        x_hat = self.sae.decode(values, indices)
+        residual = x - x_hat
+        recon = MeanSquaredNorm.apply(residual) * share
+        auxk = self.auxk_loss(residual.detach(), aux_values, aux_indices, share)
+        total = recon + self.auxk_alpha * auxk
+        extra = {}
+        if self.ortho is not None:
+            lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.t)
+            # every rank computes the same term; the sum counts it once
+            total = total + lambda2 * ortho * share
+            extra = {"ortho": ortho.item(), "lambda2": lambda2}
+        with torch.no_grad():
+            fired = torch.zeros(self.sae.dict_size, dtype=torch.int32)
+            fired[indices[values > 0].cpu()] = 1  # repeated indices write the same 1: no unique()
+            self.tokens_since_fired += len(x) * distributed.world_size()
+            self.tokens_since_fired[distributed.reduce_sum(fired) > 0] = 0
+            l0 = (values > 0).sum(dim=-1).float().mean()
+            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share,
+                                            l0 * share]),
+                               x.mean(dim=0) * share])
+            summed = distributed.reduce_sum(local)
+            mean = summed[5:]
+            # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
+            fve = 1 - summed[1] / (summed[3] - mean @ mean)
+            if self.grouper is not None and labels is not None:
+                self.grouper.update(values, indices, labels)
+        total_, recon_, auxk_, _, l0_ = summed[:5].tolist()
+        stats = {"loss": total_, "recon": recon_, "auxk": auxk_, "explained_variance": fve.item(),
+                 "dead_latents": len(dead), "l0": l0_, **extra}
+        return total, stats
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor = None) -> dict:
+        total, stats = self.loss(x, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.ortho is not None:
+            self.ortho.add_gradient(self.sae.W_dec)
+        distributed.reduce_gradients(self.sae.parameters())
+        self.sae.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.normalize_decoder()
+        self.t += 1
+        return stats | {"lr": self.scheduler.get_last_lr()[0]}
+
+
+# -----------------------------------------------------------------------------
+# Knowledge separation: orthogonality losses, feature grouping, condition numbers
+
+
+class CrossGroupOrthogonalityLoss:
+    """L = L_recon + λ1·L_sparse + λ2(t)·L_ortho, λ2(t) = λ2_max·min(1, t/t0).
+
+    For TopK, sparsity is enforced by k, so L_sparse is the AuxK dead-latent term and λ1 = auxk_alpha.
+    L_ortho = cross_group_penalty between the grouper's forget and retain decoder rows (unit norm, since
+    W_dec rows are renormalised every step and their radial gradient removed), with the partner or hinge
+    target and the grouper's membership weights. adaptive_ortho: the ramp and α; fixed_ortho: t0 = 0
+    (λ2 constant) and α = 0.
+    """
+
+    def __init__(self, lambda2_max: float, t0: int, alpha: float, target: str):
+        self.lambda2_max, self.t0, self.alpha, self.target = lambda2_max, t0, alpha, target
+
+    def lambda2(self, t: int) -> float:
+        return self.lambda2_max * min(1.0, t / self.t0) if self.t0 > 0 else self.lambda2_max
+
+    def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
+        """(λ2(t), L_ortho). L_ortho is taken on a detached copy of the group rows; add_gradient puts its
+        gradient into W_dec.grad after backward. (Through autograd, the gather's backward would zero-fill
+        a fresh [F, d] gradient and add it to W_dec's every step.)"""
+        self.index = torch.cat([grouper.forget_idx, grouper.retain_idx]).to(W_dec.device)
+        self.rows = W_dec.detach().index_select(0, self.index).requires_grad_()
+        n_forget = len(grouper.forget_idx)
+        w_F, w_R = grouper.member_weights(t)
+        return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:],
+                                                    grouper.partner_sign, self.alpha, self.target,
+                                                    w_F, w_R)
+
+    def add_gradient(self, W_dec: nn.Parameter) -> None:
+        """W_dec.grad[index] += ∂(λ2·L_ortho)/∂rows, once backward has run (no gradient when a group is
+        empty)."""
+        if self.rows.grad is not None:
+            W_dec.grad.index_add_(0, self.index, self.rows.grad)
+
+
+def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float,
+                        target: str, w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
+    """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d]
+    unit rows.
+
+    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched
+    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m),
+    0 elsewhere.
+      partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at
+                                matching, so a pair never has to cross 0), every other pair to 0
+      hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
+    L = Σ_ij w_F,i·w_R,j·E_ij² / (n_F·n_R), w ∈ [0, 1] the rows' membership weights (default 1; a row
+    that has just joined its group ramps in, see FeatureGrouper.member_weights). Dividing by n_F·n_R (the
+    number of pairs) makes L a per-pair mean, so λ2 means the same at any group sizes; an empty group
+    gives exactly 0 (no pairs).
+    """
+    if len(W_F) == 0 or len(W_R) == 0:
+        return W_F.new_zeros(())
+    C = W_F @ W_R.T
+    if target == "hinge":
+        E = (C.abs() - alpha).relu()
+    else:
+        m = torch.arange(len(partner_sign), device=C.device)
+        E = C.index_put((m, m), -alpha * partner_sign.to(C), accumulate=True)
+    E2 = E.pow(2)
+    if w_F is not None:
+        E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
+    return E2.sum() / (len(W_F) * len(W_R))
+
+
+class AllPairsOrthogonalityLoss:
+    """allpairs_ortho (OrtSAE, arXiv 2509.22033): L = (1/F) Σ_i max_{j≠i} cos²(W_i, W_j),
+    W = W_dec [F, d].
+
+    Every feature is pushed away from its nearest other feature, which can be met when F > d (unlike
+    ‖WWᵀ − I‖², whose minimum is the Welch bound); no groups. The neighbour j(i) is found each step
+    without gradient (nearest_neighbours, exact rather than OrtSAE's random chunks), and the gradient
+    flows through cos(W_i, W_j(i)). λ2 constant from step 0 (allpairs_lambda2)."""
+
+    def __init__(self, lambda2: float):
+        self.lambda2_max = lambda2
+
+    def lambda2(self, t: int) -> float:
+        return self.lambda2_max
+
+    def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
+        every = torch.arange(len(W_dec), device=W_dec.device)
+        _, j = nearest_neighbours(W_dec, every, every)
+        cos = (W_dec * W_dec[j]).sum(dim=1)  # unit rows
+        return self.lambda2_max, cos.pow(2).mean()
+
+    def add_gradient(self, W_dec: nn.Parameter) -> None:
+        """Nothing to add: the penalty reads W_dec itself, so backward has already put its gradient in
+        W_dec.grad."""
+
+
+def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row i in `rows` of W [F, d]: (max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)|, that j), [len(rows)]
+    each; (nan, −1) where no such j exists. `chunk` rows at a time, so memory is O(chunk · len(cols)) and
+    no F×F matrix is formed. No gradient."""
+    with torch.no_grad():
+        unit = F.normalize(W.detach().float(), dim=1)
+        targets = unit[cols].T
+        values = torch.full((len(rows),), float("nan"), device=W.device)
+        index = torch.full((len(rows),), -1, dtype=torch.long, device=W.device)
+        if len(cols) == 0:
+            return values, index
+        for start in range(0, len(rows), chunk):
+            r = rows[start:start + chunk]
+            sims = (unit[r] @ targets).abs_()
+            sims.masked_fill_(r[:, None] == cols[None, :], -1.0)  # a row is not its own neighbour
+            best, at = sims.max(dim=1)
+            found = best >= 0
+            values[start:start + len(r)] = best.where(found, torch.tensor(float("nan"), device=W.device))
+            index[start:start + len(r)] = cols[at].where(found, torch.tensor(-1, device=W.device))
+        return values, index
+
+
+class FeatureGrouper:
+    """Assigns latents to forget / retain / shared from how often they fire on each domain's tokens.
+
+    Every step: p_g ← β·p_g + (1 − β)·(firings on domain-g tokens / number of domain-g tokens), one
+    bincount over the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every
+    (the EMA horizon is the regroup period), bias-corrected by 1 − β^t as Adam does.
+    Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold},
+    retain = {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its
+    max_group_size most specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs
+    whose two latents are still in their groups are kept (with their sign); the other forget latents are
+    paired greedily (on |cos| of decoder rows) with the free retain latents. Both index lists put
+    partners first in the same order (the partner matrix is diagonal).
+    Defaults measured on the default run's cached activations with a trained topk SAE (100k tokens):
+    median firing rate 4.7e-3 (k/F = 6.9e-3), 2% of latents below 1e-3; s quartiles −0.39 / −0.04 / 0.32;
+    threshold 0.5 gives ~680 forget and ~800 retain latents of 4608 before the cap.
+    """
+
+    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float,
+                 max_group_size: int = 0):
+        self.dict_size, self.every, self.threshold, self.min_freq = dict_size, every, threshold, min_freq
+        self.max_group_size = max_group_size
+        self.beta = 1 - 1 / every
+        self.ema = torch.zeros(2, dict_size, dtype=torch.float64)  # row = domain label (RETAIN 0, FORGET 1)
+        self.updates = torch.zeros(2)
+        self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
+        self.partner_sign = torch.zeros(0)
+        # step at which a latent joined its current group
+        self.joined = torch.zeros(dict_size, dtype=torch.long)
+        self.regroups = 0
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """values, indices [n, k] from the TopK encode; labels [n] domain of each token. The counts are summed
+        over ranks, so every rank's grouper sees the global batch."""
+        fired = (values > 0).cpu()
+        indices, labels = indices.cpu(), labels.cpu()
+        domains = (activations.RETAIN, activations.FORGET)  # = the ema rows
+        counts = torch.stack([torch.cat([torch.bincount(indices[rows][fired[rows]], minlength=self.dict_size),
+                                         rows.sum()[None]])
+                              for rows in (labels == g for g in domains)])
+        counts = distributed.reduce_sum(counts)  # [2, F + 1]: firings per latent, then the domain's tokens
+        for g in domains:
+            n_tokens = int(counts[g, -1])
+            if n_tokens:  # a batch without this domain says nothing about it
+                self.ema[g].mul_(self.beta).add_(counts[g, :-1] / n_tokens, alpha=1 - self.beta)
+                self.updates[g] += 1
+
+    def frequencies(self) -> torch.Tensor:
+        """[2, F] bias-corrected firing rates per domain (row g = label g)."""
+        return self.ema / (1 - self.beta ** self.updates).clamp_min(1e-12)[:, None]
+
+    def most_specific(self, candidates: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The (at most max_group_size) candidates [F] bool with the largest score, in index order."""
+        idx = candidates.nonzero().flatten()
+        if 0 < self.max_group_size < len(idx):
+            idx = idx[score[idx].argsort(descending=True, stable=True)[:self.max_group_size]].sort().values
+        return idx
+
+    @torch.no_grad()
+    def regroup(self, W_dec: torch.Tensor, t: int = 0) -> None:
+        p = self.frequencies()
+        p_r, p_f = p[activations.RETAIN], p[activations.FORGET]
+        s = ((p_f - p_r) / (p_f + p_r).clamp_min(1e-12)).float()
+        alive = (p_f + p_r) / 2 >= max(self.min_freq, 1e-12)
+        forget = self.most_specific(alive & (s > self.threshold), s)
+        retain = self.most_specific(alive & (s < -self.threshold), -s)
+        before, m = self.assignment(), len(self.partner_sign)
+        old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
+        valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)
+        kept_f, kept_r, kept_sign = old_f[valid], old_r[valid], self.partner_sign.cpu()[valid]
+        free_f, free_r = forget[~torch.isin(forget, kept_f)], retain[~torch.isin(retain, kept_r)]
+        W = W_dec.detach().float().cpu()
+        C = W[free_f] @ W[free_r].T
+        rows, cols = match_partners(C)
+        rest = lambda idx, taken: idx[~torch.isin(torch.arange(len(idx)), taken)]
+        self.forget_idx = torch.cat([kept_f, free_f[rows], rest(free_f, rows)]).to(W_dec.device)
+        self.retain_idx = torch.cat([kept_r, free_r[cols], rest(free_r, cols)]).to(W_dec.device)
+        new_sign = C[rows, cols].sign()
+        new_sign[new_sign == 0] = 1.0  # a pair at cos exactly 0 is pulled to +α
+        self.partner_sign = torch.cat([kept_sign, new_sign]).to(W_dec.device)
+        # the first grouping takes effect at once; later joiners ramp in (member_weights)
+        self.joined[self.assignment() != before] = t if self.regroups else t - self.every
+        self.regroups += 1
+
+    def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_F [n_F], w_R [n_R]), w = clamp((t − joined)/every, 0, 1): a latent that joined its group at
+        the last regroup enters the penalty over one regroup period, so a regroup does not make the
+        penalty jump."""
+        w = ((t - self.joined).float() / self.every).clamp(0, 1)
+        return (w[self.forget_idx.cpu()].to(self.forget_idx.device),
+                w[self.retain_idx.cpu()].to(self.retain_idx.device))
+
+    def assignment(self) -> torch.Tensor:
+        """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
+        groups = torch.full((self.dict_size,), SHARED, dtype=torch.long)
+        groups[self.forget_idx.cpu()], groups[self.retain_idx.cpu()] = activations.FORGET, activations.RETAIN
+        return groups
+
+    def state(self) -> dict:
+        return {"forget_idx": self.forget_idx.clone(), "retain_idx": self.retain_idx.clone(),
+                "partner_sign": self.partner_sign.clone()}
+
+    def load_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def full_state(self) -> dict:
+        """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes
+        either)."""
+        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(),
+                               "joined": self.joined.clone(), "regroups": self.regroups}
+
+
+def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy matching on |C| [n_F, n_R]: repeatedly take the largest |cos| whose row and column are both
+    free. Returns (rows, cols) [min(n_F, n_R)], pairs in the order they were taken."""
+    m = min(C.shape)
+    rows, cols, used_r, used_c = [], [], set(), set()
+    n_R = C.shape[1]
+    for flat in C.abs().flatten().argsort(descending=True).tolist():
+        r, c = divmod(flat, n_R)
+        if r not in used_r and c not in used_c:
+            used_r.add(r), used_c.add(c), rows.append(r), cols.append(c)
+            if len(rows) == m:
+                break
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def regroup(sae: "AutoEncoderTopK", grouper: FeatureGrouper, t: int) -> None:
+    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new
+    assignment."""
+    grouper.regroup(sae.W_dec, t)
+    if sae.group_bias is not None:
+        sae.feature_group.copy_(grouper.assignment().to(sae.feature_group.device))
+
+
+class KappaEarlyStopping:
+    """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup
+    checks."""
+
+    def __init__(self, kappa_max: float, patience: int):
+        self.kappa_max, self.patience, self.strikes, self.reason = kappa_max, patience, 0, None
+
+    def check(self, metrics: dict, step: int) -> bool:
+        # nan (empty) is not bad
+        bad = [g for g in ("forget", "retain") if metrics[f"kappa_{g}"] > self.kappa_max]
+        self.strikes = self.strikes + 1 if bad else 0
+        if self.strikes >= self.patience:
+            self.reason = (f"step {step}: κ of the {' and '.join(bad)} group above "
+                           f"kappa_max={self.kappa_max} for {self.patience} consecutive checks")
+            return True
+        return False
+
+
+def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
+    """Group sizes, κ per group and of the union, principal angles (degrees) between span(W_F) and
+    span(W_R), cross-group |cos| mean and max, the partners' mean |cos|. nan (None in JSON) where a group
+    is empty."""
+    W = W_dec.detach().cpu()
+    W_F, W_R = W[grouper.forget_idx.cpu()], W[grouper.retain_idx.cpu()]
+    cross = (W_F @ W_R.T).abs() if len(W_F) and len(W_R) else torch.full((1,), float("nan"))
+    m = len(grouper.partner_sign)
+    partners = (W_F[:m] * W_R[:m]).sum(dim=1).abs().mean().item() if m else float("nan")
+    angles = principal_angles(W_F, W_R).rad2deg()
+    nan = float("nan")
+    return {"n_forget": len(W_F), "n_retain": len(W_R), "n_shared": len(W) - len(W_F) - len(W_R),
+            "kappa_forget": condition_number(W_F), "kappa_retain": condition_number(W_R),
+            "kappa_union": condition_number(torch.cat([W_F, W_R])),
+            "principal_angles_deg": {"n": len(angles), "n_zero": int((angles < 1e-3).sum()),
+                                     "min": angles.min().item() if len(angles) else nan,
+                                     "median": angles.median().item() if len(angles) else nan,
+                                     "max": angles.max().item() if len(angles) else nan},
+            "cross_abs_cos_mean": cross.mean().item(), "cross_abs_cos_max": cross.max().item(),
+            "partner_abs_cos_mean": partners}
+
+
+def condition_number(W: torch.Tensor) -> float:
+    """κ = σ_max/σ_min over the min(n, d) singular values of W [n, d] (float64); nan for an empty group."""
+    if len(W) == 0:
+        return float("nan")
+    s = torch.linalg.svdvals(W.detach().double().cpu())
+    return (s[0] / s[-1]).item()
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, descending, as scipy.linalg.subspace_angles) between the row spans of
+    A [n_a, d] and B [n_b, d]: cosines are the singular values of Q_Aᵀ Q_B, Q orthonormal bases
+    (rank-revealing SVD, scipy's orth tolerance). When rank A + rank B > d the spans must share
+    dimensions, so some angles are exactly 0."""
+    def basis(M):
+        U, s, _ = torch.linalg.svd(M.detach().double().cpu().T, full_matrices=False)
+        return U[:, s > s.max() * max(M.shape) * torch.finfo(torch.float64).eps] if len(s) else U
+    if len(A) == 0 or len(B) == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    cos = torch.linalg.svdvals(basis(A).T @ basis(B)).clamp(-1, 1)
+    return cos.flip(0).arccos()
+
+
+def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
+    """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each
+    group g of `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g
+    ("within") and to the rows outside g ("across"). The groups partition the rows, so a row's overall
+    value is the larger of its two: F² products in all."""
+    groups = groups.to(W_dec.device)
+    nearest = torch.full((len(W_dec),), float("nan"))
+    out = {}
+    for name, g in (("forget", activations.FORGET), ("retain", activations.RETAIN), ("shared", SHARED)):
+        inside, outside = (groups == g).nonzero().flatten(), (groups != g).nonzero().flatten()
+        within, across = (nearest_neighbours(W_dec, inside, others)[0].cpu() for others in (inside, outside))
+        nearest[inside.cpu()] = torch.fmax(within, across)  # fmax: nan (no candidate) loses
+        out[name] = {"within": cos_summary(within), "across": cos_summary(across)}
+    return {"all": cos_summary(nearest)} | out
+
+
+def cos_summary(values: torch.Tensor) -> dict:
+    """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values
+    (nan ones left out)."""
+    v = values[~values.isnan()]
+    if len(v) == 0:
+        return {"n": 0, "mean": None, "median": None, "share_above_0.5": None, "share_above_0.7": None}
+    return {"n": len(v), "mean": v.mean().item(), "median": v.quantile(0.5).item(),
+            "share_above_0.5": (v > 0.5).float().mean().item(),
+            "share_above_0.7": (v > 0.7).float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
 # The sparse autoencoder
+
+
+class AutoEncoderTopK(nn.Module):
+    """TopK SAE on inputs scaled to unit mean squared norm.
+
+    encode: f = TopK_k(ReLU((x − b_dec) W_enc + b_enc))   x [B, d], W_enc [d, F], f [B, F] with k non-zeros
+    decode: x̂ = f W_dec + b_dec [+ Σ_g w_g(f) b_g]          W_dec [F, d], rows unit norm
+    The active latents are kept as (values [B, k], indices [B, k]); encoding is TopKEncode, decoding
+    SparseDecode, so a training step costs one dense [B, d] x [d, F] product plus O(B·k·d) for everything
+    else, and no [B, F] tensor is formed except the (chunked) pre-activations.
+
+    With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias
+    b_g (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of
+    activation mass in that group, w_g(f) (`group_weights`). `feature_group` [F] holds each latent's
+    group (−1 shared); the decoder weights stay shared. Saved, it is a GroupBiasTopKSAE.
+    """
+
+    def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False):
+        super().__init__()
+        self.d_in, self.dict_size, self.k = d_in, dict_size, k
+        W_dec = torch.randn(dict_size, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # tied initialisation, as dictionary_learning and OpenAI. Stored as W_encᵀ [F, d], one row per
+        # latent: the backward forms the encoder gradient in that layout, and fused Adam takes it without
+        # a transposing copy
+        self.W_enc_T = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.group_bias = nn.Parameter(torch.zeros(2, d_in)) if group_biases else None
+        if group_biases:
+            self.register_buffer("feature_group", torch.full((dict_size,), SHARED, dtype=torch.long))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d, F], a view of W_enc_T."""
+        return self.W_enc_T.T
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # SAE-Lens files hold W_enc [d, F]
+        if prefix + "W_enc" in state_dict:
+            state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").T
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0) -> "Codes":
+        """Codes: values, indices [B, k] of the k largest ReLU pre-activations; aux_values, aux_indices
+        [B, k_aux] of the largest among `aux_latents` (for AuxK; [B, 0] without them)."""
+        return Codes(*TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux))
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
+        x_hat = SparseDecode.apply(values, indices, self.W_dec)
+        x_hat += self.b_dec  # in place: the decode's output is fresh and its backward does not need it
+        if self.group_bias is not None:
+            x_hat.addmm_(group_weights(values, self.feature_group[indices]), self.group_bias)
+        return x_hat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.encode(x)
+        return self.decode(codes.values, codes.indices)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out each row's gradient component along the row, so the unit-norm constraint holds to
+        first order."""
+        if self.W_dec.grad is not None:
+            for start in range(0, self.dict_size, 1024):  # in row blocks, so vecdot's product stays in cache
+                grad, W = self.W_dec.grad[start:start + 1024], self.W_dec[start:start + 1024]
+                grad.addcmul_(torch.linalg.vecdot(grad, W)[:, None], W, value=-1)
+
+    def save(self, path: Path, scale: float, metadata: dict) -> None:
+        """Save as a SAE-Lens SAE in the model's own units: TopKSAE, or GroupBiasTopKSAE with group biases
+        (sae_lens.SAE.load_from_disk reads either once this module is imported).
+
+        Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and
+        x̂' = scale·x̂ on raw x, with the same latents firing and W_dec still unit-norm, so feature values
+        are in activation units. Group biases are biases of x̂ too, so they are scaled the same way (the
+        weights w_g are ratios of activation mass, unchanged by the scale).
+        """
+        from sae_lens.saes.sae import SAEMetadata
+        groups = self.group_bias is not None
+        config_class = GroupBiasTopKSAEConfig if groups else TopKSAEConfig
+        sae_class = GroupBiasTopKSAE if groups else TopKSAE
+        sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32",
+                                     device="cpu", apply_b_dec_to_input=True,
+                                     normalize_activations="none", metadata=SAEMetadata(**metadata)))
+        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale,
+                   "b_dec": self.b_dec * scale}
+        if groups:
+            weights |= {"group_bias": self.group_bias * scale, "feature_group": self.feature_group}
+        sae.load_state_dict({name: w.detach().cpu() for name, w in weights.items()})
+        sae.save_model(str(path))
+
+
+class Codes(NamedTuple):
+    values: torch.Tensor       # [B, k] the TopK latents' activations
+    indices: torch.Tensor      # [B, k] their latent indices
+    aux_values: torch.Tensor   # [B, k_aux] AuxK's dead latents
+    aux_indices: torch.Tensor
 
 
 # torch marks its sparse CSR tensors "beta"; the two products used here (sparse.mm, sparse.sampled_addmm)
@@ -436,109 +1722,6 @@ class MeanSquaredNorm(torch.autograd.Function):
         return r * (2 * grad / len(r))
 
 
-class Codes(NamedTuple):
-    values: torch.Tensor       # [B, k] the TopK latents' activations
-    indices: torch.Tensor      # [B, k] their latent indices
-    aux_values: torch.Tensor   # [B, k_aux] AuxK's dead latents
-    aux_indices: torch.Tensor
-
-
-class AutoEncoderTopK(nn.Module):
-    """TopK SAE on inputs scaled to unit mean squared norm.
-
-    encode: f = TopK_k(ReLU((x − b_dec) W_enc + b_enc))   x [B, d], W_enc [d, F], f [B, F] with k non-zeros
-    decode: x̂ = f W_dec + b_dec [+ Σ_g w_g(f) b_g]          W_dec [F, d], rows unit norm
-    The active latents are kept as (values [B, k], indices [B, k]); encoding is TopKEncode, decoding
-    SparseDecode, so a training step costs one dense [B, d] x [d, F] product plus O(B·k·d) for everything
-    else, and no [B, F] tensor is formed except the (chunked) pre-activations.
-
-    With `group_biases` (adaptive_ortho) each domain group g ∈ {retain, forget} has its own decoder bias
-    b_g (`group_bias[g]`, g the activations.RETAIN / FORGET label), weighted by the token's share of
-    activation mass in that group, w_g(f) (`group_weights`). `feature_group` [F] holds each latent's
-    group (−1 shared); the decoder weights stay shared. Saved, it is a GroupBiasTopKSAE.
-    """
-
-    def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False):
-        super().__init__()
-        self.d_in, self.dict_size, self.k = d_in, dict_size, k
-        W_dec = torch.randn(dict_size, d_in)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)
-        # tied initialisation, as dictionary_learning and OpenAI. Stored as W_encᵀ [F, d], one row per
-        # latent: the backward forms the encoder gradient in that layout, and fused Adam takes it without
-        # a transposing copy
-        self.W_enc_T = nn.Parameter(W_dec.clone())
-        self.b_enc = nn.Parameter(torch.zeros(dict_size))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.group_bias = nn.Parameter(torch.zeros(2, d_in)) if group_biases else None
-        if group_biases:
-            self.register_buffer("feature_group", torch.full((dict_size,), SHARED, dtype=torch.long))
-
-    @property
-    def W_enc(self) -> torch.Tensor:
-        """[d, F], a view of W_enc_T."""
-        return self.W_enc_T.T
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # SAE-Lens files hold W_enc [d, F]
-        if prefix + "W_enc" in state_dict:
-            state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").T
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0) -> "Codes":
-        """Codes: values, indices [B, k] of the k largest ReLU pre-activations; aux_values, aux_indices
-        [B, k_aux] of the largest among `aux_latents` (for AuxK; [B, 0] without them)."""
-        return Codes(*TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux))
-
-    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
-        x_hat = SparseDecode.apply(values, indices, self.W_dec)
-        x_hat += self.b_dec  # in place: the decode's output is fresh and its backward does not need it
-        if self.group_bias is not None:
-            x_hat.addmm_(group_weights(values, self.feature_group[indices]), self.group_bias)
-        return x_hat
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.encode(x)
-        return self.decode(codes.values, codes.indices)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
-        """Project out each row's gradient component along the row, so the unit-norm constraint holds to
-        first order."""
-        if self.W_dec.grad is not None:
-            for start in range(0, self.dict_size, 1024):  # in row blocks, so vecdot's product stays in cache
-                grad, W = self.W_dec.grad[start:start + 1024], self.W_dec[start:start + 1024]
-                grad.addcmul_(torch.linalg.vecdot(grad, W)[:, None], W, value=-1)
-
-    def save(self, path: Path, scale: float, metadata: dict) -> None:
-        """Save as a SAE-Lens SAE in the model's own units: TopKSAE, or GroupBiasTopKSAE with group biases
-        (sae_lens.SAE.load_from_disk reads either once this module is imported).
-
-        Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and
-        x̂' = scale·x̂ on raw x, with the same latents firing and W_dec still unit-norm, so feature values
-        are in activation units. Group biases are biases of x̂ too, so they are scaled the same way (the
-        weights w_g are ratios of activation mass, unchanged by the scale).
-        """
-        from sae_lens.saes.sae import SAEMetadata
-        groups = self.group_bias is not None
-        config_class = GroupBiasTopKSAEConfig if groups else TopKSAEConfig
-        sae_class = GroupBiasTopKSAE if groups else TopKSAE
-        sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32",
-                                     device="cpu", apply_b_dec_to_input=True,
-                                     normalize_activations="none", metadata=SAEMetadata(**metadata)))
-        weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale,
-                   "b_dec": self.b_dec * scale}
-        if groups:
-            weights |= {"group_bias": self.group_bias * scale, "feature_group": self.feature_group}
-        sae.load_state_dict({name: w.detach().cpu() for name, w in weights.items()})
-        sae.save_model(str(path))
-
-
 SHARED = -1  # feature_group of a latent in neither domain group
 
 
@@ -628,1180 +1811,6 @@ def load_sae(path: Path, device: str = "cpu") -> TopKSAE:
     biases."""
     return SAE.load_from_disk(str(path), device=device)
 
-
-def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
-    """argmin_m Σ_i ‖p_i − m‖ by Weiszfeld's iteration, points [N, d] -> [d]."""
-    median = points.mean(dim=0)
-    for _ in range(max_iter):
-        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
-        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
-        if (new - median).norm() < tol * median.norm().clamp_min(1e-8):
-            return new
-        median = new
-    return median
-
-
-# -----------------------------------------------------------------------------
-# Knowledge separation: orthogonality losses, feature grouping, condition numbers
-
-
-def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float,
-                        target: str, w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
-    """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d]
-    unit rows.
-
-    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched
-    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m),
-    0 elsewhere.
-      partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at
-                                matching, so a pair never has to cross 0), every other pair to 0
-      hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
-    L = Σ_ij w_F,i·w_R,j·E_ij² / (n_F·n_R), w ∈ [0, 1] the rows' membership weights (default 1; a row
-    that has just joined its group ramps in, see FeatureGrouper.member_weights). Dividing by n_F·n_R (the
-    number of pairs) makes L a per-pair mean, so λ2 means the same at any group sizes; an empty group
-    gives exactly 0 (no pairs).
-    """
-    if len(W_F) == 0 or len(W_R) == 0:
-        return W_F.new_zeros(())
-    C = W_F @ W_R.T
-    if target == "hinge":
-        E = (C.abs() - alpha).relu()
-    else:
-        m = torch.arange(len(partner_sign), device=C.device)
-        E = C.index_put((m, m), -alpha * partner_sign.to(C), accumulate=True)
-    E2 = E.pow(2)
-    if w_F is not None:
-        E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
-    return E2.sum() / (len(W_F) * len(W_R))
-
-
-def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row i in `rows` of W [F, d]: (max_{j ∈ cols, j ≠ i} |cos(W_i, W_j)|, that j), [len(rows)]
-    each; (nan, −1) where no such j exists. `chunk` rows at a time, so memory is O(chunk · len(cols)) and
-    no F×F matrix is formed. No gradient."""
-    with torch.no_grad():
-        unit = F.normalize(W.detach().float(), dim=1)
-        targets = unit[cols].T
-        values = torch.full((len(rows),), float("nan"), device=W.device)
-        index = torch.full((len(rows),), -1, dtype=torch.long, device=W.device)
-        if len(cols) == 0:
-            return values, index
-        for start in range(0, len(rows), chunk):
-            r = rows[start:start + chunk]
-            sims = (unit[r] @ targets).abs_()
-            sims.masked_fill_(r[:, None] == cols[None, :], -1.0)  # a row is not its own neighbour
-            best, at = sims.max(dim=1)
-            found = best >= 0
-            values[start:start + len(r)] = best.where(found, torch.tensor(float("nan"), device=W.device))
-            index[start:start + len(r)] = cols[at].where(found, torch.tensor(-1, device=W.device))
-        return values, index
-
-
-class AllPairsOrthogonalityLoss:
-    """allpairs_ortho (OrtSAE, arXiv 2509.22033): L = (1/F) Σ_i max_{j≠i} cos²(W_i, W_j),
-    W = W_dec [F, d].
-
-    Every feature is pushed away from its nearest other feature, which can be met when F > d (unlike
-    ‖WWᵀ − I‖², whose minimum is the Welch bound); no groups. The neighbour j(i) is found each step
-    without gradient (nearest_neighbours, exact rather than OrtSAE's random chunks), and the gradient
-    flows through cos(W_i, W_j(i)). λ2 constant from step 0 (allpairs_lambda2)."""
-
-    def __init__(self, lambda2: float):
-        self.lambda2_max = lambda2
-
-    def lambda2(self, t: int) -> float:
-        return self.lambda2_max
-
-    def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
-        every = torch.arange(len(W_dec), device=W_dec.device)
-        _, j = nearest_neighbours(W_dec, every, every)
-        cos = (W_dec * W_dec[j]).sum(dim=1)  # unit rows
-        return self.lambda2_max, cos.pow(2).mean()
-
-    def add_gradient(self, W_dec: nn.Parameter) -> None:
-        """Nothing to add: the penalty reads W_dec itself, so backward has already put its gradient in
-        W_dec.grad."""
-
-
-class CrossGroupOrthogonalityLoss:
-    """L = L_recon + λ1·L_sparse + λ2(t)·L_ortho, λ2(t) = λ2_max·min(1, t/t0).
-
-    For TopK, sparsity is enforced by k, so L_sparse is the AuxK dead-latent term and λ1 = auxk_alpha.
-    L_ortho = cross_group_penalty between the grouper's forget and retain decoder rows (unit norm, since
-    W_dec rows are renormalised every step and their radial gradient removed), with the partner or hinge
-    target and the grouper's membership weights. adaptive_ortho: the ramp and α; fixed_ortho: t0 = 0
-    (λ2 constant) and α = 0.
-    """
-
-    def __init__(self, lambda2_max: float, t0: int, alpha: float, target: str):
-        self.lambda2_max, self.t0, self.alpha, self.target = lambda2_max, t0, alpha, target
-
-    def lambda2(self, t: int) -> float:
-        return self.lambda2_max * min(1.0, t / self.t0) if self.t0 > 0 else self.lambda2_max
-
-    def __call__(self, W_dec: torch.Tensor, grouper: "FeatureGrouper", t: int) -> tuple[float, torch.Tensor]:
-        """(λ2(t), L_ortho). L_ortho is taken on a detached copy of the group rows; add_gradient puts its
-        gradient into W_dec.grad after backward. (Through autograd, the gather's backward would zero-fill
-        a fresh [F, d] gradient and add it to W_dec's every step.)"""
-        self.index = torch.cat([grouper.forget_idx, grouper.retain_idx]).to(W_dec.device)
-        self.rows = W_dec.detach().index_select(0, self.index).requires_grad_()
-        n_forget = len(grouper.forget_idx)
-        w_F, w_R = grouper.member_weights(t)
-        return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:],
-                                                    grouper.partner_sign, self.alpha, self.target,
-                                                    w_F, w_R)
-
-    def add_gradient(self, W_dec: nn.Parameter) -> None:
-        """W_dec.grad[index] += ∂(λ2·L_ortho)/∂rows, once backward has run (no gradient when a group is
-        empty)."""
-        if self.rows.grad is not None:
-            W_dec.grad.index_add_(0, self.index, self.rows.grad)
-
-
-def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy matching on |C| [n_F, n_R]: repeatedly take the largest |cos| whose row and column are both
-    free. Returns (rows, cols) [min(n_F, n_R)], pairs in the order they were taken."""
-    m = min(C.shape)
-    rows, cols, used_r, used_c = [], [], set(), set()
-    n_R = C.shape[1]
-    for flat in C.abs().flatten().argsort(descending=True).tolist():
-        r, c = divmod(flat, n_R)
-        if r not in used_r and c not in used_c:
-            used_r.add(r), used_c.add(c), rows.append(r), cols.append(c)
-            if len(rows) == m:
-                break
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
-class FeatureGrouper:
-    """Assigns latents to forget / retain / shared from how often they fire on each domain's tokens.
-
-    Every step: p_g ← β·p_g + (1 − β)·(firings on domain-g tokens / number of domain-g tokens), one
-    bincount over the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every
-    (the EMA horizon is the regroup period), bias-corrected by 1 − β^t as Adam does.
-    Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold},
-    retain = {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its
-    max_group_size most specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs
-    whose two latents are still in their groups are kept (with their sign); the other forget latents are
-    paired greedily (on |cos| of decoder rows) with the free retain latents. Both index lists put
-    partners first in the same order (the partner matrix is diagonal).
-    Defaults measured on the default run's cached activations with a trained topk SAE (100k tokens):
-    median firing rate 4.7e-3 (k/F = 6.9e-3), 2% of latents below 1e-3; s quartiles −0.39 / −0.04 / 0.32;
-    threshold 0.5 gives ~680 forget and ~800 retain latents of 4608 before the cap.
-    """
-
-    def __init__(self, dict_size: int, every: int, threshold: float, min_freq: float,
-                 max_group_size: int = 0):
-        self.dict_size, self.every, self.threshold, self.min_freq = dict_size, every, threshold, min_freq
-        self.max_group_size = max_group_size
-        self.beta = 1 - 1 / every
-        self.ema = torch.zeros(2, dict_size, dtype=torch.float64)  # row = domain label (RETAIN 0, FORGET 1)
-        self.updates = torch.zeros(2)
-        self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
-        self.partner_sign = torch.zeros(0)
-        # step at which a latent joined its current group
-        self.joined = torch.zeros(dict_size, dtype=torch.long)
-        self.regroups = 0
-
-    @torch.no_grad()
-    def update(self, values: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
-        """values, indices [n, k] from the TopK encode; labels [n] domain of each token. The counts are summed
-        over ranks, so every rank's grouper sees the global batch."""
-        fired = (values > 0).cpu()
-        indices, labels = indices.cpu(), labels.cpu()
-        domains = (activations.RETAIN, activations.FORGET)  # = the ema rows
-        counts = torch.stack([torch.cat([torch.bincount(indices[rows][fired[rows]], minlength=self.dict_size),
-                                         rows.sum()[None]])
-                              for rows in (labels == g for g in domains)])
-        counts = distributed.reduce_sum(counts)  # [2, F + 1]: firings per latent, then the domain's tokens
-        for g in domains:
-            n_tokens = int(counts[g, -1])
-            if n_tokens:  # a batch without this domain says nothing about it
-                self.ema[g].mul_(self.beta).add_(counts[g, :-1] / n_tokens, alpha=1 - self.beta)
-                self.updates[g] += 1
-
-    def frequencies(self) -> torch.Tensor:
-        """[2, F] bias-corrected firing rates per domain (row g = label g)."""
-        return self.ema / (1 - self.beta ** self.updates).clamp_min(1e-12)[:, None]
-
-    def most_specific(self, candidates: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """The (at most max_group_size) candidates [F] bool with the largest score, in index order."""
-        idx = candidates.nonzero().flatten()
-        if 0 < self.max_group_size < len(idx):
-            idx = idx[score[idx].argsort(descending=True, stable=True)[:self.max_group_size]].sort().values
-        return idx
-
-    @torch.no_grad()
-    def regroup(self, W_dec: torch.Tensor, t: int = 0) -> None:
-        p = self.frequencies()
-        p_r, p_f = p[activations.RETAIN], p[activations.FORGET]
-        s = ((p_f - p_r) / (p_f + p_r).clamp_min(1e-12)).float()
-        alive = (p_f + p_r) / 2 >= max(self.min_freq, 1e-12)
-        forget = self.most_specific(alive & (s > self.threshold), s)
-        retain = self.most_specific(alive & (s < -self.threshold), -s)
-        before, m = self.assignment(), len(self.partner_sign)
-        old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
-        valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)
-        kept_f, kept_r, kept_sign = old_f[valid], old_r[valid], self.partner_sign.cpu()[valid]
-        free_f, free_r = forget[~torch.isin(forget, kept_f)], retain[~torch.isin(retain, kept_r)]
-        W = W_dec.detach().float().cpu()
-        C = W[free_f] @ W[free_r].T
-        rows, cols = match_partners(C)
-        rest = lambda idx, taken: idx[~torch.isin(torch.arange(len(idx)), taken)]
-        self.forget_idx = torch.cat([kept_f, free_f[rows], rest(free_f, rows)]).to(W_dec.device)
-        self.retain_idx = torch.cat([kept_r, free_r[cols], rest(free_r, cols)]).to(W_dec.device)
-        new_sign = C[rows, cols].sign()
-        new_sign[new_sign == 0] = 1.0  # a pair at cos exactly 0 is pulled to +α
-        self.partner_sign = torch.cat([kept_sign, new_sign]).to(W_dec.device)
-        # the first grouping takes effect at once; later joiners ramp in (member_weights)
-        self.joined[self.assignment() != before] = t if self.regroups else t - self.every
-        self.regroups += 1
-
-    def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_F [n_F], w_R [n_R]), w = clamp((t − joined)/every, 0, 1): a latent that joined its group at
-        the last regroup enters the penalty over one regroup period, so a regroup does not make the
-        penalty jump."""
-        w = ((t - self.joined).float() / self.every).clamp(0, 1)
-        return (w[self.forget_idx.cpu()].to(self.forget_idx.device),
-                w[self.retain_idx.cpu()].to(self.retain_idx.device))
-
-    def assignment(self) -> torch.Tensor:
-        """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
-        groups = torch.full((self.dict_size,), SHARED, dtype=torch.long)
-        groups[self.forget_idx.cpu()], groups[self.retain_idx.cpu()] = activations.FORGET, activations.RETAIN
-        return groups
-
-    def state(self) -> dict:
-        return {"forget_idx": self.forget_idx.clone(), "retain_idx": self.retain_idx.clone(),
-                "partner_sign": self.partner_sign.clone()}
-
-    def load_state(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-
-    def full_state(self) -> dict:
-        """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes
-        either)."""
-        return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(),
-                               "joined": self.joined.clone(), "regroups": self.regroups}
-
-
-def condition_number(W: torch.Tensor) -> float:
-    """κ = σ_max/σ_min over the min(n, d) singular values of W [n, d] (float64); nan for an empty group."""
-    if len(W) == 0:
-        return float("nan")
-    s = torch.linalg.svdvals(W.detach().double().cpu())
-    return (s[0] / s[-1]).item()
-
-
-def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Principal angles (radians, descending, as scipy.linalg.subspace_angles) between the row spans of
-    A [n_a, d] and B [n_b, d]: cosines are the singular values of Q_Aᵀ Q_B, Q orthonormal bases
-    (rank-revealing SVD, scipy's orth tolerance). When rank A + rank B > d the spans must share
-    dimensions, so some angles are exactly 0."""
-    def basis(M):
-        U, s, _ = torch.linalg.svd(M.detach().double().cpu().T, full_matrices=False)
-        return U[:, s > s.max() * max(M.shape) * torch.finfo(torch.float64).eps] if len(s) else U
-    if len(A) == 0 or len(B) == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    cos = torch.linalg.svdvals(basis(A).T @ basis(B)).clamp(-1, 1)
-    return cos.flip(0).arccos()
-
-
-def separation_metrics(W_dec: torch.Tensor, grouper: FeatureGrouper) -> dict:
-    """Group sizes, κ per group and of the union, principal angles (degrees) between span(W_F) and
-    span(W_R), cross-group |cos| mean and max, the partners' mean |cos|. nan (None in JSON) where a group
-    is empty."""
-    W = W_dec.detach().cpu()
-    W_F, W_R = W[grouper.forget_idx.cpu()], W[grouper.retain_idx.cpu()]
-    cross = (W_F @ W_R.T).abs() if len(W_F) and len(W_R) else torch.full((1,), float("nan"))
-    m = len(grouper.partner_sign)
-    partners = (W_F[:m] * W_R[:m]).sum(dim=1).abs().mean().item() if m else float("nan")
-    angles = principal_angles(W_F, W_R).rad2deg()
-    nan = float("nan")
-    return {"n_forget": len(W_F), "n_retain": len(W_R), "n_shared": len(W) - len(W_F) - len(W_R),
-            "kappa_forget": condition_number(W_F), "kappa_retain": condition_number(W_R),
-            "kappa_union": condition_number(torch.cat([W_F, W_R])),
-            "principal_angles_deg": {"n": len(angles), "n_zero": int((angles < 1e-3).sum()),
-                                     "min": angles.min().item() if len(angles) else nan,
-                                     "median": angles.median().item() if len(angles) else nan,
-                                     "max": angles.max().item() if len(angles) else nan},
-            "cross_abs_cos_mean": cross.mean().item(), "cross_abs_cos_max": cross.max().item(),
-            "partner_abs_cos_mean": partners}
-
-
-def cos_summary(values: torch.Tensor) -> dict:
-    """Mean, median and the shares above 0.5 and 0.7 of nearest-neighbour |cos| values
-    (nan ones left out)."""
-    v = values[~values.isnan()]
-    if len(v) == 0:
-        return {"n": 0, "mean": None, "median": None, "share_above_0.5": None, "share_above_0.7": None}
-    return {"n": len(v), "mean": v.mean().item(), "median": v.quantile(0.5).item(),
-            "share_above_0.5": (v > 0.5).float().mean().item(),
-            "share_above_0.7": (v > 0.7).float().mean().item()}
-
-
-def feature_geometry(W_dec: torch.Tensor, groups: torch.Tensor) -> dict:
-    """Each decoder row's max |cos| to any other row, summarised over all rows ("all") and, for each
-    group g of `groups` [F] (activations.FORGET / RETAIN, SHARED), over g's rows: to the other rows of g
-    ("within") and to the rows outside g ("across"). The groups partition the rows, so a row's overall
-    value is the larger of its two: F² products in all."""
-    groups = groups.to(W_dec.device)
-    nearest = torch.full((len(W_dec),), float("nan"))
-    out = {}
-    for name, g in (("forget", activations.FORGET), ("retain", activations.RETAIN), ("shared", SHARED)):
-        inside, outside = (groups == g).nonzero().flatten(), (groups != g).nonzero().flatten()
-        within, across = (nearest_neighbours(W_dec, inside, others)[0].cpu() for others in (inside, outside))
-        nearest[inside.cpu()] = torch.fmax(within, across)  # fmax: nan (no candidate) loses
-        out[name] = {"within": cos_summary(within), "across": cos_summary(across)}
-    return {"all": cos_summary(nearest)} | out
-
-
-def regroup(sae: "AutoEncoderTopK", grouper: FeatureGrouper, t: int) -> None:
-    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new
-    assignment."""
-    grouper.regroup(sae.W_dec, t)
-    if sae.group_bias is not None:
-        sae.feature_group.copy_(grouper.assignment().to(sae.feature_group.device))
-
-
-class KappaEarlyStopping:
-    """Stop when the forget or retain group's κ exceeds kappa_max at `patience` consecutive regroup
-    checks."""
-
-    def __init__(self, kappa_max: float, patience: int):
-        self.kappa_max, self.patience, self.strikes, self.reason = kappa_max, patience, 0, None
-
-    def check(self, metrics: dict, step: int) -> bool:
-        # nan (empty) is not bad
-        bad = [g for g in ("forget", "retain") if metrics[f"kappa_{g}"] > self.kappa_max]
-        self.strikes = self.strikes + 1 if bad else 0
-        if self.strikes >= self.patience:
-            self.reason = (f"step {step}: κ of the {' and '.join(bad)} group above "
-                           f"kappa_max={self.kappa_max} for {self.patience} consecutive checks")
-            return True
-        return False
-
-
-# -----------------------------------------------------------------------------
-# The trainer
-
-
-class TrainerTopK:
-    """Adam on L = ‖x − x̂‖² + auxk_alpha · L_auxk [+ λ2(t) · L_ortho]  (sparsity is enforced by k,
-    so TopK needs no L1 term).
-
-    L_auxk (Gao et al. 2024): the residual e = x − x̂ is reconstructed from the top k_aux = d/2
-    pre-activations of the dead latents only, ê = Σ a_j W_dec[j] (no bias), and
-    L_auxk = ‖e − ê‖² / ‖e − mean(e)‖², batch means. A latent is dead when it has not fired for
-    `dead_window_tokens` tokens. Learning rate: linear warmup, constant, linear decay to 0 over the last
-    (1 − decay_start) of training.
-    `ortho` (FixedOrthogonalityLoss / AdaptiveOrthogonalityLoss) adds the orthogonality term; `grouper`
-    is fed the TopK indices and domain labels every step and regroups every `grouper.every` steps (for
-    every variant, so the separation metrics are comparable; for topk it only watches). After a regroup
-    an SAE with group biases takes the new assignment.
-    """
-
-    def __init__(self, sae: AutoEncoderTopK, steps: int, lr: float, warmup_steps: int, decay_start: float,
-                 auxk_alpha: float, dead_window_tokens: int, ortho=None, grouper: FeatureGrouper = None):
-        self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = (
-            sae, steps, auxk_alpha, dead_window_tokens)
-        self.ortho, self.grouper, self.t = ortho, grouper, 0
-        self.k_aux = sae.d_in // 2
-        # fused: one kernel per parameter instead of a dozen elementwise passes (the same update up to float
-        # rounding; BENCHMARKS.md)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
-        decay_from = int(decay_start * steps)
-
-        def schedule(step):
-            warm = min(1.0, (step + 1) / max(1, warmup_steps))
-            decay = 1.0 if step < decay_from else max(0.0, (steps - step) / max(1, steps - decay_from))
-            return warm * decay
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.tokens_since_fired = torch.zeros(sae.dict_size, dtype=torch.long)
-
-    def state(self) -> dict:
-        """Everything step() depends on besides the SAE's weights and the grouper (for checkpoints)."""
-        return {"t": self.t, "tokens_since_fired": self.tokens_since_fired.clone(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state(self, state: dict) -> None:
-        self.t = state["t"]
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def auxk_loss(self, residual: torch.Tensor, aux_values: torch.Tensor, aux_indices: torch.Tensor,
-                  share: float) -> torch.Tensor:
-        """This rank's share of L_auxk; both of its means are over the global batch."""
-        if aux_values.shape[1] == 0:  # the dead set is the same on every rank, so all return here together
-            return residual.new_zeros(())
-        e_hat = SparseDecode.apply(aux_values, aux_indices, self.sae.W_dec)  # no bias
-        mean = distributed.reduce_sum(residual.mean(dim=0) * share)
-        denom = distributed.reduce_sum((residual - mean).pow(2).sum(dim=-1).mean() * share)
-        return ((residual - e_hat).pow(2).sum(dim=-1).mean() * share / denom).nan_to_num(0.0)
-
-    def loss(self, x: torch.Tensor, labels: torch.Tensor = None) -> tuple[torch.Tensor, dict]:
-        """This rank's share of the loss, and the global batch's statistics; updates the dead-latent counters
-        and (with labels) the grouper. x [n, d] is this rank's slice of the global batch [B, d]; a global mean
-        is Σ over ranks of (local mean × share), share = n / B (1 with one process)."""
-        share = 1 / distributed.world_size()
-        dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten().to(x.device)
-        values, indices, aux_values, aux_indices = self.sae.encode(x, dead, self.k_aux)  # Codes
-        x_hat = self.sae.decode(values, indices)
-        residual = x - x_hat
-        recon = MeanSquaredNorm.apply(residual) * share
-        auxk = self.auxk_loss(residual.detach(), aux_values, aux_indices, share)
-        total = recon + self.auxk_alpha * auxk
-        extra = {}
-        if self.ortho is not None:
-            lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.t)
-            # every rank computes the same term; the sum counts it once
-            total = total + lambda2 * ortho * share
-            extra = {"ortho": ortho.item(), "lambda2": lambda2}
-        with torch.no_grad():
-            fired = torch.zeros(self.sae.dict_size, dtype=torch.int32)
-            fired[indices[values > 0].cpu()] = 1  # repeated indices write the same 1: no unique()
-            self.tokens_since_fired += len(x) * distributed.world_size()
-            self.tokens_since_fired[distributed.reduce_sum(fired) > 0] = 0
-            l0 = (values > 0).sum(dim=-1).float().mean()
-            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share,
-                                            l0 * share]),
-                               x.mean(dim=0) * share])
-            summed = distributed.reduce_sum(local)
-            mean = summed[5:]
-            # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
-            fve = 1 - summed[1] / (summed[3] - mean @ mean)
-            if self.grouper is not None and labels is not None:
-                self.grouper.update(values, indices, labels)
-        total_, recon_, auxk_, _, l0_ = summed[:5].tolist()
-        stats = {"loss": total_, "recon": recon_, "auxk": auxk_, "explained_variance": fve.item(),
-                 "dead_latents": len(dead), "l0": l0_, **extra}
-        return total, stats
-
-    def step(self, x: torch.Tensor, labels: torch.Tensor = None) -> dict:
-        total, stats = self.loss(x, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.ortho is not None:
-            self.ortho.add_gradient(self.sae.W_dec)
-        distributed.reduce_gradients(self.sae.parameters())
-        self.sae.remove_parallel_decoder_grad()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.sae.normalize_decoder()
-        self.t += 1
-        return stats | {"lr": self.scheduler.get_last_lr()[0]}
-
-
-@torch.no_grad()
-def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str,
-                    batch_size: int = 4096) -> dict:
-    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled
-    units; each rank takes its share of the rows and the sums are reduced, so every rank gets the
-    same numbers."""
-    sq_err, sq_dev, n = 0.0, 0.0, len(acts)
-    mean = torch.from_numpy(np.asarray(acts).mean(axis=0)).to(device) / scale
-    part = distributed.shard(n)
-    for start in range(part.start, part.stop, batch_size):
-        rows = np.ascontiguousarray(acts[start:min(start + batch_size, part.stop)])
-        x = torch.from_numpy(rows).to(device) / scale
-        sq_err += (x - sae(x)).pow(2).sum().item()
-        sq_dev += (x - mean).pow(2).sum().item()
-    sq_err, sq_dev = distributed.reduce_sum(torch.tensor([sq_err, sq_dev], dtype=torch.float64)).tolist()
-    return {"val_recon": sq_err / n, "val_explained_variance": 1 - sq_err / sq_dev}
-
-
-# -----------------------------------------------------------------------------
-# The run
-
-
-def pick_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: {requested} asked for but CUDA is not available; use --device=cpu")
-    return requested
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, forget: data.Corpus,
-                        retain: data.Corpus, documents: dict):
-    """Harvest (or read back) train and validation activations from the training and validation documents of
-    `documents` ({"forget"|"retain": data.DocumentSplit}); returns the cache entry and its key fields."""
-    key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision")},
-           "layer": cfg.layer, "hook_name": hook_name, "context_length": cfg.context_length,
-           "train_tokens": cfg.train_tokens, "val_tokens": cfg.val_tokens, "eval_fraction": cfg.eval_fraction,
-           "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "forget": forget.provenance(),
-           "retain": retain.provenance()}
-    entry = Path(cfg.cache_dir) / "activations" / activations.cache_key(key)
-    check_shared_cache(Path(cfg.cache_dir))
-    if distributed.on_main(lambda: cached_entry_is_sound(entry)):
-        return entry, key
-    print(f"activations: harvesting into {entry}")
-    bos = models.bos_token_id(model.tokenizer)
-    splits = {}
-    for split, n_tokens in (("train", cfg.train_tokens), ("val", cfg.val_tokens)):
-        contexts, labels = [], []
-        for corpus, side, label in ((forget, "forget", activations.FORGET),
-                                    (retain, "retain", activations.RETAIN)):
-            docs = getattr(documents[side], split)
-            try:
-                ctx = data.pack_contexts(model.tokenizer, docs, cfg.context_length, n_tokens // 2, bos)
-            except ValueError as e:
-                # the corpus is too small for the budget: say so before harvesting anything
-                raise ConfigError(f"--{split}_tokens: {corpus.name} ({split} documents): {e}") from None
-            contexts.append(ctx)
-            labels.append(torch.full((len(ctx),), label))
-        contexts, labels = torch.cat(contexts), torch.cat(labels)
-        order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(cfg.data_seed))
-        splits[split] = (contexts[order], labels[order])
-    activations.build_cache(entry, key, model, hook_name, cfg.layer, splits, cfg.harvest_batch_size)
-    return entry, key
-
-
-def cached_entry_is_sound(entry: Path) -> bool:
-    """True when the entry exists and every file matches its manifest's sha256; a damaged entry is removed."""
-    if not (entry / "manifest.json").exists():
-        return False
-    try:
-        for split in ("train", "val"):
-            activations.load_split(entry, split)  # verifies every file against the manifest's sha256
-        print(f"activations: reading the cache {entry}")
-        return True
-    except (RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, corrupted or missing file
-        print(f"activations: cache entry {entry} is damaged ({e}); rebuilding it")
-        shutil.rmtree(entry)
-        return False
-
-
-def check_shared_cache(cache_dir: Path) -> None:
-    """Under torchrun, refuse a cache folder that the ranks do not all see: rank 0 writes a token file there
-    and every rank must read it back (nodes need a shared filesystem for the cache and the out_dir)."""
-    if distributed.world_size() == 1:
-        return
-    token = distributed.broadcast_object(os.urandom(8).hex())
-    probe = cache_dir / f".rank-probe-{token}"
-    if distributed.is_main():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token)
-    distributed.barrier()
-    seen = probe.exists() and probe.read_text() == token
-    missing = int(distributed.reduce_sum(torch.tensor([int(not seen)])))
-    distributed.barrier()
-    if distributed.is_main():
-        probe.unlink()
-    if missing:
-        raise ConfigError(f"--cache_dir: {missing} of {distributed.world_size()} processes cannot see "
-                          f"{cache_dir} as rank 0 writes it; under torchrun the cache (and the "
-                          f"out_dir) must be on a filesystem every node shares")
-
-
-def open_wandb(cfg: Config):
-    mode = cfg.wandb_mode
-    if mode == "auto":
-        netrc = Path.home() / ".netrc"
-        configured = (bool(os.environ.get("WANDB_API_KEY"))
-                      or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
-        mode = "online" if configured else "disabled"
-    if mode == "disabled":
-        return None
-    import wandb
-    return wandb.init(project="orthogonal-sae", dir=cfg.out_dir, mode=mode, config=dataclasses.asdict(cfg))
-
-
-def uses_group_biases(cfg: Config) -> bool:
-    return cfg.variant in GROUPED and cfg.group_biases
-
-
-def make_ortho(cfg: Config):
-    """The orthogonality term of `cfg.variant` (None for topk)."""
-    if cfg.variant == "fixed_ortho":
-        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, t0=0, alpha=0.0, target="partner")
-    if cfg.variant == "allpairs_ortho":
-        return AllPairsOrthogonalityLoss(cfg.allpairs_lambda2)
-    if cfg.variant == "adaptive_ortho":
-        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, cfg.t0, cfg.alpha, cfg.ortho_target)
-    return None
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: resume a killed run where it stopped, bit-identical on CPU
-
-# Fields that do not change what training computes; a checkpoint may be resumed with other values of these.
-NOT_TRAINING_FIELDS = {f.name for f in dataclasses.fields(Config) if not f.metadata["training"]}
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C or SIGTERM during training: a checkpoint was written; the same command resumes."""
-
-
-def training_fields(cfg: Config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING_FIELDS}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """File = sha256 of the payload (64 hex digits + newline), then the torch.save payload. Written to a
-    temporary file, fsynced and renamed: a reader sees the old checkpoint or the new one, never half of
-    one. The checksum catches what torch.load would not: flipped bytes inside tensor data load
-    silently."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
-    write_bytes_atomic(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-
-
-def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """The checkpoint's state (tensors and plain values only: weights_only, nothing is unpickled), after
-    checking that it was written by a run with the same training config."""
-    raw = path.read_bytes()
-    digest, payload = raw[:64].decode("ascii", "replace"), raw[65:]
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise ConfigError(f"--out_dir: checkpoint {path} is truncated or corrupted (checksum mismatch); "
-                          f"delete it or pass --overwrite to start afresh")
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    saved, now = json.loads(state["config"]), training_fields(cfg)
-    differing = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    if differing:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing)
-        raise ConfigError(f"--out_dir: the checkpoint in {path.parent} is from a different config "
-                          f"({changes}); rerun with the checkpoint's values, pick a new out_dir, "
-                          f"or pass --overwrite to start afresh")
-    return state
-
-
-class StopRequest:
-    """Turns Ctrl-C / SIGTERM during training into a flag checked between steps, so the checkpoint
-    written on the way out holds a consistent state (never one taken in the middle of an optimizer
-    step)."""
-
-    def __enter__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on "
-                   "validation documents disjoint from training and from every evaluation; the same "
-                   "rule for every variant")
-
-
-def ortho_lambda2_default(variant: str) -> float:
-    """The Config default of the variant's λ2 field (plot.py names λ2 in a label only where it differs)."""
-    name = "allpairs_lambda2" if variant == "allpairs_ortho" else "lambda2_max"
-    return Config.__dataclass_fields__[name].default
-
-
-@dataclass
-class TrainingData:
-    """The cached activations as training reads them: train rows (those kept:
-    norm <= max_norm_multiple × median), their norms, the kept validation rows, and the scale that makes
-    E‖x‖² = 1 over the kept training rows (dictionary_learning's normalisation)."""
-    acts: np.ndarray
-    labels: np.ndarray
-    keep: np.ndarray
-    norms: np.ndarray
-    val_acts: np.ndarray
-    scale: float
-
-    @classmethod
-    def load(cls, entry: Path, max_norm_multiple: float) -> "TrainingData":
-        acts, labels = activations.load_split(entry, "train", verify=False)  # verified by prepare_activations
-        val_acts, _ = activations.load_split(entry, "val", verify=False)
-        keep, norms = activations.typical_rows(acts, max_norm_multiple)
-        val_keep, _ = activations.typical_rows(val_acts, max_norm_multiple)
-        scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
-        return cls(acts, labels, keep, norms, val_acts[val_keep], scale)
-
-
-class Training:
-    """One SAE's training: the SAE, trainer, grouper and κ stopper, the regroup history and the best
-    checkpoint. state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are
-    the loop's events."""
-
-    def __init__(self, cfg: Config, data: TrainingData):
-        self.cfg, self.data = cfg, data
-        d = data.acts.shape[1]
-        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k,
-                                   group_biases=uses_group_biases(cfg)).to(cfg.device)
-        self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
-        self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
-                                      max_group_size=int(cfg.max_group_fraction * d))
-        self.ortho = make_ortho(cfg)
-        self.trainer = TrainerTopK(self.sae, self.steps, cfg.lr, cfg.warmup_steps, cfg.decay_start,
-                                   cfg.auxk_alpha, cfg.dead_window_tokens, ortho=self.ortho,
-                                   grouper=self.grouper)
-        self.stopper = KappaEarlyStopping(cfg.kappa_max, cfg.kappa_patience)
-        self.step, self.finished, self.wall_s = 0, False, 0.0  # step: the next step to run
-        self.history, self.stats, self.best = [], {}, {"val_recon": float("inf")}
-
-    def state_dict(self) -> dict:
-        return {"config": json.dumps(training_fields(self.cfg)), "step": self.step, "finished": self.finished,
-                "sae": self.sae.state_dict(), "trainer": self.trainer.state(),
-                "grouper": self.grouper.full_state(),
-                "stopper": {"strikes": self.stopper.strikes, "reason": self.stopper.reason},
-                "history": json.dumps(self.history), "stats": json.dumps(self.stats), "best": self.best,
-                "wall_s": self.wall_s, "torch_rng": torch.get_rng_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sae.load_state_dict(state["sae"])
-        self.trainer.load_state(state["trainer"])
-        self.grouper.load_state(state["grouper"])
-        self.stopper.strikes, self.stopper.reason = state["stopper"]["strikes"], state["stopper"]["reason"]
-        self.history, self.stats = json.loads(state["history"]), json.loads(state["stats"])
-        self.step, self.finished, self.best, self.wall_s = (
-            state["step"], state["finished"], state["best"], state["wall_s"])
-        torch.set_rng_state(state["torch_rng"])
-
-    def regroup(self, step: int) -> tuple[dict, bool]:
-        """The regroup event after `step`: new groups and partners (and the group-bias assignment), the
-        separation metrics, and the κ check (ortho variants; topk only watches). Returns
-        (metrics, stop)."""
-        regroup(self.sae, self.grouper, self.trainer.t)
-        metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
-        self.history.append(metrics)
-        return metrics, self.cfg.variant in GROUPED and self.stopper.check(metrics, step)
-
-    def validate(self, step: int) -> dict:
-        """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
-        result = validation_loss(self.sae, self.data.val_acts, self.data.scale, self.cfg.device)
-        if result["val_recon"] < self.best["val_recon"]:
-            self.best = {"val_recon": result["val_recon"], "step": step, "grouper": self.grouper.state(),
-                         "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()}}
-        return result
-
-
-def save_training(path: Path, training: Training, log) -> None:
-    """Checkpoint (rank 0 writes it; every rank holds the same state): the training state and the log's
-    length (a resumed run truncates lines written after it)."""
-    if distributed.is_main():
-        log.flush()
-        save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})
-
-
-def resume_training(path: Path, training: Training, log_path: Path) -> None:
-    """Load the checkpoint at `path` into `training` and drop the log lines written after it. The state holds
-    global batches only, so any number of processes can resume it."""
-    state = load_checkpoint(path, training.cfg)
-    training.load_state_dict(state)
-    if distributed.is_main():
-        with open(log_path, "r+b") as log:
-            log.truncate(state["log_bytes"])
-    print(f"train: resuming from {path} at step {training.step} of {training.steps}"
-          + (" (training had finished)" if training.finished else ""))
-
-
-def start_training(cfg: Config, entry: Path, ckpt_path: Path, log_path: Path) -> tuple[Training, object]:
-    """(training at its next step, this rank's stream of batch slices from there): resumed from the
-    checkpoint when there is one, else fresh with b_dec at the geometric median of batch 0 (training step s
-    uses batch s + 1); every rank starts from rank 0's SAE."""
-    data = TrainingData.load(entry, cfg.max_norm_multiple)
-    training = Training(cfg, data)
-    if ckpt_path.exists():
-        resume_training(ckpt_path, training, log_path)
-    elif distributed.is_main():
-        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
-                                                     rows=data.keep))
-        with torch.no_grad():
-            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
-    distributed.broadcast_tensors(training.sae.parameters())
-    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
-                                           skip=training.step + 1, part=distributed.shard(cfg.batch_size))
-    return training, batches
-
-
-def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
-    """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
-
-    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged;
-    for the cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops
-    training early.
-    Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
-    out/checkpoints/last.pt; when it exists, training resumes from it (same batches, same log lines).
-    """
-    log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
-    training, batches = start_training(cfg, entry, ckpt_path, log_path)
-    data, start_step, main = training.data, training.step, distributed.is_main()
-    steps, wandb_run, started, wall_before = (
-        training.steps, main and open_wandb(cfg), time.time(), training.wall_s)
-    last = start_step - 1
-    with open(log_path if main else os.devnull,
-              "ab" if start_step else "wb") as log, StopRequest() as stop_request:
-        bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE",
-                   unit="step", initial=start_step, total=steps, disable=not main)
-        for step in bar:
-            x, y = next(batches)
-            record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
-            check_finite(record, step, ckpt_path)
-            training.stats, stop = record, False
-            if (step + 1) % cfg.group_every == 0:
-                record["separation"], stop = training.regroup(step)
-            if step % 50 == 0 or step == steps - 1 or "separation" in record:
-                record |= training.validate(step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
-                                dead=record["dead_latents"])
-            log.write((json.dumps(json_safe(record)) + "\n").encode())
-            if wandb_run:
-                wandb_run.log(record, step=step)
-            last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
-            stop, interrupted = agree(stop, stop_request.signal is not None)
-            if stop:
-                print(f"early stop: {training.stopper.reason}")
-                break
-            if interrupted:
-                save_training(ckpt_path, training, log)
-                raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of "
-                                          f"{steps}: checkpoint written to {ckpt_path}; run the same "
-                                          f"command again to resume")
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                save_training(ckpt_path, training, log)
-        if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
-            training.finished = True
-            save_training(ckpt_path, training, log)
-    if wandb_run:
-        wandb_run.finish()
-    return training_results(training, start_step, last)
-
-
-def agree(*flags: bool) -> list[bool]:
-    """Each flag, true on every rank when it is true on any (an early stop, a Ctrl-C on one rank), so that all
-    ranks leave the loop at the same step."""
-    return (distributed.reduce_sum(torch.tensor([int(f) for f in flags])) > 0).tolist()
-
-
-def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
-    if not math.isfinite(record["loss"]):
-        terms = ", ".join(f"{k} {record[k]}" for k in ("recon", "auxk", "ortho") if k in record)
-        raise FloatingPointError(f"step {step}: loss is {record['loss']} ({terms}); the last good checkpoint "
-                                 f"{ckpt_path} is kept, no final_info.json was written")
-
-
-def training_results(training: Training, start_step: int,
-                     last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
-    """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured,
-    then the checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's,
-    measured already)."""
-    cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
-                                      training.ortho)
-    measure = lambda: {"validation": validation_loss(sae, data.val_acts, data.scale, cfg.device),
-                       "separation": separation_metrics(sae.W_dec, grouper),
-                       "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
-    at_last = measure()
-    final_step = {"step": last, **at_last["validation"], "separation": at_last["separation"],
-                  "nearest_neighbour_abs_cos": at_last["geometry"]["all"]}
-    sae.load_state_dict(training.best["sae"])
-    grouper.load_state(training.best["grouper"])
-    chosen = at_last if training.best["step"] == last else measure()
-    stats, stopper = training.stats, training.stopper
-    info = {"training_steps": training.steps, "steps_run": last + 1,
-            "best_checkpoint_step": training.best["step"],
-            "training_tokens_seen": (last + 1) * cfg.batch_size, "final_loss": stats["loss"],
-            "final_recon": stats["recon"], "final_dead_latents": stats["dead_latents"], "layer": cfg.layer,
-            "dict_size": cfg.dict_size, "k": cfg.k, "learning_rate": cfg.lr,
-            "sparsity_penalty": cfg.auxk_alpha,
-            "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss "
-                                        "(TopK enforces sparsity by k)",
-            "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
-            "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
-            "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
-            "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
-            "world_size": distributed.world_size(),
-            **chosen["validation"]}
-    adaptive = cfg.variant == "adaptive_ortho"
-    separation = {
-        "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
-        "ortho_target": cfg.ortho_target if adaptive else None,
-        "lambda2_max": ortho.lambda2_max if ortho else 0.0,
-        "lambda2_default": ortho_lambda2_default(cfg.variant),
-        "t0": cfg.t0 if adaptive else 0, "group_biases": uses_group_biases(cfg),
-        "lambda2_final": ortho.lambda2(training.trainer.t) if ortho else 0.0,
-        "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
-                     "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
-                     "passive": cfg.variant not in GROUPED},
-        "final_checkpoint_step": training.best["step"],
-        "final": chosen["separation"],  # of the chosen checkpoint, with its own groups
-        "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
-        "geometry": chosen["geometry"],  # max |cos| to the nearest other feature
-        # the chosen checkpoint's forget group (unlearning uses it)
-        "forget_features": grouper.forget_idx.tolist(),
-        "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
-                           "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
-                           "reason": stopper.reason or "ran all steps", "step": last,
-                           "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"],
-                                              "retain": h["kappa_retain"], "union": h["kappa_union"]}
-                                             for h in training.history]},
-        "regroup_history": training.history,
-    }
-    return sae, data.scale, info, json_safe(separation)
-
-
-def code_version() -> dict:
-    """The git commit of this code and whether tracked files other than notes.txt and run_*/
-    (which runs write) had uncommitted changes (None outside git)."""
-    here = Path(__file__).resolve().parent
-    try:
-        git = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
-                                           check=True).stdout.strip()
-        return {"git_commit": git("rev-parse", "HEAD"),
-                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no",
-                                                "--", ".", ":(exclude)notes.txt", ":(exclude)run_*"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "uncommitted_changes": None}
-
-
-def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
-    """One entry per finished run, appended: what the run was and its headline numbers (results.flatten)."""
-    r = results.flatten(final_info)
-    g = lambda v: "n/a" if v is None else f"{v:.4g}"
-    setting = {"adaptive_ortho": f" (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})",
-               "fixed_ortho": f" (λ2 {cfg.lambda2_max})", "allpairs_ortho": f" (λ2 {cfg.allpairs_lambda2})"}
-    ablation = " (no group biases)" if cfg.variant in GROUPED and not cfg.group_biases else ""
-    entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
-             f"variant {cfg.variant}{setting.get(cfg.variant, '')}{ablation} | seed {cfg.seed} | model "
-             f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} "
-             f"k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
-             f"val explained variance {g(r['val_ev'])} (checkpoint step {r['best_step']}; last step "
-             f"{g(r['final_step_val_ev'])}) | core: explained variance (conventional) {g(r['conv_ev'])} "
-             f"({g(r['conv_ev_typical'])} without outliers), ce_loss_score {g(r['ce_loss_score'])}, "
-             f"kl_div_score {g(r['kl_div_score'])}, L0 {g(r['l0'])}\n"
-             f"separation: groups {r['n_forget']} forget / {r['n_retain']} retain | cross-group |cos| mean "
-             f"{g(r['cross_cos'])} max {g(r['cross_cos_max'])} | κ forget {g(r['kappa_forget'])} retain "
-             f"{g(r['kappa_retain'])} | nearest-neighbour |cos| mean {g(r['nn_cos'])}\n")
-    if r["absorption"] is not None or r["absorption_reason"]:
-        entry += (f"absorption: mean absorption fraction {g(r['absorption'])}\n"
-                  if r["absorption"] is not None
-                  else f"absorption: not measured ({r['absorption_reason']})\n")
-    if r["has_unlearning"]:
-        mcq = (g(r["mcq"]) if r["mcq"] is not None
-               else f"n/a ({r['n_forget_questions']} forget questions survive)")
-        held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
-            f"{g(r['held_out_score'])} ± {g(r['held_out_score_se'])} nats"
-        entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score "
-                  f"{held} (forget ΔCE at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, "
-                  f"scored on report text) | text score {g(r['text_score'])} nats | "
-                  f"MCQ unlearning_score {mcq}\n")
-    with open(notes_path, "a") as f:
-        f.write(entry)
-
-
-def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits: dict,
-                        forget_questions: dict, retain_questions: dict, separation: dict) -> dict:
-    """unlearning.run_unlearning_eval on held-out documents, with the clamp's edit defined by
-    `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted
-    to the SAE's own forget group. The question filter depends only on the model, so it is cached across
-    runs."""
-    floats = lambda text: tuple(float(v) for v in text.split(","))
-    unlearn_cfg = unlearning.UnlearningConfig(
-        retain_thresholds=floats(cfg.unlearning_retain_thresholds),
-        n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
-        multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
-        n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
-        max_questions_per_subject=cfg.unlearning_questions_per_subject,
-        question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
-    forget_group = (torch.tensor(separation["forget_features"], dtype=torch.long)
-                    if cfg.variant in GROUPED else None)
-    result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model,
-                                            hook_name, cfg.layer, splits["forget"].eval,
-                                            splits["retain"].eval, forget_questions, retain_questions,
-                                            unlearn_cfg, cfg.device, forget_group=forget_group)
-    result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
-    return result
-
-
-def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, model_name: str,
-                                       device: str) -> dict:
-    """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
-    bio-forget-corpus.jsonl), with the same edit as the port; otherwise a record of why it did not run."""
-    applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
-    if not applies:
-        return {"ran": False, "reason": why}
-    print(f"unlearning: SAE-Bench's own eval ({why})")
-    # the SAE's name in SAE-Bench's artifacts: unique per out_dir, so two runs never share firing-rate files
-    sae_name = f"{out.name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
-    result = sae_bench_unlearning.run_sae_bench_unlearning(
-        intervention_sae(sae, cfg.unlearning_group_bias_edit), sae_name, model_name,
-        Path(cfg.forget_corpus), device, Path(cfg.cache_dir) / "sae_bench_unlearning")
-    return {"ran": True, "reason": why, "group_bias_edit": cfg.unlearning_group_bias_edit, **result}
-
-
-_OUT_DIR_LOCKS = {}  # resolved out_dir -> open lock file: a lock lives as long as this process
-
-
-def lock_out_dir(out: Path) -> None:
-    """Hold an exclusive flock on out/.lock until this process exits (the OS releases it, even after
-    SIGKILL), so that a second run in the same out_dir is refused instead of overwriting the first one's
-    files. Taking it again in the same process is a no-op."""
-    if out.resolve() in _OUT_DIR_LOCKS:
-        return
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"--out_dir: another run is using {out} (it holds {out / '.lock'}); wait for it to "
-                          f"finish or pick another out_dir") from None
-    _OUT_DIR_LOCKS[out.resolve()] = fd
-
-
-def prepare_out_dir(cfg: Config) -> Path:
-    """Create and lock out_dir (refusing one that is not writable or that another run holds); with --overwrite
-    drop a finished run and any checkpoint; otherwise check that a checkpoint there is from this config (so a
-    mismatch fails before any heavy work)."""
-    out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock_out_dir(out)
-    except OSError as e:
-        raise ConfigError(f"--out_dir: cannot write to {out} ({e.strerror or e}); "
-                          f"pick a writable folder") from None
-    if cfg.overwrite:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "final_info.json").unlink(missing_ok=True)
-    elif (out / "final_info.json").exists():  # finished while this run waited for the lock
-        raise ConfigError(f"--out_dir: {out} holds a finished run (final_info.json); "
-                          f"pick a new out_dir or pass --overwrite")
-    elif (out / "checkpoints" / "last.pt").exists():
-        load_checkpoint(out / "checkpoints" / "last.pt", cfg)
-    return out
-
-
-def load_corpus_or_explain(option: str, spec: str, cfg: Config) -> data.Corpus:
-    try:
-        return data.load_corpus(spec, Path(cfg.cache_dir))
-    except (FileNotFoundError, ValueError) as e:  # a missing, empty or malformed corpus file
-        raise ConfigError(f"--{option}: {e}") from None
-
-
-@dataclass
-class Inputs:
-    """What a run reads before training: the model, the corpora split once into train / val / eval documents
-    ({"forget"|"retain": data.DocumentSplit}), and the questions."""
-    model: object
-    model_info: dict
-    hook_name: str
-    forget: data.Corpus
-    retain: data.Corpus
-    documents: dict
-    forget_questions: dict
-    retain_questions: dict
-    questions: dict
-
-
-def configure(cfg: Config) -> tuple[Config, str, str]:
-    """(cfg with its device- and model-dependent defaults filled, model name, why that model); raises
-    ConfigError before anything heavy is loaded."""
-    validate(cfg)
-    device = distributed.init(pick_device(cfg.device))
-    if cfg.batch_size % distributed.world_size():
-        raise ConfigError(f"--batch_size: batch_size={cfg.batch_size} is not divisible by the "
-                          f"{distributed.world_size()} processes; each takes an equal slice of every batch")
-    model_name, why = models.resolve_auto() if cfg.model == "auto" else (cfg.model, "requested by name")
-    try:
-        description = models.describe_model(model_name, Path(cfg.cache_dir))
-    except ValueError as e:
-        raise ConfigError(f"--model: {e}") from None
-    return resolve(cfg, device, description), model_name, why
-
-
-def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
-    try:
-        model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir))
-    except RuntimeError as e:  # a named model that cannot be had: say so in one line
-        raise ConfigError(f"--model: {e}") from None
-    model_info |= {"requested": cfg.model, "reason": why}
-    print(f"model: {model_info['name']} ({model_info['source']}; {why})")
-    forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
-                      (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
-    documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed,
-                                            cfg.val_fraction)
-                 for side, corpus in (("forget", forget), ("retain", retain))}
-    questions = data.load_questions("embedded" if model_info["source"] != "hub" else "hub")
-    return Inputs(model, model_info, f"blocks.{cfg.layer}.hook_resid_post", forget, retain, documents,
-                  *questions)
-
-
-def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict,
-             separation: dict) -> dict:
-    """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
-    core_cfg = core_eval.CoreEvalConfig(
-        context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
-        n_eval_reconstruction_batches=cfg.core_eval_batches,
-        n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
-    max_norm = cfg.max_norm_multiple * train_info["median_activation_norm"] or None  # training's outlier rule
-    sections = {"core evaluation results": core_eval.run_core_eval(
-        sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device, max_norm=max_norm)}
-    if cfg.absorption:
-        sections["absorption evaluation results"] = absorption.run_absorption(
-            sae, inputs.model, cfg.device, absorption.AbsorptionConfig(n_words=cfg.absorption_words or None),
-            work_dir=Path(cfg.cache_dir) / "absorption")
-    if cfg.unlearning:
-        sections["unlearning evaluation results"] = evaluate_unlearning(
-            cfg, sae, inputs.model, inputs.hook_name, inputs.documents, inputs.forget_questions,
-            inputs.retain_questions, separation)
-        sections["SAE-Bench unlearning evaluation results"] = evaluate_unlearning_with_sae_bench(
-            cfg, out, sae, inputs.model_info["name"], cfg.device)
-    return sections
-
-
-def run(cfg: Config) -> dict:
-    """The whole run. Under torchrun every rank harvests its share and trains; rank 0 alone writes the outputs
-    and runs the evaluations (the other ranks return None once training is done)."""
-    started = time.time()
-    cfg, model_name, why = configure(cfg)
-    out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
-    distributed.quiet_unless_main()
-    set_seed(cfg.seed)
-    torch.set_num_threads(min(torch.get_num_threads(),
-                              (os.cpu_count() or 1) // distributed.local_world_size() or 1))
-    with distributed.main_first():  # rank 0 fills the shared cache (model, corpora), then the others read it
-        inputs = load_inputs(cfg, model_name, why)
-    entry, key = prepare_activations(cfg, inputs.model, inputs.model_info, inputs.hook_name, inputs.forget,
-                                     inputs.retain, inputs.documents)
-
-    sae, scale, train_info, separation = train(cfg, entry, out)
-    if not distributed.is_main():
-        return None
-    metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name,
-                "hook_layer": cfg.layer, "context_size": cfg.context_length, "prepend_bos": True}
-    sae.save(out / "sae", scale, metadata)
-    saved = load_sae(out / "sae", cfg.device)  # what every evaluation sees: the SAE as saved, in model units
-    evaluations = evaluate(cfg, out, saved, inputs, train_info, separation)
-
-    config = {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
-              "lm_name": inputs.model_info["name"], "submodule_name": f"resid_post_layer_{cfg.layer}",
-              **dataclasses.asdict(cfg)}
-    final_info = {
-        f"training results for layer {cfg.layer}": {"config": config, "final_info": train_info},
-        "core evaluation results": evaluations.pop("core evaluation results"),
-        "knowledge separation results": separation,
-        **evaluations,
-        "provenance": {"model": inputs.model_info, "forget_corpus": inputs.forget.provenance(),
-                       "retain_corpus": inputs.retain.provenance(), "questions": inputs.questions,
-                       "activation_cache": {"entry": str(entry), "key": key}, "code": code_version(),
-                       "torch": torch.__version__, "python": sys.version.split()[0], "argv": sys.argv[1:],
-                       "wall_time_s": time.time() - started},
-    }
-    write_json_atomic(out / "final_info.json", final_info)
-    append_notes(cfg, final_info, out.resolve().parent / "notes.txt")  # beside the run folders
-    # the run is finished; final_info.json and sae/ hold it
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
-    return final_info
 
 
 if __name__ == "__main__":
