@@ -28,12 +28,13 @@ def launched() -> bool:
 def init(device: str) -> str:
     """Join the process group torchrun describes (env:// rendezvous) and return this rank's device:
     cuda:LOCAL_RANK under NCCL, cpu under gloo. Outside torchrun: `device` unchanged."""
-    if not launched() or dist.is_initialized():
-        return f"cuda:{local_rank()}" if launched() and device.startswith("cuda") else device
+    if not launched():
+        return device
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return f"cuda:{local_rank()}" if cuda else device
 
 

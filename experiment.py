@@ -660,7 +660,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     training, batches = start_training(cfg, entry, ckpt_path, log_path)
     data, start_step, main = training.data, training.step, distributed.is_main()
     steps, wandb_run, started, wall_before = (
-        training.steps, main and open_wandb(cfg), time.time(), training.wall_s)
+        training.steps, open_wandb(cfg) if main else None, time.time(), training.wall_s)
     last = start_step - 1
     with open(log_path if main else os.devnull,
               "ab" if start_step else "wb") as log, StopRequest() as stop_request:
@@ -678,7 +678,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
                                 dead=record["dead_latents"])
             log.write((json.dumps(json_safe(record)) + "\n").encode())
-            if wandb_run:
+            if wandb_run is not None:
                 wandb_run.log(record, step=step)
             last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
             stop, interrupted = agree(stop, stop_request.signal is not None)
@@ -695,7 +695,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
         if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
             training.finished = True
             save_training(ckpt_path, training, log)
-    if wandb_run:
+    if wandb_run is not None:
         wandb_run.finish()
     return training_results(training, start_step, last)
 
@@ -747,13 +747,14 @@ def check_finite(record: dict, step: int, ckpt_path: Path) -> None:
 @dataclass
 class TrainingData:
     """The cached activations as training reads them: train rows (those kept:
-    norm <= max_norm_multiple × median), their norms, the kept validation rows, and the scale that makes
-    E‖x‖² = 1 over the kept training rows (dictionary_learning's normalisation)."""
+    norm <= max_norm_multiple × median), their norms, the kept validation rows and their mean, and the
+    scale that makes E‖x‖² = 1 over the kept training rows (dictionary_learning's normalisation)."""
     acts: np.ndarray
     labels: np.ndarray
     keep: np.ndarray
     norms: np.ndarray
     val_acts: np.ndarray
+    val_mean: np.ndarray
     scale: float
 
     @classmethod
@@ -763,7 +764,8 @@ class TrainingData:
         keep, norms = activations.typical_rows(acts, max_norm_multiple)
         val_keep, _ = activations.typical_rows(val_acts, max_norm_multiple)
         scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
-        return cls(acts, labels, keep, norms, val_acts[val_keep], scale)
+        val_acts = val_acts[val_keep]
+        return cls(acts, labels, keep, norms, val_acts, val_acts.mean(axis=0), scale)
 
 
 class Training:
@@ -816,7 +818,7 @@ class Training:
 
     def validate(self, step: int) -> dict:
         """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
-        result = validation_loss(self.sae, self.data.val_acts, self.data.scale, self.cfg.device)
+        result = validation_loss(self.sae, self.data, self.cfg.device)
         if result["val_recon"] < self.best["val_recon"]:
             self.best = {"val_recon": result["val_recon"], "step": step, "grouper": self.grouper.state(),
                          "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()}}
@@ -939,7 +941,7 @@ def training_results(training: Training, start_step: int,
     measured already)."""
     cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
                                       training.ortho)
-    measure = lambda: {"validation": validation_loss(sae, data.val_acts, data.scale, cfg.device),
+    measure = lambda: {"validation": validation_loss(sae, data, cfg.device),
                        "separation": separation_metrics(sae.W_dec, grouper),
                        "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
     at_last = measure()
@@ -998,13 +1000,13 @@ def ortho_lambda2_default(variant: str) -> float:
 
 
 @torch.no_grad()
-def validation_loss(sae: AutoEncoderTopK, acts: np.ndarray, scale: float, device: str,
-                    batch_size: int = 4096) -> dict:
-    """Mean ‖x − x̂‖² and explained variance (about the mean) on held-out activations, in scaled
+def validation_loss(sae: AutoEncoderTopK, data: TrainingData, device: str, batch_size: int = 4096) -> dict:
+    """Mean ‖x − x̂‖² and explained variance (about the mean) on the held-out activations, in scaled
     units; each rank takes its share of the rows and the sums are reduced, so every rank gets the
     same numbers."""
+    acts, scale = data.val_acts, data.scale
     sq_err, sq_dev, n = 0.0, 0.0, len(acts)
-    mean = torch.from_numpy(np.asarray(acts).mean(axis=0)).to(device) / scale
+    mean = torch.from_numpy(data.val_mean).to(device) / scale
     part = distributed.shard(n)
     for start in range(part.start, part.stop, batch_size):
         rows = np.ascontiguousarray(acts[start:min(start + batch_size, part.stop)])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import test_experiment
 from tests.test_robust import lock_held_elsewhere, make_entry
 
 ROOT = Path(__file__).parent.parent
@@ -156,10 +157,9 @@ def test_two_process_harvest_writes_the_single_process_entry(tmp_path, make_word
     assert manifests[0]["train_acts.npy"]["shape"] == [23 * 8, 16]
 
 
-TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=1024", "--batch_size=256",
-        "--epochs=1", "--dict_size=1152", "--k=16", "--core_eval_batches=1",
-        "--core_eval_sparsity_batches=1", "--core_eval_batch_prompts=2", "--harvest_batch_size=8",
-        "--variant=adaptive_ortho", "--group_every=4", "--unlearning=false", "--device=cpu"]
+# test_experiment's tiny end-to-end config, without the unlearning eval (rank 0 alone runs it)
+TINY = [a for a in test_experiment.TINY if not a.startswith("--unlearning")] + ["--unlearning=false",
+                                                                                "--device=cpu"]
 
 
 def test_torchrun_runs_the_embedded_default_end_to_end(tmp_path):
