@@ -173,8 +173,10 @@ class Config:
     unlearning_multipliers: str = _setting("25,50,100,200", "unlearning sweep: clamped features are "
                                            "set to -multiplier (model units)")
     unlearning_ce_tolerance: float = _setting(0.02, "unlearning scores: the retain ΔCE (nats/token) at "
-                                              "which forget ΔCE is read (interpolated), and the most a "
-                                              "config may cost for the text score")
+                                              "which forget ΔCE is read (interpolated)")
+    unlearning_forget_group_sweep: bool = _setting(False, "unlearning: for the grouped variants, also "
+                                                   "sweep features restricted to the trained forget "
+                                                   "group (doubles the selection sweep)")
     unlearning_ce_contexts: int = _setting(24, "unlearning: held-out ΔCE contexts per side for each of "
                                            "the selection and the report split")
     unlearning_group_bias_edit: str = _setting("held", "how a clamp treats group biases: 'held' (edit "
@@ -562,13 +564,18 @@ def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits
         multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
         n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
         max_questions_per_subject=cfg.unlearning_questions_per_subject,
-        question_cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
+        forget_group_sweep=cfg.unlearning_forget_group_sweep, cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
     forget_group = (torch.tensor(separation["forget_features"], dtype=torch.long)
                     if cfg.variant in GROUPED else None)
+    # every SAE's detector: the training's grouping rule applied to the rate split's firing rates
+    detector_rule = lambda p_forget, p_retain: specific_latents(
+        p_forget, p_retain, cfg.specificity_threshold, cfg.min_freq,
+        int(cfg.max_group_fraction * sae.cfg.d_in))[0].tolist()
     result = unlearning.run_unlearning_eval(intervention_sae(sae, cfg.unlearning_group_bias_edit), model,
                                             hook_name, cfg.layer, splits["forget"].eval,
                                             splits["retain"].eval, forget_questions, retain_questions,
-                                            unlearn_cfg, cfg.device, forget_group=forget_group)
+                                            unlearn_cfg, cfg.device, forget_group=forget_group,
+                                            detector_rule=detector_rule)
     result["eval_config"]["group_bias_edit"] = cfg.unlearning_group_bias_edit
     return result
 
@@ -628,11 +635,13 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     if r["has_unlearning"]:
         mcq = (g(r["mcq"]) if r["mcq"] is not None
                else f"n/a ({r['n_forget_questions']} forget questions survive)")
-        held = "n/a (no curve stays within the tolerance)" if r["held_out_score"] is None else \
-            f"{g(r['held_out_score'])} ± {g(r['held_out_score_se'])} nats"
+        score = lambda name: "n/a" if r[f"{name}_score"] is None else \
+            ("≥ " if r[f"{name}_lower_bound"] else "") + g(r[f"{name}_score"])
         entry += (f"unlearning ({cfg.unlearning_group_bias_edit} group-bias edit): held-out score "
-                  f"{held} (forget ΔCE at retain ΔCE = {r['ce_tolerance']}, chosen on selection text, "
-                  f"scored on report text) | text score {g(r['text_score'])} nats | "
+                  f"{score('held_out')} ± {g(r['held_out_score_se'])} nats (forget ΔCE where the report "
+                  f"text's retain ΔCE = {r['ce_tolerance']}, curve chosen on selection text) | "
+                  f"conditional clamp {score('conditional')} | controls: random features "
+                  f"{score('random')}, difference of means {score('dom')}, LEACE {score('leace')} | "
                   f"MCQ unlearning_score {mcq}\n")
     with open(notes_path, "a") as f:
         f.write(entry)
@@ -1247,6 +1256,24 @@ def nearest_neighbours(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
         return values, index
 
 
+def specific_latents(p_forget, p_retain, threshold: float, min_freq: float,
+                     max_group_size: int = 0) -> tuple:
+    """(forget, retain) latent indices by the grouping rule on firing rates p_forget, p_retain [F]:
+    s = (p_f − p_r)/(p_f + p_r); forget = {s > threshold}, retain = {s < −threshold}, both among latents
+    with (p_f + p_r)/2 >= min_freq, each cut to its max_group_size latents of largest |s| (0: no cap),
+    in index order."""
+    p_f, p_r = torch.as_tensor(p_forget, dtype=torch.float64), torch.as_tensor(p_retain, dtype=torch.float64)
+    s = ((p_f - p_r) / (p_f + p_r).clamp_min(1e-12)).float()
+    alive = (p_f + p_r) / 2 >= max(min_freq, 1e-12)
+
+    def most_specific(candidates, score):
+        idx = candidates.nonzero().flatten()
+        if 0 < max_group_size < len(idx):
+            idx = idx[score[idx].argsort(descending=True, stable=True)[:max_group_size]].sort().values
+        return idx
+    return most_specific(alive & (s > threshold), s), most_specific(alive & (s < -threshold), -s)
+
+
 class FeatureGrouper:
     """Assigns latents to forget / retain / shared from how often they fire on each domain's tokens.
 
@@ -1298,21 +1325,11 @@ class FeatureGrouper:
         """[2, F] bias-corrected firing rates per domain (row g = label g)."""
         return self.ema / (1 - self.beta ** self.updates).clamp_min(1e-12)[:, None]
 
-    def most_specific(self, candidates: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """The (at most max_group_size) candidates [F] bool with the largest score, in index order."""
-        idx = candidates.nonzero().flatten()
-        if 0 < self.max_group_size < len(idx):
-            idx = idx[score[idx].argsort(descending=True, stable=True)[:self.max_group_size]].sort().values
-        return idx
-
     @torch.no_grad()
     def regroup(self, W_dec: torch.Tensor, t: int = 0) -> None:
         p = self.frequencies()
-        p_r, p_f = p[activations.RETAIN], p[activations.FORGET]
-        s = ((p_f - p_r) / (p_f + p_r).clamp_min(1e-12)).float()
-        alive = (p_f + p_r) / 2 >= max(self.min_freq, 1e-12)
-        forget = self.most_specific(alive & (s > self.threshold), s)
-        retain = self.most_specific(alive & (s < -self.threshold), -s)
+        forget, retain = specific_latents(p[activations.FORGET], p[activations.RETAIN], self.threshold,
+                                          self.min_freq, self.max_group_size)
         before, m = self.assignment(), len(self.partner_sign)
         old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
         valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)

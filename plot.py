@@ -49,7 +49,10 @@ METRICS = {  # run field: (table column, axis label with units)
     "kappa_retain": ("κ retain", "κ retain group (σmax/σmin)"),
     "held_out_score": ("held-out score (nats)", "held-out score: forget ΔCE (nats/token)"),
     "held_out_score_se": ("held-out score SE (nats)", "standard error of the held-out score (nats/token)"),
-    "text_score": ("text score (nats)", "text score (nats/token)"),
+    "conditional_score": ("conditional clamp score (nats)", "conditional clamp score (nats)"),
+    "random_score": ("random-feature control (nats)", "random-feature control (nats)"),
+    "dom_score": ("difference-of-means control (nats)", "difference-of-means control (nats)"),
+    "leace_score": ("LEACE control (nats)", "LEACE control (nats)"),
     "mcq": ("MCQ score", "MCQ score (1 − forget accuracy)"),
     "best_step": ("checkpoint step", "step of the checkpoint chosen by the validation loss"),
     "final_step_val_ev": ("last-step val EV",
@@ -57,11 +60,17 @@ METRICS = {  # run field: (table column, axis label with units)
     "penalty_jump": ("largest λ2·L_ortho jump at a later regroup",
                      "largest rise of λ2·L_ortho across a regroup after the first (loss units)"),
 }
-TEXT_SCORE = "text score = largest forget ΔCE among the sweep's configs whose retain ΔCE ≤ tolerance"
+# score: the run field that says it is only a lower bound (LOWER_BOUND)
+LOWER_BOUNDS = {"held_out_score": "held_out_lower_bound", "conditional_score": "conditional_lower_bound",
+                "random_score": "random_lower_bound", "dom_score": "dom_lower_bound",
+                "leace_score": "leace_lower_bound"}
+LOWER_BOUND = ("a lower bound (the curve's retain ΔCE stays below the tolerance at every multiplier up "
+               "to the cap)")
 HELD_OUT_SCORE = ("held-out score = forget ΔCE at retain ΔCE = tolerance on the curve chosen on "
-                  "selection text, read on report text; bars: its SE")
-SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "held_out_score", "text_score", "mcq",
-                 "cross_cos", "nn_cos", "absorption", "kappa_forget", "kappa_retain"]
+                  "selection text, read on report text")
+SWEEP_METRICS = ["val_ev", "conv_ev", "ce_loss_score", "held_out_score", "conditional_score",
+                 "random_score", "dom_score", "leace_score", "mcq", "cross_cos", "nn_cos", "absorption",
+                 "kappa_forget", "kappa_retain"]
 LOG_SCALE = {"kappa_forget", "kappa_retain"}
 # final_info.json needs these
 SECTIONS = ["core evaluation results", "knowledge separation results", "provenance"]
@@ -247,10 +256,27 @@ def mean_std(values: list):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def fmt_mean_std(stats) -> str:
+def fmt_mean_std(stats, lower_bound=False) -> str:
+    """"mean ± std", "≥mean ± std" for a mean that includes a lower bound."""
+    bound = "≥" if lower_bound and stats is not None else ""
     if stats is None or stats[1] is None:
-        return fmt(stats and stats[0])
-    return f"{fmt(stats[0])} ± {fmt(stats[1])}"
+        return bound + fmt(stats and stats[0])
+    return f"{bound}{fmt(stats[0])} ± {fmt(stats[1])}"
+
+
+def is_lower_bound(run: dict, m: str) -> bool:
+    """Whether the run has metric m and it is only a lower bound (LOWER_BOUNDS)."""
+    return run[m] is not None and m in LOWER_BOUNDS and bool(run[LOWER_BOUNDS[m]])
+
+
+def run_cell(run: dict, m: str) -> str:
+    """One run's metric m, "≥value" where it is a lower bound."""
+    return ("≥" if is_lower_bound(run, m) else "") + fmt(run[m])
+
+
+def mean_cell(row: dict, m: str) -> str:
+    """An aggregate row's mean ± std of metric m, with "≥" where a run of it has a lower bound."""
+    return fmt_mean_std(row[m], m in row["lower_bounds"])
 
 
 def by_seed(runs: list) -> dict:
@@ -270,21 +296,14 @@ def seed_mean(repeats: list, m: str):
 def aggregate(runs: list) -> list:
     """One row per (setting, α): mean and std over seeds of every metric. Runs that repeat a seed (the
     same command again, e.g. at another commit) are averaged into one value for that seed first, so n and
-    the std count seeds; "runs" lists one entry per seed ("run_5 + run_14" for a repeat)."""
+    the std count seeds; "runs" lists one entry per seed ("run_5 + run_14" for a repeat); "lower_bounds"
+    the metrics whose mean includes a run's lower bound (so the mean is one too)."""
     return [{"setting": setting, "alpha": alpha,
              "runs": [" + ".join(r["name"] for r in rs) for rs in seeds.values()],
-             **{m: mean_std([seed_mean(rs, m) for rs in seeds.values()]) for m in METRICS}}
+             **{m: mean_std([seed_mean(rs, m) for rs in seeds.values()]) for m in METRICS},
+             "lower_bounds": {m for m in LOWER_BOUNDS
+                              if any(is_lower_bound(r, m) for rs in seeds.values() for r in rs)}}
             for (setting, alpha), seeds in by_seed(runs).items()]
-
-
-def text_config(run: dict) -> str:
-    c = run["text_config"]
-    if run["sweep"] is None:
-        return "no unlearning eval"
-    if c is None:
-        return f"no config within retain ΔCE ≤ {run['ce_tolerance']}"
-    return (f"th {c['retain_threshold']:g}, {c['n_features']} feat., ×{c['multiplier']:g}, "
-            f"retain ΔCE {c['retain_delta_ce']:.4f}")
 
 
 def markdown_table(header: list, rows: list) -> str:
@@ -300,15 +319,15 @@ def results_markdown(groups: dict, skipped: list) -> str:
     if skipped:
         parts.append("Skipped (no final_info.json, or an incomplete one): " + ", ".join(map(str, skipped)))
     for label, runs in groups.items():
-        header = ["run", "variant", "α", "seed", *(METRICS[m][0] for m in cols), "text-score config",
-                  "MCQ score", "wall time (min)"]
-        rows = [[r["name"], r["setting"], alpha_text(r["alpha"]), r["seed"], *(fmt(r[m]) for m in cols),
-                 text_config(r), fmt(r["mcq"]), f"{r['wall_min']:.1f}"] for r in runs]
-        parts += [f"## Group {label}: runs", markdown_table(header, rows)]
+        header = ["run", "variant", "α", "seed", *(METRICS[m][0] for m in cols), "MCQ score",
+                  "wall time (min)"]
+        rows = [[r["name"], r["setting"], alpha_text(r["alpha"]), r["seed"],
+                 *(run_cell(r, m) for m in cols), fmt(r["mcq"]), f"{r['wall_min']:.1f}"] for r in runs]
+        parts += [f"## Group {label}: runs", f"≥: {LOWER_BOUND}.", markdown_table(header, rows)]
         agg_rows = [[a["setting"], alpha_text(a["alpha"]), len(a["runs"]), ", ".join(a["runs"]),
-                     *(fmt_mean_std(a[m]) for m in METRICS)] for a in aggregate(runs)]
+                     *(mean_cell(a, m) for m in METRICS)] for a in aggregate(runs)]
         parts += [f"## Group {label}: mean ± std over seeds (sample std; none for one seed; repeats of "
-                  f"a seed averaged first)",
+                  f"a seed averaged first; ≥: some run's value is a lower bound)",
                   markdown_table(["variant", "α", "n", "runs", *(METRICS[m][0] for m in METRICS)], agg_rows)]
         notes = {}
         for run in runs:
@@ -385,9 +404,9 @@ def readme_group(label: str, runs: list) -> list:
     key = ", ".join(f"{k} {v}" for k, v in runs[0]["key"].items())
     rows = sorted(aggregate(runs), key=lambda a: setting_order(a["setting"], a["alpha"]))
     means = [[a["setting"], alpha_text(a["alpha"]), len(a["runs"]), ", ".join(a["runs"]),
-              *(fmt_mean_std(a[m]) for m in README_COLS)] for a in rows]
+              *(mean_cell(a, m) for m in README_COLS)] for a in rows]
     geometry = [[a["setting"], alpha_text(a["alpha"]), len(a["runs"]),
-                 *(fmt_mean_std(a[m]) for m in README_GEOMETRY_COLS)] for a in rows]
+                 *(mean_cell(a, m) for m in README_GEOMETRY_COLS)] for a in rows]
     diffs = difference_rows(runs)
     wrap = lambda text: textwrap.fill(text, 115, break_on_hyphens=False)
     tolerance = next((r["ce_tolerance"] for r in runs if r["ce_tolerance"] is not None), None)
@@ -395,7 +414,8 @@ def readme_group(label: str, runs: list) -> list:
     parts = [wrap(f"**Group {label}**: {key}."),
              wrap(f"**Per variant, group {label}.** ± = sample std over seeds (n = seeds; a seed run "
                   "twice is averaged first; no ± with one seed). The SE column: each run's own standard "
-                  "error of its held-out score, averaged the same way."),
+                  "error of its held-out score, averaged the same way. ≥: some seed's value is "
+                  f"{LOWER_BOUND}."),
              markdown_table(["variant", "α", "n", "runs", *(METRICS[m][0] for m in README_COLS)], means),
              wrap(f"**Geometry and checkpoints, group {label}.** Mean ± sample std over seeds, as above."),
              markdown_table(["variant", "α", "n", *(METRICS[m][0] for m in README_GEOMETRY_COLS)], geometry)]
@@ -531,8 +551,8 @@ def label_points(ax, points: list) -> None:
 
 
 def plot_tradeoff(runs: list, path: Path, label: str) -> list:
-    """Unlearning effect (held-out score ± its SE; MCQ where meaningful) against reconstruction quality,
-    one point per run."""
+    """Unlearning effect (held-out score ± its SE, an open marker where it is a lower bound; MCQ where
+    meaningful) against reconstruction quality, one point per run."""
     runs = [r for r in runs if r["sweep"] is not None]
     if not runs:
         print(f"{path.name}: not written, no run in group {label} has unlearning results")
@@ -548,7 +568,9 @@ def plot_tradeoff(runs: list, path: Path, label: str) -> list:
             shown = [r for r in (with_mcq if y == "mcq" else runs) if r[x] is not None and r[y] is not None]
             for run in shown:
                 se = run["held_out_score_se"] if y == "held_out_score" else None
-                ax.errorbar(run[x], run[y], yerr=se, color=colors[run["setting"]], marker="o", ms=6, zorder=3)
+                color = colors[run["setting"]]
+                ax.errorbar(run[x], run[y], yerr=se, color=color, marker="o", ms=6, zorder=3,
+                            mfc="none" if is_lower_bound(run, y) else color)
             ax.set_xlabel(METRICS[x][1] + "  → better")
             if col == 0:
                 ax.set_ylabel(METRICS[y][1] + "  → better")
@@ -556,16 +578,21 @@ def plot_tradeoff(runs: list, path: Path, label: str) -> list:
             label_points(ax, [(run[x], run[y], f"{run['name']}: {point_label(run, runs)}") for run in shown])
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in colors.items()]
+    bounds = any(is_lower_bound(r, "held_out_score") for r in runs)
+    if bounds:
+        handles.append(plt.Line2D([], [], marker="o", ls="", color="0.3", mfc="none",
+                                  label="lower bound"))
     fig.legend(handles=handles, title="variant", loc="outside lower center", ncols=len(handles))
-    mcq_note = ("" if with_mcq else
-                "\nMCQ score not meaningful for any run (too few questions survive): not shown")
-    save(fig, path, f"Unlearning vs reconstruction, group {label}\n{HELD_OUT_SCORE}{mcq_note}")
+    notes = ([f"{HELD_OUT_SCORE}; bars: its SE"] + ([f"open marker: {LOWER_BOUND}"] if bounds else [])
+             + ([] if with_mcq else ["MCQ score not meaningful for any run (too few questions survive): "
+                                     "not shown"]))
+    save(fig, path, f"Unlearning vs reconstruction, group {label}" + "".join(f"\n{n}" for n in notes))
     return [r["name"] for r in runs]
 
 
 def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     """Each key metric against α for adaptive_ortho (mean ± std over seeds), other variants as reference
-    lines."""
+    lines; a mean that includes a lower bound an open marker (a "≥" on a reference line)."""
     metrics = [m for m in SWEEP_METRICS if any(r[m] is not None for r in runs)]
     rows = aggregate(runs)
     colors = setting_colors(runs)
@@ -575,7 +602,7 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     fig, axes = plt.subplots(nrows, 3, figsize=(15, 3.6 * nrows), squeeze=False, layout="constrained")
     for ax, m in zip(axes.flat, metrics):
         for setting in colors:
-            points = sorted((a["alpha"] or 0.0, *a[m]) for a in rows
+            points = sorted((a["alpha"] or 0.0, *a[m], m in a["lower_bounds"]) for a in rows
                             if a["setting"] == setting and a[m] is not None)
             if not points:
                 continue
@@ -583,13 +610,21 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
             seeds = f"{n_seeds[0]}" if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
             name = f"{setting} ({'1 seed' if n_seeds == [1] else f'mean ± std over {seeds} seeds'})"
             if setting.startswith("adaptive"):
-                x, mean, std = zip(*points)
-                ax.errorbar(x, mean, yerr=[s or 0 for s in std], color=colors[setting], marker="o",
-                            capsize=3, label=name)
+                x, mean, std, bound = zip(*points)
+                line, _, _ = ax.errorbar(x, mean, yerr=[s or 0 for s in std], color=colors[setting],
+                                         marker="o", capsize=3, label=name)
+                line.set_markevery([i for i, b in enumerate(bound) if not b])  # filled: not a bound
+                open_points = [(xi, yi) for xi, yi, b in zip(x, mean, bound) if b]
+                if open_points:
+                    ax.scatter(*zip(*open_points), facecolors="none", edgecolors=colors[setting],
+                               zorder=3)
             else:
-                _, mean, std = points[0]
+                _, mean, std, bound = points[0]
                 ax.axhline(mean, color=colors[setting], ls="--" if setting.startswith("topk") else ":",
                            label=name)
+                if bound:
+                    ax.annotate("≥", (1, mean), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                                textcoords="offset points", ha="right", color=colors[setting])
                 if std:
                     ax.axhspan(mean - std, mean + std, color=colors[setting], alpha=0.12)
         ax.set(xlabel="α (cosine allowed to the matched partner)", ylabel=METRICS[m][1],
@@ -602,9 +637,12 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
         ax.remove()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
-    notes = [TEXT_SCORE] + ([] if any(r["variant"] == "adaptive_ortho" for r in runs) else
-                            ["no adaptive_ortho run in this group: reference lines only"]) + \
-            ([] if "mcq" in metrics else ["MCQ score not meaningful for any run: not shown"])
+    bounds = any(a["lower_bounds"] & set(metrics) for a in rows)
+    notes = ([HELD_OUT_SCORE]
+             + ([f"open marker (≥ on a reference line): a seed's value is {LOWER_BOUND}"] if bounds else [])
+             + ([] if any(r["variant"] == "adaptive_ortho" for r in runs) else
+                ["no adaptive_ortho run in this group: reference lines only"])
+             + ([] if "mcq" in metrics else ["MCQ score not meaningful for any run: not shown"]))
     save(fig, path, f"α sweep, group {label}" + "".join(f"\n{n}" for n in notes))
     return [r["name"] for r in runs]
 
@@ -701,8 +739,7 @@ def plot_training(runs: list, path: Path, label: str) -> list:
 
 def plot_unlearning_curves(runs: list, path: Path, label: str) -> list:
     """Forget ΔCE against retain ΔCE over the clamping sweep: every config a point, each run's upper
-    frontier its curve, the text score a star; a second panel for the ortho runs' sweep restricted to
-    their own forget group."""
+    frontier its curve; a second panel for the ortho runs' sweep restricted to their own forget group."""
     runs = [r for r in runs if r["sweep"] is not None]
     if not runs:
         print(f"{path.name}: not written, no run in group {label} has unlearning results")
@@ -721,9 +758,6 @@ def plot_unlearning_curves(runs: list, path: Path, label: str) -> list:
             ax.scatter(x, y, color=colors[run["name"]], s=14, alpha=0.45)
             ax.plot(x, np.maximum.accumulate(y), color=colors[run["name"]],
                     label=f"{run['name']}: {point_label(run, runs)}")
-            if key == "sweep" and run["text_config"] is not None:
-                ax.scatter(run["text_config"]["retain_delta_ce"], run["text_score"],
-                           color=colors[run["name"]], marker="*", s=180, edgecolor="k", zorder=4)
         for tolerance in sorted({r["ce_tolerance"] for r in runs}):
             ax.axvline(tolerance, color="k", ls=":",
                        label=f"retain ΔCE tolerance ({tolerance:g} nats/token)")
@@ -733,8 +767,6 @@ def plot_unlearning_curves(runs: list, path: Path, label: str) -> list:
     for ax in axes[0]:
         plain_ticks(ax.xaxis, 0.01)
         plain_ticks(ax.yaxis, 0.1)
-    axes[0, 0].scatter([], [], marker="*", s=180, color="w", edgecolor="k",
-                       label="text score (and the config it came from)")
     axes[0, 0].scatter([], [], s=14, color="0.5", label="one sweep config")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=9)
     save(fig, path, f"Unlearning sweep (retain threshold × n features × multiplier), group {label}\n"

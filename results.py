@@ -13,6 +13,24 @@ def absorption_fraction(info: dict):
         if "eval_result_metrics" in result else None
 
 
+def held_out_lower_bound(scores: dict):
+    """Whether the held-out score is only a lower bound (the curve's retain ΔCE stays below the tolerance
+    on the report split at every multiplier up to the cap): the run's own flag, or for a run written
+    before it, held_out.report.flag == "below_tolerance_at_every_multiplier" (None without either)."""
+    if "held_out_lower_bound" in scores:
+        return scores["held_out_lower_bound"]
+    report = (scores.get("held_out") or {}).get("report")
+    return None if report is None else report.get("flag") == "below_tolerance_at_every_multiplier"
+
+
+def point(scores: dict, *path: str) -> dict:
+    """scores[path[0]][path[1]]...: one score point {score, score_se, lower_bound, ...}; {} where a level is
+    absent (a run written before it, a variant without it)."""
+    for key in path:
+        scores = (scores or {}).get(key)
+    return scores or {}
+
+
 def flatten(info: dict) -> dict:
     """{metric: value} for one run; None where the run has no such number (an eval that was off or refused, a
     field an older run did not write)."""
@@ -24,6 +42,9 @@ def flatten(info: dict) -> dict:
     unlearning = info.get("unlearning evaluation results")
     scores = unlearning["eval_result_metrics"]["unlearning"] if unlearning else {}
     absorbed = info.get("absorption evaluation results")
+    conditional, trained = (point(scores, "conditional", g) for g in ("rate_groups", "trained_groups"))
+    rand, dom, leace = (point(scores, "controls", c)
+                        for c in ("random_features", "difference_of_means", "leace"))
     return {
         "variant": sep["variant"], "alpha": sep["alpha"] if sep["variant"] == "adaptive_ortho" else None,
         "seed": cfg["seed"], "batch_size": cfg["batch_size"],
@@ -43,7 +64,15 @@ def flatten(info: dict) -> dict:
         "final_step_val_ev": sep.get("final_step", {}).get("val_explained_variance"),
         "has_unlearning": unlearning is not None,
         "held_out_score": scores.get("held_out_score"), "held_out_score_se": scores.get("held_out_score_se"),
-        "text_score": scores.get("text_score"), "text_config": scores.get("text_score_config"),
+        "held_out_lower_bound": held_out_lower_bound(scores),
+        "conditional_score": conditional.get("score"), "conditional_score_se": conditional.get("score_se"),
+        "conditional_lower_bound": conditional.get("lower_bound"),
+        "conditional_trained_score": trained.get("score"),
+        "conditional_trained_lower_bound": trained.get("lower_bound"),
+        "random_score": rand.get("score"), "random_score_std": rand.get("score_std"),
+        "random_lower_bound": rand["n_lower_bounds"] > 0 if "n_lower_bounds" in rand else None,
+        "dom_score": dom.get("score"), "dom_lower_bound": dom.get("lower_bound"),
+        "leace_score": leace.get("score"), "leace_lower_bound": leace.get("lower_bound"),
         "ce_tolerance": scores.get("ce_tolerance"), "mcq": scores.get("unlearning_score"),
         "n_forget_questions": scores.get("n_forget_questions"),
     }

@@ -24,8 +24,10 @@ import torch
 
 import data
 import experiment
+import interventions
 import models
 import unlearning
+from interventions import Clamp
 
 
 class RandomTopK(torch.nn.Module):
@@ -49,8 +51,8 @@ class RandomTopK(torch.nn.Module):
 
 def full_per_config(model, sae, hook_name, tokens, configs):
     out = []
-    for feats, m in configs:
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, unlearning.clamp_hook(sae, feats, m))],
+    for feats, m, _ in configs:
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, interventions.clamp_hook(sae, feats, m))],
                                       padding_side="right")
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
                                                 reduction="none")
@@ -73,10 +75,9 @@ def prefix_ab(model, sae, hook_layer, forget_docs, retain_docs, reps):
     tok, cfg = model.tokenizer, unlearning.UnlearningConfig()
     texts = {side: unlearning.held_out_text(tok, docs, cfg, tok.bos_token_id, tok.eos_token_id, side)
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
-    ignore = models.special_token_ids(tok)
-    rates = {side: unlearning.firing_rates(model, sae, texts[side]["rate"], hook_layer, 8, ignore)
-             for side in texts}
-    configs = [(tuple(unlearning.select_features(rates["forget"], rates["retain"], th, 20)), m)
+    rates = {side: v["rates"] for side, v in unlearning.rate_split(model, sae, texts, hook_layer, cfg,
+                                                                   "cpu").items()}
+    configs = [Clamp(tuple(unlearning.select_features(rates["forget"], rates["retain"], th, 20)), m)
                for th in (0.001, 0.01) for m in (50, 200)]
     sets = {side: unlearning.EvalSet(model, "ce", [(texts[side]["select"][i:i + 8], None)
                                                    for i in range(0, len(texts[side]["select"]), 8)],
@@ -134,7 +135,7 @@ def main():
         # features that fire on this text, so every config changes the residual
         f = sae.encode(unlearning.to_hook(model, tokens[:2], L))
         firing = torch.argsort((f > 0).float().mean((0, 1)), descending=True)
-        configs = [(tuple(firing[10 * i:10 * i + 10].tolist()), m) for i, m in
+        configs = [Clamp(tuple(firing[10 * i:10 * i + 10].tolist()), m) for i, m in
                    zip(range(args.configs), [25, 50, 100, 200] * args.configs)]
         cfg_noskip = unlearning.UnlearningConfig(skip_unchanged_rows=False)
         cfg_skip = unlearning.UnlearningConfig(skip_unchanged_rows=True)
@@ -175,7 +176,7 @@ def main():
             from sae_lens import SAE
             sae = SAE.load_from_disk(args.sae, device="cpu")
         forget_q, retain_q, _ = data.load_questions("embedded")
-        cfg = unlearning.UnlearningConfig(question_cache_dir=str(cache / "unlearning"))
+        cfg = unlearning.UnlearningConfig(cache_dir=str(cache / "unlearning"))
         t = time.time()
         res = unlearning.run_unlearning_eval(sae, model, hook_name, L, forget_docs, retain_docs,
                                              forget_q, retain_q, cfg, "cpu")
@@ -186,7 +187,7 @@ def main():
               f"timing {json.dumps({k: round(v, 1) for k, v in d['timing_s'].items()})}")
         print(f"questions: {json.dumps(d['questions'])}")
         print(f"metrics: {json.dumps(res['eval_result_metrics'])}")
-        print(f"rows re-run: {d['fraction_of_rows_rerun']:.0%}; baseline {json.dumps(d['baseline'])}")
+        print(f"rows re-run: {json.dumps(d['fraction_of_rows_rerun'])}; baseline {json.dumps(d['baseline'])}")
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -23,6 +23,7 @@ import data
 import experiment
 import models
 import unlearning
+from interventions import Clamp
 
 
 class ReplacedGroupWeights(experiment.GroupBiasTopKSAE):
@@ -65,8 +66,7 @@ def main():
         docs = data.split_documents(data.load_corpus(spec, Path(cfg.cache_dir)).documents, cfg.eval_fraction,
                                     cfg.data_seed).eval
         texts[side] = unlearning.held_out_text(tok, docs, ucfg, tok.bos_token_id, tok.eos_token_id, side)
-    ignore = models.special_token_ids(tok)
-    rates = {s: unlearning.firing_rates(model, sae, texts[s]["rate"], cfg.layer, 8, ignore) for s in texts}
+    rates = {s: v["rates"] for s, v in unlearning.rate_split(model, sae, texts, cfg.layer, ucfg, "cpu").items()}
     features = unlearning.select_features(rates["forget"], rates["retain"], 0.001, 20)
     sets = {s: unlearning.EvalSet(model, "ce", [(texts[s]["select"][i:i + 8], None)
                                                 for i in range(0, len(texts[s]["select"]), 8)],
@@ -80,7 +80,7 @@ def main():
     for name, edit_sae in (("replaced", replaced), ("held", experiment.intervention_sae(sae, "held")),
                            ("relu", experiment.intervention_sae(sae, "relu"))):
         results, _ = unlearning.run_sweep(model, edit_sae, cfg.layer, sets,
-                                          [(tuple(features), m) for m in multipliers], ucfg)
+                                          [Clamp(tuple(features), m) for m in multipliers], ucfg)
         cells = []
         for r in results:
             (fm, fs), (rm, rs) = (unlearning.mean_and_se(unlearning.context_deltas(r[s], sets[s]))

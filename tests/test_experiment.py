@@ -53,7 +53,13 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     scores = unlearn["eval_result_metrics"]["unlearning"]
     assert scores["n_forget_questions"] <= 10  # 2 sampled per forget subject: too few for an MCQ score
     assert scores["unlearning_score"] is None and "not meaningful" in scores["mcq_note"]
-    assert scores["text_score"] >= 0 and scores["max_forget_delta_ce"] is not None
+    assert scores["max_forget_delta_ce"] is not None and "text_score" not in scores
+    assert scores["held_out"]["report"]["split"] == "report" and "n_lower_bounds" in scores
+    assert set(scores["controls"]) == {"random_features", "difference_of_means", "leace"}
+    assert set(scores["conditional"]) == {"rate_groups", "trained_groups"}
+    for name in ("difference_of_means", "leace"):
+        point = scores["controls"][name]
+        assert point["score"] is not None or point["flag"], point
     # SmolLM2: SAE-Bench's own eval refuses it
     assert info["SAE-Bench unlearning evaluation results"]["ran"] is False
     # removed once finished

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 from PIL import Image
 
 import plot
@@ -16,13 +17,19 @@ LOG_TEMPLATE = [json.loads(line) for line in (RUN_0 / "train_log.jsonl").read_te
 FIGURES = ["tradeoff", "alpha_sweep", "training", "unlearning_curves"]
 
 
-def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, text_score=0.5,
-              mcq=None, unlearning=True, log=True, early_stop=None, steps=250, held_out=None,
-              held_out_se=None, typical_ev=None, separation=None):
-    """A finished run as experiment.py writes it, with the given values. held_out, held_out_se and
-    typical_ev (EV conventional without outliers) are written only when given, as an older run lacks
-    them; `separation` is merged into the knowledge separation results (e.g. lambda2_max,
-    lambda2_default, group_biases)."""
+def point(score, lower_bound=False, se=None) -> dict:
+    """One score point of the unlearning metrics (the conditional clamp's, a control's)."""
+    return {"score": score, "score_se": se, "lower_bound": lower_bound}
+
+
+def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=0.75, mcq=None,
+              unlearning=True, log=True, early_stop=None, steps=250, held_out=None, held_out_se=None,
+              typical_ev=None, separation=None, lower_bound=None, v3=None):
+    """A finished run as experiment.py writes it, with the given values. held_out, held_out_se,
+    lower_bound (held_out_lower_bound) and typical_ev (EV conventional without outliers) are written
+    only when given, as an older run lacks them; `v3` (conditional, controls, n_lower_bounds) is merged
+    into the unlearning metrics; `separation` into the knowledge separation results (e.g. lambda2_max,
+    lambda2_default, group_biases). The sweep's forget ΔCE rises to held_out (0.5 without)."""
     info = copy.deepcopy(TEMPLATE)
     training = info.pop("training results for layer 15")
     training["config"] |= {"layer": layer, "seed": seed, "variant": variant, "alpha": alpha}
@@ -50,15 +57,16 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
     unlearn = info.pop("unlearning evaluation results")
     if unlearning:
         scores = unlearn["eval_result_metrics"]["unlearning"]
-        scores |= {"text_score": text_score, "unlearning_score": mcq,
-                   "n_forget_questions": 0 if mcq is None else 40}
-        scores.pop("held_out_score"), scores.pop("held_out_score_se")
-        new = {"held_out_score": held_out, "held_out_score_se": held_out_se}
-        scores |= {k: v for k, v in new.items() if v is not None}
-        scores["text_score_config"]["retain_delta_ce"] = 0.015
+        scores |= {"unlearning_score": mcq, "n_forget_questions": 0 if mcq is None else 40}
+        for key in ("held_out_score", "held_out_score_se", "text_score", "text_score_config"):
+            scores.pop(key, None)
+        new = {"held_out_score": held_out, "held_out_score_se": held_out_se,
+               "held_out_lower_bound": lower_bound}
+        scores |= {k: v for k, v in new.items() if v is not None} | (v3 or {})
         details = unlearn["eval_result_details"]
         for i, row in enumerate(details["sweep"]):
-            row |= {"forget_delta_ce": text_score * (i + 1) / 8, "retain_delta_ce": 0.005 * (i + 1)}
+            row |= {"forget_delta_ce": (held_out or 0.5) * (i + 1) / 8,
+                    "retain_delta_ce": 0.005 * (i + 1)}
         if ortho:
             details["forget_group_sweep"] = [row | {"forget_delta_ce": 2 * row["forget_delta_ce"]}
                                              for row in details["sweep"]]
@@ -91,15 +99,15 @@ def write_run(folder: Path, variant="topk", alpha=0.0, seed=0, layer=15, val_ev=
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "runs"
-    write_run(root / "run_1", "topk", text_score=1.2345)
-    write_run(root / "run_2", "fixed_ortho", text_score=0.8, early_stop=180)
-    write_run(root / "run_3", "adaptive_ortho", alpha=0.0, text_score=3.0, mcq=0.25)
+    write_run(root / "run_1", "topk", held_out=1.2345)
+    write_run(root / "run_2", "fixed_ortho", held_out=0.8, early_stop=180)
+    write_run(root / "run_3", "adaptive_ortho", alpha=0.0, held_out=3.0, mcq=0.25)
     for seed, (val_ev, score) in enumerate([(0.70, 1.0), (0.72, 2.0), (0.77, 4.0)]):
         write_run(root / f"run_{4 + seed}", "adaptive_ortho", alpha=0.1, seed=seed, val_ev=val_ev,
-                  text_score=score)
+                  held_out=score)
     write_run(root / "run_7", "adaptive_ortho", alpha=0.2, unlearning=False)
-    write_run(root / "run_8", "adaptive_ortho", alpha=0.3, text_score=2.5, log=False)
-    write_run(root / "run_9", "topk", layer=3, text_score=0.4)  # another layer: not comparable
+    write_run(root / "run_8", "adaptive_ortho", alpha=0.3, held_out=2.5, log=False)
+    write_run(root / "run_9", "topk", layer=3, held_out=0.4)  # another layer: not comparable
     (root / "run_10").mkdir()  # unfinished: no final_info.json
     (root / "run_10" / "train_log.jsonl").write_text("")
     old = write_run(root / "run_11")  # written before the separation results existed
@@ -149,10 +157,11 @@ def test_repeats_of_a_seed_count_once_in_the_seed_statistics():
     """Two runs of seed 0 (one command run twice) and one of seed 1: the seed-0 repeats are averaged
     first, so the mean and std are over 2 seeds, not 3 runs."""
     run = lambda name, seed, score: {"name": name, "setting": "adaptive_ortho", "alpha": 0.1, "seed": seed,
-                                     **{m: None for m in plot.METRICS}, "text_score": score}
+                                     **{m: None for m in plot.METRICS}, "held_out_score": score,
+                                     "held_out_lower_bound": False}
     row, = plot.aggregate([run("run_5", 0, 1.0), run("run_14", 0, 3.0), run("run_6", 1, 5.0)])
     assert row["runs"] == ["run_5 + run_14", "run_6"]
-    assert row["text_score"] == pytest.approx((3.5, np.std([2.0, 5.0], ddof=1)))
+    assert row["held_out_score"] == pytest.approx((3.5, np.std([2.0, 5.0], ddof=1)))
     assert row["val_ev"] is None
 
 
@@ -169,8 +178,11 @@ def test_runs_of_another_layer_form_their_own_group_and_are_never_drawn_with_the
 def test_missing_unlearning_results_log_and_final_info(result):
     summary, out, printed = result
     table = (out / "results.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| run_7 |"))
-    assert "no unlearning eval" in row and row.count("n/a") >= 2  # text score and MCQ
+    header, row = (next(line for line in table.splitlines() if line.startswith(start))
+                   for start in ("| run |", "| run_7 |"))
+    cells = dict(zip(header.split(" | "), row.split(" | ")))
+    assert all(cells[plot.METRICS[m][0]] == "n/a"
+               for m in ("held_out_score", "held_out_score_se", "mcq"))
     for name in ("tradeoff", "unlearning_curves"):
         assert "run_7" not in summary["figures"][f"{name}_smollm2-135m-instruct_L15.png"]
     assert "run_7" in summary["figures"]["training_smollm2-135m-instruct_L15.png"]
@@ -201,6 +213,117 @@ def test_new_fields_load_and_older_runs_give_none(tmp_path):
     assert (new["held_out_score"], new["held_out_score_se"], new["conv_ev_typical"]) == (1.5, 0.25, 0.8)
     old = plot.load_run(write_run(tmp_path / "old"), "old")
     assert (old["held_out_score"], old["held_out_score_se"], old["conv_ev_typical"]) == (None, None, None)
+
+
+V3 = {"conditional": {"rate_groups": point(1.25, se=0.125),
+                     "trained_groups": point(1.5, lower_bound=True)},
+      "controls": {"random_features": {"score": 0.25, "score_std": 0.05, "n_draws": 3,
+                                       "n_lower_bounds": 1,
+                                       "draws": [point(0.2), point(0.25, lower_bound=True), point(0.3)]},
+                   "difference_of_means": point(0.75), "leace": point(0.5, lower_bound=True)},
+      "n_lower_bounds": 3}  # conditional trained_groups, one random draw, LEACE
+
+
+def set_report_flag(folder: Path, flag) -> Path:
+    """An older run's only record of a lower bound: held_out.report.flag."""
+    info = json.loads((folder / "final_info.json").read_text())
+    info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]["held_out"]["report"][
+        "flag"] = flag
+    (folder / "final_info.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_v3_fields_load_and_an_older_run_derives_its_lower_bound(tmp_path):
+    new = plot.load_run(write_run(tmp_path / "new", held_out=1.5, lower_bound=True, v3=V3), "new")
+    expected = {
+        "held_out_lower_bound": True, "conditional_score": 1.25, "conditional_score_se": 0.125,
+        "conditional_lower_bound": False, "conditional_trained_score": 1.5,
+        "conditional_trained_lower_bound": True, "random_score": 0.25, "random_score_std": 0.05,
+        "random_lower_bound": True, "dom_score": 0.75, "dom_lower_bound": False, "leace_score": 0.5,
+        "leace_lower_bound": True}
+    assert {k: new[k] for k in expected} == expected
+    # the run's own flag wins over the report point's
+    v3_false = write_run(tmp_path / "v3_false", held_out=1.5, lower_bound=False)
+    assert plot.load_run(set_report_flag(v3_false, "below_tolerance_at_every_multiplier"),
+                         "v3_false")["held_out_lower_bound"] is False
+    old = write_run(tmp_path / "old", held_out=1.5)
+    assert plot.load_run(old, "old")["held_out_lower_bound"] is False  # run_0's report flag: None
+    old = plot.load_run(set_report_flag(old, "below_tolerance_at_every_multiplier"), "old")
+    assert old["held_out_lower_bound"] is True
+    assert all(old[k] is None for k in expected if k != "held_out_lower_bound")
+    above = set_report_flag(write_run(tmp_path / "above", held_out=1.5),
+                            "above_tolerance_at_smallest_multiplier")
+    assert plot.load_run(above, "above")["held_out_lower_bound"] is False
+    none = plot.load_run(write_run(tmp_path / "none", unlearning=False), "none")
+    assert none["held_out_lower_bound"] is None and none["random_lower_bound"] is None
+
+
+def test_a_mean_over_a_lower_bound_is_marked(tmp_path):
+    """topk: seed 1's held-out score is a lower bound (v3 flag), seed 0's not; fixed_ortho: seed 0 an
+    older run whose report flag says it is; adaptive_ortho: no bound anywhere."""
+    root = tmp_path / "runs"
+    write_run(root / "run_1", "topk", seed=0, held_out=1.0, lower_bound=False, v3=V3)
+    write_run(root / "run_2", "topk", seed=1, held_out=2.0, lower_bound=True)
+    set_report_flag(write_run(root / "run_3", "fixed_ortho", held_out=0.5),
+                    "below_tolerance_at_every_multiplier")
+    write_run(root / "run_4", "adaptive_ortho", alpha=0.1, held_out=0.25, lower_bound=False)
+    out = tmp_path / "plots"
+    plot.main([str(root / "run_*"), f"--out_dir={out}"])
+    table = (out / "results.md").read_text().split("## README results")[0]  # the README block: elsewhere
+    rows = lambda start: [line.split(" | ") for line in table.splitlines() if line.startswith(start)]
+    header, = rows("| variant | α | n | runs |")
+    means = {row[0]: dict(zip(header, row)) for row in rows("| ") if row[3].startswith("run_")}
+    held_out = plot.METRICS["held_out_score"][0]
+    assert means["| topk"][held_out] == "≥1.5000 ± 0.7071"
+    assert means["| fixed_ortho"][held_out] == "≥0.5000"
+    assert means["| adaptive_ortho"][held_out] == "0.2500"
+    # run_1's v3 points: LEACE and the random draws a bound, difference of means not
+    leace, random, dom = (plot.METRICS[m][0] for m in ("leace_score", "random_score", "dom_score"))
+    assert (means["| topk"][leace], means["| topk"][random], means["| topk"][dom]) == (
+        "≥0.5000", "≥0.2500", "0.7500")
+    assert plot.METRICS["held_out_score_se"][0] in header and "≥" not in means["| topk"][
+        plot.METRICS["held_out_score_se"][0]]
+    header, = rows("| run | variant |")
+    per_run = {row[0]: dict(zip(header, row)) for row in rows("| run_")}
+    assert (per_run["| run_1"][held_out], per_run["| run_2"][held_out]) == ("1.0000", "≥2.0000")
+
+
+def test_figures_draw_a_lower_bound_open(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    write_run(root / "run_1", "topk", held_out=1.0, lower_bound=False)
+    write_run(root / "run_2", "adaptive_ortho", alpha=0.1, held_out=2.0, lower_bound=True)
+    write_run(root / "run_3", "adaptive_ortho", alpha=0.2, held_out=3.0, lower_bound=False)
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    figures = {}
+    monkeypatch.setattr(plot, "save", lambda fig, path, title: figures.update({path.name: (fig, title)}))
+    plot.plot_tradeoff(runs, tmp_path / "tradeoff.png", "L15")
+    fig, title = figures["tradeoff.png"]
+    ax = fig.axes[1]  # held-out score against ce_loss_score: one errorbar per run, in run order
+    faces = [line.get_markerfacecolor() for line in ax.lines if line.get_marker() == "o"]
+    assert len(faces) == 3 and faces[1] == "none" and "none" not in (faces[0], faces[2])
+    assert "open marker: a lower bound" in title
+    plot.plot_alpha_sweep(runs, tmp_path / "alpha_sweep.png", "L15")
+    fig, title = figures["alpha_sweep.png"]
+    ax = next(a for a in fig.axes if a.get_ylabel() == plot.METRICS["held_out_score"][1])
+    open_points = [c.get_offsets().tolist() for c in ax.collections
+                   if isinstance(c, PathCollection) and not c.get_facecolor().any()]
+    assert open_points == [[[0.1, 2.0]]] and "open marker" in title
+    adaptive, = (line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata()) == 2)
+    assert adaptive.get_markevery() == [1]  # filled: α 0.2 only
+
+
+def test_the_retired_text_score_is_neither_read_nor_shown(tmp_path):
+    """Old runs still hold text_score and text_score_config; flatten, the tables and the figures no longer
+    read them."""
+    info = copy.deepcopy(TEMPLATE)
+    info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"] |= {
+        "text_score": 0.5, "text_score_config": {"multiplier": 50.0}}
+    flat = plot.results.flatten(info)
+    assert not {"text_score", "text_config"} & set(flat)
+    assert not {"text_score", "text_config"} & (set(plot.METRICS) | set(plot.SWEEP_METRICS)
+                                                 | set(plot.README_COLS) | set(plot.DIFF_COLS))
+    source = Path(plot.__file__).read_text() + Path(plot.results.__file__).read_text()
+    assert "text_score" not in source and "text score" not in source.lower()
 
 
 @pytest.mark.parametrize("separation, label", [

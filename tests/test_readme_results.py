@@ -108,6 +108,21 @@ def test_rows_order_references_and_groups(block):
     assert prose.count("± = standard error of the difference") == 1
 
 
+def test_a_mean_over_a_lower_bound_is_marked(tmp_path):
+    """topk seed 1's held-out score is a lower bound: the topk mean (0.5 + 1.5)/2 = 1 is one too; the
+    adaptive_ortho row, with no bound, is unmarked."""
+    root = tmp_path / "runs"
+    write_run(root / "run_0", "topk", seed=0, held_out=0.5, held_out_se=0.1, lower_bound=False)
+    write_run(root / "run_1", "topk", seed=1, held_out=1.5, held_out_se=0.1, lower_bound=True)
+    write_run(root / "run_2", "adaptive_ortho", alpha=0.1, held_out=2.0, held_out_se=0.2,
+              lower_bound=False)
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    block = plot.readme_results(plot.group_runs(runs))
+    assert lines_starting(block, "| topk | – | 2 | run_0, run_1 | ≥1.0000 ± 0.7071 | 0.1000 ± 0.0000 |")
+    assert lines_starting(block, "| adaptive_ortho | 0.1 | 1 | run_2 | 2.0000 | 0.2000 |")
+    assert "≥: some seed's value is a lower bound" in block.replace("\n", " ")
+
+
 def test_readme_option_replaces_only_the_block(root, block, tmp_path):
     before = "# Title ünïcode\r\nprose 1.234\n\n" + plot.README_START + "\nold typed 9.99\n\n"
     after = plot.README_END + "\nafter\n  no final newline"

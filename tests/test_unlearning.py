@@ -7,13 +7,16 @@ unembedding predicts each word's successor from its embedding.
 """
 import json
 import random
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+import interventions
 import unlearning
 from data import Question
+from interventions import Clamp, ControlEdit
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 FORGET_WORDS = [f"f{i}" for i in range(10)]
@@ -117,11 +120,11 @@ def test_clamp_without_selected_features_leaves_output_unchanged(model, tokenize
     sae = random_sae()
     base = model(tokens)
     assert torch.equal(
-        model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [], 50))]), base)
+        model.run_with_hooks(tokens, fwd_hooks=[(HOOK, interventions.clamp_hook(sae, [], 50))]), base)
     # a selected feature that never fires goes through resid - decode(f) + decode(f): unchanged to float
     # tolerance
     dead = random_sae(bias=-100.0)
-    out = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(dead, [0, 3], 50))])
+    out = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, interventions.clamp_hook(dead, [0, 3], 50))])
     assert (torch.allclose(out, base, atol=1e-5)
             and not torch.equal(dead.encode(torch.zeros(32)), torch.ones(24)))
 
@@ -150,12 +153,12 @@ def test_clamp_with_planted_feature_matches_hand_computation(model, tokenizer, k
     assert active.any() and (~active[:, 1:]).any()
     expected = resid + (torch.where(active, -m - f[:, :, j], torch.zeros_like(f[:, :, j]))[..., None]
                         * W_dec[j])
-    got, on = unlearning.clamp_residual(sae, resid, [j], m)
+    got, on = interventions.clamp_residual(sae, resid, [j], m)
     assert torch.equal(on, active)
     assert torch.allclose(got, expected, atol=1e-4)
     assert torch.allclose(got[:, 0], resid[:, 0], atol=1e-5)
     # through the model: the hooked logits are those of the hand-modified residual run through the rest
-    hooked = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, [j], m))])
+    hooked = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, interventions.clamp_hook(sae, [j], m))])
     by_hand = model(expected, start_at_layer=HOOK_LAYER + 1)
     assert torch.allclose(hooked, by_hand, atol=1e-3)
     assert not torch.allclose(hooked, model(tokens), atol=1e-2)
@@ -209,7 +212,7 @@ def check_kept_residual_path(model, tokenizer):
     # the sweep (kept residuals, configs batched, unchanged rows skipped) against a full forward with the hook
     sae = random_sae()
     s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
-    configs = [((), 25), ((2, 5), 25), ((2, 5, 7), 100), ((11,), 50)]
+    configs = [Clamp((), 25), Clamp((2, 5), 25), Clamp((2, 5, 7), 100), Clamp((11,), 50)]
     starts, rerun = [], s.rerun
     s.rerun = lambda *args: starts.append(args[-1]) or rerun(*args)  # record where each re-run batch starts
     for skip in (True, False):
@@ -217,9 +220,9 @@ def check_kept_residual_path(model, tokenizer):
         starts.clear()
         results, frac = unlearning.run_sweep(model, sae, HOOK_LAYER, {"ce": s}, configs, cfg)
         assert (max(starts) > 0) == skip  # with skipping, some rows start after a cached prefix
-        for (feats, m), r in zip(configs, results):
+        for (feats, m, _), r in zip(configs, results):
             hooked = model.run_with_hooks(tokens, return_type="loss", loss_per_token=True,
-                                          fwd_hooks=[(HOOK, unlearning.clamp_hook(sae, list(feats), m))])
+                                          fwd_hooks=[(HOOK, interventions.clamp_hook(sae, list(feats), m))])
             assert torch.allclose(torch.cat(r["ce"]), hooked.sum(1).double(), atol=1e-3), (feats, m, skip)
 
 
@@ -266,8 +269,8 @@ def test_mcq_scoring_matches_direct_letter_probabilities(model, tokenizer):
     s = unlearning.EvalSet(model, "mcq", batches, HOOK_LAYER, "cpu", letter_ids)
     assert torch.allclose(torch.cat([b["base"] for b in s.batches]), direct[order], atol=1e-5)
     sae, cfg = random_sae(), unlearning.UnlearningConfig(tail_batch_size=5)
-    (r,), _ = unlearning.run_sweep(model, sae, HOOK_LAYER, {"mcq": s}, [((1, 4), 60)], cfg)
-    hook = [(HOOK, unlearning.clamp_hook(sae, [1, 4], 60))]
+    (r,), _ = unlearning.run_sweep(model, sae, HOOK_LAYER, {"mcq": s}, [Clamp((1, 4), 60)], cfg)
+    hook = [(HOOK, interventions.clamp_hook(sae, [1, 4], 60))]
     with model.hooks(fwd_hooks=hook):
         clamped = torch.stack([direct_letter_probs(model, seqs[i], letter_ids) for i in order])
     assert torch.allclose(torch.cat(r["mcq"]), clamped, atol=1e-4)
@@ -312,39 +315,32 @@ def test_filter_on_tiny_model_matches_brute_force(model, tokenizer):
     assert kept == brute
 
 
-def sweep_from_means(points, n=4, spread=0.0):
-    """(rows, plan, deltas) of a sweep whose configs have the given per-split mean ΔCEs.
-    points: [(threshold, n_features, multiplier, {"forget_select": mean, ...}, row extras)]; each split gets n
-    contexts around its mean (± spread, so its SE is spread / √(n − 1) · √n / √n ...: computed,
-    not assumed)."""
-    rows, plan, deltas = [], [], {}
+def curve_from_means(means: dict, n=4, spread=0.0, label=None, tag=0):
+    """(curve, deltas): a curve whose edit at knob k has the given per-split mean ΔCEs,
+    means {k: {"forget_select": mean, ...}}; each split gets n contexts at its mean ± spread (alternating
+    signs), so the SE is computed, not assumed."""
     offsets = torch.tensor([spread * (1 if i % 2 else -1) for i in range(n)], dtype=torch.float64)
-    for th, nf, m, means, extra in points:
-        feats = (int(th * 1000), nf)  # a distinct feature tuple per curve
-        plan.append((th, nf, m, feats))
-        deltas[(feats, m)] = {name: mean + offsets for name, mean in means.items()}
-        rows.append({"retain_threshold": th, "n_features": nf, "multiplier": m,
-                     "forget_delta_ce": means["forget_select"],
-                     "retain_delta_ce": means["retain_select"], **extra})
-    return rows, plan, deltas
+    curve = unlearning.Curve(label or {"tag": tag}, lambda k: Clamp((tag,), k), tuple(sorted(means)))
+    return curve, {curve.make(k): {name: v + offsets for name, v in m.items()} for k, m in means.items()}
 
 
-def same(forget, retain):
-    return {"forget_select": forget, "forget_report": forget, "retain_select": retain,
-            "retain_report": retain}
+def split_means(fs, rs, fr=None, rr=None):
+    return {"forget_select": fs, "retain_select": rs, "forget_report": fs if fr is None else fr,
+            "retain_report": rs if rr is None else rr}
+
+
+def no_measure(edits, extra_sets=None):
+    """Every edit is already in the deltas."""
+    return {}
 
 
 def test_mcq_score_follows_sae_bench_rule():
     cfg = unlearning.UnlearningConfig()
-    rows, plan, deltas = sweep_from_means([(0.01, 10, m, same(d, r),
-                                            {"forget_accuracy": fa, "retain_accuracy": ra})
-                                           for m, d, r, fa, ra in [(25, 0.1, 0.0, 0.9, 1.0),
-                                                                   (50, 0.5, 0.015, 0.6, 0.99),
-                                                                   (100, 2.0, 0.3, 0.1, 0.95)]])
-    s = unlearning._scores(rows, plan, deltas, cfg, 30, 40)
-    assert s["unlearning_score"] == pytest.approx(0.4)  # config 100 fails the retain check
-    assert s["text_score"] == pytest.approx(0.5) and s["text_score_config"]["multiplier"] == 50
-    s = unlearning._scores(rows, plan, deltas, cfg, 19, 40)
+    rows = [{"forget_accuracy": fa, "retain_accuracy": ra}
+            for fa, ra in [(0.9, 1.0), (0.6, 0.99), (0.1, 0.95), (None, None)]]  # the last: no questions
+    s = unlearning.mcq_score(rows, cfg, 30, 40)
+    assert s["unlearning_score"] == pytest.approx(0.4)  # the ×100 row fails the retain check
+    s = unlearning.mcq_score(rows, cfg, 19, 40)
     assert s["unlearning_score"] is None and "not meaningful" in s["mcq_note"]
 
 
@@ -367,47 +363,93 @@ def test_mean_and_se_is_the_paired_standard_error():
 
 
 def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
-    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
     # retain ΔCE 0.01 at ×50, 0.05 at ×100: the tolerance sits a quarter of the way, at ×62.5
-    rows, plan, deltas = sweep_from_means([(0.001, 10, 25, same(0.2, 0.0), {}),
-                                           (0.001, 10, 50, same(1.0, 0.01), {}),
-                                           (0.001, 10, 100, same(3.0, 0.05), {}),
-                                           (0.001, 10, 200, same(6.0, 0.4), {})],
-                                          n=6, spread=0.1)
-    s = unlearning._scores(rows, plan, deltas, cfg, 0, 0)
-    (curve,) = s["curves_at_tolerance"]
-    assert curve["multiplier"] == pytest.approx(62.5) and curve["flag"] is None
-    assert curve["forget_delta_ce"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
-    assert curve["retain_delta_ce"] == pytest.approx(0.02)
-    # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1 on the selection split: SE of 6 values ±0.1
+    curve, deltas = curve_from_means({25: split_means(0.2, 0.0), 50: split_means(1.0, 0.01),
+                                      100: split_means(3.0, 0.05), 200: split_means(6.0, 0.4)},
+                                     n=6, spread=0.1)
+    p = unlearning.at_tolerance(curve, deltas, 0.02, "select")
+    assert p["knob"] == pytest.approx(62.5) and p["flag"] is None and not p["lower_bound"]
+    assert p["score"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
+    assert p["retain_delta_ce"] == pytest.approx(0.02)
+    # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1: the SE of 6 values ±0.1
     expected_se = np.std([0.1 * (1 if i % 2 else -1) for i in range(6)], ddof=1) / np.sqrt(6)
-    assert curve["forget_delta_ce_se"] == pytest.approx(expected_se)
-    assert s["best_curve_at_tolerance"] == curve == s["held_out"]["selection"]
-    assert s["text_score"] == pytest.approx(1.0)  # the grid's own answer: ×50, below the interpolated 1.5
-    # the report split is read only at the bracketing pair
-    assert unlearning.report_configs(plan, deltas, 0.02) == {((1, 10), 50), ((1, 10), 100)}
+    assert p["score_se"] == pytest.approx(expected_se)
+
+
+def test_report_split_is_read_at_its_own_tolerance_between_other_multipliers():
+    """The selection split crosses the tolerance between ×50 and ×100 (at ×75); the report split, whose
+    retain ΔCE is higher, between ×25 and ×50 (at ×37.5). The held-out point is read on the report split at
+    ×37.5, with both ΔCEs from the report split: forget 1.5, retain 0.02."""
+    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
+    curve, deltas = curve_from_means({25: split_means(2.0, 0.0, 1.0, 0.01),
+                                      50: split_means(4.0, 0.01, 2.0, 0.03),
+                                      100: split_means(8.0, 0.03, 4.0, 0.05)})
+    choice = unlearning.choose([curve], deltas, no_measure, cfg)
+    assert choice.point["knob"] == pytest.approx(75.0) and choice.point["score"] == pytest.approx(6.0)
+    point = unlearning.report(choice.curve, deltas, no_measure, cfg)
+    assert point["split"] == "report" and point["knob"] == pytest.approx(37.5)
+    assert point["score"] == pytest.approx(1.5) and point["retain_delta_ce"] == pytest.approx(0.02)
+    assert point["score_se"] == pytest.approx(0.0) and not point["lower_bound"]
 
 
 def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_report_split():
     """Curve A looks best on the selection text; curve B would look best on the report text. The held-out
-    score is A's report value at the multiplier found on the selection text, not the best report
-    value."""
+    score is A's report value, not the best report value."""
     cfg = unlearning.UnlearningConfig(ce_tolerance=0.02)
-    def split(fs, fr, rs, rr):
-        return {"forget_select": fs, "forget_report": fr, "retain_select": rs, "retain_report": rr}
-    rows, plan, deltas = sweep_from_means([
-        (0.001, 10, 25, split(2.0, 0.5, 0.0, 0.0), {}), (0.001, 10, 50, split(4.0, 1.0, 0.04, 0.01), {}),  # A
-        (0.01, 10, 25, split(1.0, 2.0, 0.0, 0.0), {}), (0.01, 10, 50, split(1.5, 3.0, 0.04, 0.01), {})])   # B
-    s = unlearning._scores(rows, plan, deltas, cfg, 0, 0)
-    chosen, report = s["held_out"]["selection"], s["held_out"]["report"]
-    assert (chosen["retain_threshold"], chosen["multiplier"]) == (0.001, pytest.approx(37.5))
-    assert chosen["forget_delta_ce"] == pytest.approx(3.0)  # selection text: half-way from 2.0 to 4.0
-    assert report["multiplier"] == pytest.approx(37.5)
-    assert s["held_out_score"] == pytest.approx(0.75) and report["retain_delta_ce"] == pytest.approx(0.005)
-    assert s["held_out_score_se"] == pytest.approx(0.0)
-    none = unlearning._scores(*sweep_from_means([(0.001, 10, 25, same(1.0, 0.5), {})]), cfg, 0, 0)
-    assert none["held_out_score"] is None and none["best_curve_at_tolerance"] is None
-    assert none["curves_at_tolerance"][0]["flag"] == "above_tolerance_at_smallest_multiplier"
+    a, da = curve_from_means({25: split_means(2.0, 0.0, 0.5, 0.0), 50: split_means(4.0, 0.04, 1.0, 0.04)},
+                             tag=1)
+    b, db = curve_from_means({25: split_means(1.0, 0.0, 2.0, 0.0), 50: split_means(1.5, 0.04, 3.0, 0.04)},
+                             tag=2)
+    deltas = da | db
+    choice = unlearning.choose([a, b], deltas, no_measure, cfg)
+    assert choice.curve.label == {"tag": 1} and choice.point["score"] == pytest.approx(3.0)
+    assert [p["score"] for p in choice.candidates] == [pytest.approx(3.0), pytest.approx(1.25)]
+    assert unlearning.report(choice.curve, deltas, no_measure, cfg)["score"] == pytest.approx(0.75)
+    above, d_above = curve_from_means({25: split_means(1.0, 0.5)}, tag=3)
+    no_extension = unlearning.UnlearningConfig(ce_tolerance=0.02, max_extensions=0)
+    none = unlearning.choose([above], d_above, no_measure, no_extension)
+    assert none.curve is None and none.candidates[0]["flag"] == "above_tolerance_at_smallest_multiplier"
+    assert unlearning.report(none.curve, d_above, no_measure, no_extension)["score"] is None
+
+
+def test_extension_stops_at_the_first_multiplier_past_the_tolerance_and_obeys_the_cap():
+    """retain ΔCE = knob / 10,000 crosses 0.02 first at ×400: one doubling, then stop. A curve that
+    never costs anything continues to 200·2^4 = 3200 and is reported as a lower bound; one already above
+    at ×25 halves until it is below (retain = knob / 1,000: ×12.5)."""
+    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02, max_extensions=4)
+    retain = {1: lambda k: k / 10_000, 2: lambda k: 0.0, 3: lambda k: k / 1_000}
+    curves = [unlearning.Curve({"tag": t}, partial(Clamp, (t,)), (25, 50, 100, 200)) for t in retain]
+    deltas, batches = {}, []
+
+    def measure(edits, extra_sets=None):
+        todo = [e for e in edits if e not in deltas]
+        batches.append(sorted((e.features[0], e.multiplier) for e in todo))
+        for e in todo:
+            r = retain[e.features[0]](e.multiplier)
+            deltas[e] = {"retain_select": torch.full((4,), r, dtype=torch.float64),
+                         "forget_select": torch.full((4,), e.multiplier / 100, dtype=torch.float64)}
+    out = unlearning.extend(curves, deltas, "select", measure, cfg)
+    assert out[0].knobs == (25, 50, 100, 200, 400)
+    assert out[1].knobs == (25, 50, 100, 200, 400, 800, 1600, 3200)
+    assert out[2].knobs == (12.5, 25, 50, 100, 200)
+    assert batches[1:] == [[(1, 400), (2, 400), (3, 12.5)], [(2, 800)], [(2, 1600)], [(2, 3200)]]
+    capped = unlearning.at_tolerance(out[1], deltas, 0.02, "select")
+    assert capped["lower_bound"] and capped["knob"] == 3200 and capped["score"] == pytest.approx(32.0)
+    assert unlearning.at_tolerance(out[0], deltas, 0.02, "select")["knob"] == pytest.approx(200.0)
+    low = unlearning.at_tolerance(out[2], deltas, 0.02, "select")
+    assert low["knob"] == pytest.approx(20.0) and not low["lower_bound"]
+
+
+def test_random_feature_draws_are_seeded_and_drawn_from_the_eligible_set():
+    forget = np.array([0.0, 0.1, 0.2, 0.05, 0.3, 0.0, 0.01, 0.02, 0.4, 0.1])
+    retain = np.array([0.0, 0.0, 0.02, 0.0, 0.0, 0.0, 0.005, 0.0, 0.0, 0.009])
+    eligible = unlearning.eligible_features(forget, retain, 0.01)
+    assert eligible.tolist() == [1, 3, 4, 6, 7, 8, 9]  # retain < 0.01 and forget > 0
+    draws = unlearning.random_features(eligible, 3, 5, seed=0)
+    assert draws == unlearning.random_features(eligible, 3, 5, seed=0)
+    assert draws != unlearning.random_features(eligible, 3, 5, seed=1) and len(set(draws)) > 1
+    assert all(len(set(d)) == 3 and set(d) <= set(eligible.tolist()) and list(d) == sorted(d) for d in draws)
+    assert unlearning.random_features(eligible[:2], 3, 2, seed=0) == [(1, 3), (1, 3)]
 
 
 # ------------------------------------------------------------------------------------ planted end to end
@@ -459,10 +501,13 @@ def planted(make_word_tokenizer, make_tiny_model):
 def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     m, sae, forget_docs, retain_docs = planted
     cfg = unlearning.UnlearningConfig(retain_thresholds=(0.001, 0.01), n_features=(1, 3),
-                                      multipliers=(25, 100), context_length=24, n_rate_contexts=6,
-                                      n_ce_contexts=6, batch_size=4)
+                                      multipliers=(25, 100), max_extensions=2, context_length=24,
+                                      n_rate_contexts=6, n_ce_contexts=6, batch_size=4, random_draws=3,
+                                      leace_strengths=(0.5, 1.0), forget_group_sweep=True)
+    forget_only = lambda pf, pr: [i for i in range(len(pf)) if pf[i] > 0 and pr[i] == 0]
     res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs,
-                                         {}, {}, cfg, "cpu", forget_group=torch.tensor([0, 5]))
+                                         {}, {}, cfg, "cpu", forget_group=torch.tensor([0, 5]),
+                                         detector_rule=forget_only)
     json.dumps(res)  # serialisable
     d, met = res["eval_result_details"], res["eval_result_metrics"]["unlearning"]
     # 1-4 never fire on forget, 5 on retain
@@ -472,48 +517,55 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
         text = d["text"][side]
         assert text["select_contexts"] == text["report_contexts"] == text["rate_contexts"] == 6
         assert text["select_documents"] + text["report_documents"] + text["rate_documents"] <= len(docs)
+    assert met["split_sizes_contexts"] == {"select": {"forget": 6, "retain": 6},
+                                           "report": {"forget": 6, "retain": 6}}
+    # retain ΔCE is 0 at every multiplier: each curve continues x2 to the cap 100·2^2 and is a lower bound
+    assert {r["multiplier"] for r in d["sweep"]} == {25, 100, 200, 400}
     for row in d["sweep"]:
-        assert row["n_selected"] == 1
+        assert row["n_selected"] == 1 and row["forget_delta_ce_se"] > 0
         assert (row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0
                 and row["retain_delta_ce_se"] == 0.0)
-        assert row["forget_delta_ce_se"] > 0
-    # the report split ran only at the chosen curve's last multiplier (retain ΔCE never reaches the
-    # tolerance)
-    # (every curve selects feature 0 alone, so the rows at ×100 all share that one config)
-    assert d["n_report_configs"] == 1
-    assert all((r["report"] is not None) == (r["multiplier"] == 100) for r in d["sweep"])
-    assert all(r["report"]["forget_delta_ce"] > 1.0 for r in d["sweep"] if r["report"])
-    # retain ΔCE stays 0 < tolerance: every curve gives its last multiplier, flagged; the held-out score
-    # is the report split's forget ΔCE there
     for curve in met["curves_at_tolerance"]:
-        assert curve["flag"] == "below_tolerance_at_every_multiplier" and curve["multiplier"] == 100
-    by_m = {(r["retain_threshold"], r["multiplier"]): r for r in d["sweep"] if r["n_features"] == 1}
+        assert curve["flag"] == "below_tolerance_at_every_multiplier" and curve["knob"] == 400
+    report = met["held_out"]["report"]
+    assert met["held_out_lower_bound"] and report["lower_bound"] and report["knobs_run"] == [25, 100, 200, 400]
     chosen = met["held_out"]["selection"]
-    assert met["held_out_score"] == pytest.approx(
-        by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce"])
-    assert met["held_out_score_se"] == pytest.approx(
-        by_m[(chosen["retain_threshold"], 100)]["report"]["forget_delta_ce_se"])
-    assert d["baseline"]["forget_ce"] < 2.0  # the planted model predicts its cycles
-    assert met["text_score"] == pytest.approx(max(r["forget_delta_ce"] for r in d["sweep"]))
-    assert met["text_score"] > 1.0 and met["text_score_config"]["multiplier"] == 100
+    row = next(r for r in d["sweep"] if r["multiplier"] == 400 and r["n_features"] == chosen["n_features"]
+               and r["retain_threshold"] == chosen["retain_threshold"])
+    assert met["held_out_score"] == pytest.approx(row["report"]["forget_delta_ce"]) and met["held_out_score"] > 1
+    assert met["held_out_score_se"] == pytest.approx(row["report"]["forget_delta_ce_se"])
+    # the rate-groups detector reads feature 0 alone; it is 0 on every retain token, so no gate above 0
+    # exists and the conditional clamp is the static one
+    assert res["eval_config"]["detectors"]["rate_groups"] == {"n_features": 1, "gates": []}
+    cond = met["conditional"]["rate_groups"]
+    assert cond["score"] == pytest.approx(met["held_out_score"]) and cond["gate"] == 0.0
+    assert met["conditional"]["trained_groups"]["n_detector_features"] == 2
+    # feature 0 is the only eligible one: every random draw is the chosen clamp, scored the same way
+    rnd = met["controls"]["random_features"]
+    assert rnd["n_eligible"] == 1 and rnd["n_draws"] == 3 and rnd["n_lower_bounds"] == 3
+    assert rnd["score"] == pytest.approx(met["held_out_score"]) and rnd["score_std"] == pytest.approx(0.0)
+    for name in ("difference_of_means", "leace"):
+        assert met["controls"][name]["split"] == "report" and met["controls"][name]["control"] == name
+    assert met["n_lower_bounds"] >= 1 + 3 + 2  # static, the draws, the conditional clamps
+    assert d["baseline"]["forget_ce_select"] < 2.0  # the planted model predicts its cycles
     assert met["unlearning_score"] is None and "not meaningful" in met["mcq_note"]
-    assert (res["eval_result_metrics"]["unlearning_forget_group"]["text_score"]
-            == pytest.approx(met["text_score"]))
+    assert res["eval_result_metrics"]["unlearning_forget_group"]["held_out_score"] == pytest.approx(
+        met["held_out_score"])
 
 
-def test_planted_clamp_of_a_retain_feature_fails_the_text_tolerance(planted):
+def test_planted_clamp_of_a_retain_feature_has_no_score(planted):
     """Retain text made of the forget words, forget text of both: feature 0 then fires on every retain
-    word, so clamping it raises retain CE beyond the tolerance and the text score is 0."""
+    word, so clamping it raises retain CE beyond the tolerance at every multiplier, even halved down."""
     m, sae, forget_docs, retain_docs = planted
     cfg = unlearning.UnlearningConfig(retain_thresholds=(1.01,), n_features=(1,), multipliers=(25,),
-                                      context_length=24, n_rate_contexts=6, n_ce_contexts=6,
-                                      batch_size=4)
+                                      max_extensions=2, context_length=24, n_rate_contexts=6,
+                                      n_ce_contexts=6, batch_size=4, forget_group_sweep=True)
     mixed = [d for pair in zip(retain_docs, forget_docs) for d in pair]
     # retain_threshold above 1 keeps every feature; forget_group restricts the choice to feature 0
     res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, mixed, forget_docs, {},
                                          {}, cfg, "cpu", forget_group=torch.tensor([0]))
     g = res["eval_result_metrics"]["unlearning_forget_group"]
-    row = res["eval_result_details"]["forget_group_sweep"][0]
     assert res["eval_result_details"]["selected_features"]["forget_group"] == {"1.01": [0]}
-    assert row["retain_delta_ce"] > 1.0 and row["forget_delta_ce"] > 0.1 and g["text_score"] == 0.0
-    assert g["text_score_config"] is None
+    assert [r["multiplier"] for r in res["eval_result_details"]["forget_group_sweep"]] == [6.25, 12.5, 25]
+    assert all(r["retain_delta_ce"] > 0.02 for r in res["eval_result_details"]["forget_group_sweep"])
+    assert g["held_out_score"] is None and g["curves_at_tolerance"][0]["flag"].startswith("above")
