@@ -84,6 +84,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -115,7 +116,7 @@ class UnlearningConfig:
     # --- controls and the conditional clamp ---
     random_draws: int = 5            # random-feature control: seeded draws of n eligible features
     leace_strengths: tuple = (0.125, 0.25, 0.5, 1.0)   # LEACE control: x − s·(x − erase(x)); 1 = erased
-    gate_quantiles: tuple = (0.5, 0.9, 0.99)   # conditional clamp: gate thresholds at these quantiles
+    gate_quantiles: tuple = (0.9, 0.99)   # conditional clamp: gate thresholds at these quantiles
                                                # of the detector on the retain rate split's tokens
     forget_group_sweep: bool = False # also sweep features restricted to the SAE's trained forget group
                                      # (doubles the selection sweep)
@@ -225,6 +226,7 @@ def tail(model, resid: torch.Tensor, hook_layer: int, past: dict = None, record:
     return final, {i: (e.past_keys, e.past_values) for i, e in enumerate(entries) if e is not None}
 
 
+@torch.no_grad()  # the unembedding's weights require grad: a graph would keep every logits chunk alive
 def token_nll(model, final_resid: torch.Tensor, tokens: torch.Tensor,
               chunk_tokens: int = 2048) -> torch.Tensor:
     """[B, m − 1] next-token losses (float64) of positions 0..m−2 of final_resid [B, m, d] predicting
@@ -269,6 +271,7 @@ def letter_probs(last_logits: torch.Tensor, letter_ids: list) -> torch.Tensor:
     return torch.stack([p[:, ids].max(dim=1).values for ids in letter_ids], dim=1)
 
 
+@torch.no_grad()
 def mcq_probs(model, final_resid: torch.Tensor, last: torch.Tensor, letter_ids: list) -> torch.Tensor:
     rows = torch.arange(final_resid.shape[0], device=final_resid.device)
     return letter_probs(logits_from_final_resid(model, final_resid[rows, last]), letter_ids)
@@ -461,6 +464,7 @@ class EvalSet:
     values; for 'ce' also the unmodified per-position losses and the remaining layers' keys and values,
     so that a re-run row starts at its first edited position."""
 
+    @torch.no_grad()
     def __init__(self, model, kind: str, batches: list, hook_layer: int, device: str, letter_ids=None):
         self.kind, self.batches, self.letter_ids = kind, [], letter_ids
         for tokens, last in batches:
@@ -670,6 +674,16 @@ def at_tolerance(curve: Curve, deltas: dict, tolerance: float, split: str) -> di
     return out
 
 
+def around_crossing(curve: Curve, deltas: dict, split: str, tolerance: float) -> Curve:
+    """The curve cut to the knobs that bracket its crossing of `tolerance` on `split` (its last knob when it
+    never crosses), keeping its base grid: where a related curve (a gate, a random draw) starts its
+    search, which extend then continues x2 or ÷2. Retain ΔCE rises with the multiplier, so the crossing
+    such a search finds is the first one of the whole sequence."""
+    i, _, _ = tolerance_point([retain_mean(deltas, curve.make(k), split) for k in curve.knobs], tolerance)
+    i = 0 if i is None else i  # above at every knob: start at the smallest
+    return curve._replace(knobs=curve.knobs[i:i + 2], base=curve.base or curve.knobs)
+
+
 class Choice(NamedTuple):
     curve: "Curve | None"  # the chosen curve, its knobs as run on the selection split
     point: "dict | None"  # its point at the tolerance on the selection split
@@ -705,12 +719,13 @@ def static_curves(selected: dict, cfg: UnlearningConfig) -> list:
             for th in cfg.retain_thresholds for n in cfg.n_features]
 
 
-def gated_curves(static: Curve, detector: str, gates: dict) -> list:
+def gated_curves(static: Curve, start: Curve, detector: str, gates: dict) -> list:
     """The chosen static curve under each gate of one detector ({threshold: quantile}); gate 0 opens
-    every position, so the static curve itself is the first."""
+    every position, so the static curve itself is the first. The gated curves start at `start`'s knobs
+    (the static curve around its crossing)."""
     return [static._replace(label=static.label | {"gate": 0.0, "gate_quantile": None})] + [
-        static._replace(label=static.label | {"gate": th, "gate_quantile": q},
-                        make=partial(Clamp, static.make(0).features, gate=(detector, th)))
+        start._replace(label=static.label | {"gate": th, "gate_quantile": q},
+                       make=partial(Clamp, static.make(0).features, gate=(detector, th)))
         for th, q in gates.items()]
 
 
@@ -838,6 +853,24 @@ def rate_split(model, sae, texts: dict, hook_layer: int, cfg: UnlearningConfig, 
     return out
 
 
+@torch.no_grad()
+def detector_auroc(sae, sets: dict, split: str, detectors: dict) -> dict:
+    """{detector: AUROC of its causal value (positions after the first) as a forget-vs-retain token
+    classifier on one ΔCE split's contexts}: 0.5 is chance, 1 separates the two texts perfectly."""
+    values = {name: {0: [], 1: []} for name in detectors}
+    for label, side in ((1, "forget"), (0, "retain")):
+        for b in sets[f"{side}_{split}"].batches:
+            f = encode_for_clamp(sae, b["resid"])[0]
+            for name, features in detectors.items():
+                values[name][label].append(causal_detector(f, features)[:, 1:].flatten().cpu())
+    out = {}
+    for name, v in values.items():
+        scores = torch.cat(v[1] + v[0]).double().numpy()
+        labels = np.r_[np.ones(sum(map(len, v[1]))), np.zeros(sum(map(len, v[0])))]
+        out[name] = float(roc_auc_score(labels, scores))
+    return out
+
+
 def gate_thresholds(sae, rate: dict, features, cfg: UnlearningConfig) -> dict:
     """{threshold: quantile}: cfg.gate_quantiles of a detector over the retain rate contexts' counted
     positions, each > 0 (threshold 0 is the static clamp) and distinct."""
@@ -880,8 +913,11 @@ def select_phase(measure: Measure, selected: dict, gates: dict, mcq_sets: dict,
     grid = [c.make(m) for curves in families.values() for c in curves for m in c.knobs]
     mcq = measure(grid, mcq_sets)
     chosen = {name: choose(curves, deltas, measure, cfg) for name, curves in families.items()}
-    gated = ({name: choose(gated_curves(chosen["all"].curve, name, g), deltas, measure, cfg)
-              for name, g in gates.items()} if chosen["all"].curve is not None else {})
+    static, gated = chosen["all"].curve, {}
+    if static is not None:
+        start = around_crossing(static, deltas, "select", cfg.ce_tolerance)
+        gated = {name: choose(gated_curves(static, start, name, g), deltas, measure, cfg)
+                 for name, g in gates.items()}
     families = {name: extend(curves, deltas, "select", measure, cfg) for name, curves in families.items()}
     return Selection(chosen["all"], chosen.get("forget_group"), gated, families, mcq)
 
@@ -902,7 +938,9 @@ def report_phase(measure: Measure, sel: Selection, rates: dict, controls_done: "
         th, n = sel.static.curve.label["retain_threshold"], sel.static.curve.label["n_features"]
         eligible = eligible_features(rates["forget"], rates["retain"], th)
         draws = random_features(eligible, n, cfg.random_draws, cfg.seed)
-        points = [report(Curve({"draw": i, "features": list(f)}, partial(Clamp, f), tuple(cfg.multipliers)),
+        as_reported = sel.static.curve._replace(knobs=tuple(out["static"]["knobs_run"]))
+        start = around_crossing(as_reported, deltas, "report", cfg.ce_tolerance)
+        points = [report(start._replace(label={"draw": i, "features": list(f)}, make=partial(Clamp, f)),
                          deltas, measure, cfg) for i, f in enumerate(draws)]
         out["random_features"] = random_summary(points, len(eligible), th, n)
     out["controls"] = controls_done or {name: report(c, deltas, measure, cfg)
@@ -1012,6 +1050,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
             del mcq_sets
         else:
             scores = report_phase(measures[split], sel, rates, controls_done, cfg)
+            aurocs = detector_auroc(sae, sets, split, detectors)
         del sets
         measures[split].sets = None  # free the split's keys and values before the next one is built
         timing[split] = time.time() - t
@@ -1021,7 +1060,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     timing["total"] = time.time() - started
     rows = {name: [r for c in curves for r in config_rows(c, deltas, sel.mcq, answers)]
             for name, curves in sel.families.items()}
-    return json_safe(eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, gates,
+    return json_safe(eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, aurocs, gates,
                                  selected, base, qinfo, texts, rates, measures, controls_done, timing))
 
 
@@ -1029,13 +1068,14 @@ def _run_edits(model, sae, hook_layer, cfg, detectors, controls, sets, edits):
     return run_sweep(model, sae, hook_layer, sets, edits, cfg, detectors, controls)
 
 
-def eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, gates, selected, base,
-                qinfo, texts, rates, measures, controls_done, timing) -> dict:
+def eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, aurocs, gates, selected,
+                base, qinfo, texts, rates, measures, controls_done, timing) -> dict:
     """The evaluation's JSON record (SAE-Bench's config / metrics / details split)."""
     split_sizes = {split: {side: texts[side][f"{split}_contexts"] for side in texts} for split in SPLITS}
     nf, nr = qinfo["forget"]["n_surviving"], qinfo["retain"]["n_surviving"]
     metrics = {"unlearning": held_out_metrics(scores["static"], sel.static) | {
-        "conditional": {name: p | {"n_detector_features": len(detectors[name])}
+        "conditional": {name: p | {"n_detector_features": len(detectors[name]),
+                                   "detector_auroc_report": aurocs[name]}
                         for name, p in scores["conditional"].items()},
         "controls": {"random_features": scores["random_features"]} | scores["controls"],
         "n_lower_bounds": n_lower_bounds(scores), "ce_tolerance": cfg.ce_tolerance,

@@ -212,6 +212,9 @@ def check_kept_residual_path(model, tokenizer):
     # the sweep (kept residuals, configs batched, unchanged rows skipped) against a full forward with the hook
     sae = random_sae()
     s = unlearning.EvalSet(model, "ce", [(tokens[:3], None), (tokens[3:], None)], HOOK_LAYER, "cpu")
+    # the kept values carry no autograd graph (the model's weights require grad; a graph would keep every
+    # logits chunk of the baseline pass alive)
+    assert all(b["nll"].grad_fn is None and b["base"].grad_fn is None for b in s.batches)
     configs = [Clamp((), 25), Clamp((2, 5), 25), Clamp((2, 5, 7), 100), Clamp((11,), 50)]
     starts, rerun = [], s.rerun
     s.rerun = lambda *args: starts.append(args[-1]) or rerun(*args)  # record where each re-run batch starts
@@ -539,6 +542,8 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     assert res["eval_config"]["detectors"]["rate_groups"] == {"n_features": 1, "gates": []}
     cond = met["conditional"]["rate_groups"]
     assert cond["score"] == pytest.approx(met["held_out_score"]) and cond["gate"] == 0.0
+    # > 0 on forget positions (but a context that opens with EOS), 0 on every retain one
+    assert 0.99 < cond["detector_auroc_report"] <= 1.0
     assert met["conditional"]["trained_groups"]["n_detector_features"] == 2
     # feature 0 is the only eligible one: every random draw is the chosen clamp, scored the same way
     rnd = met["controls"]["random_features"]
