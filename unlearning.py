@@ -116,7 +116,7 @@ class UnlearningConfig:
     # --- controls and the conditional clamp ---
     random_draws: int = 5            # random-feature control: seeded draws of n eligible features
     leace_strengths: tuple = (0.125, 0.25, 0.5, 1.0)   # LEACE control: x − s·(x − erase(x)); 1 = erased
-    gate_quantiles: tuple = (0.9, 0.99)   # conditional clamp: gate thresholds at these quantiles
+    gate_quantiles: tuple = (0.99,)  # conditional clamp: gate thresholds at these quantiles
                                                # of the detector on the retain rate split's tokens
     forget_group_sweep: bool = False # also sweep features restricted to the SAE's trained forget group
                                      # (doubles the selection sweep)
@@ -636,8 +636,10 @@ def retain_mean(deltas: dict, edit, split: str) -> float:
 def extend(curves: list, deltas: dict, split: str, measure, cfg: UnlearningConfig) -> list:
     """The curves with their knobs continued until each one's retain ΔCE on `split` crosses the
     tolerance: x2 past the largest knob while it is below at every knob, ÷2 under the smallest while
-    it is above there, within Curve.limits. measure(edits) adds the ΔCEs of edits not yet run on
-    `split` to deltas."""
+    it is above there, within Curve.limits. An edit whose retain ΔCE is exactly 0 in every context
+    changed no retain prediction; which positions an edit touches does not depend on its knob (where
+    features fire, the gate, the control's mask), so the curve goes straight to its largest knob.
+    measure(edits) adds the ΔCEs of edits not yet run on `split` to deltas."""
     curves = [c._replace(base=c.base or c.knobs) for c in curves]
     todo = [c.make(k) for c in curves for k in c.knobs]
     while todo:
@@ -648,7 +650,9 @@ def extend(curves: list, deltas: dict, split: str, measure, cfg: UnlearningConfi
                                    cfg.ce_tolerance)[2]
             low, high = c.limits(cfg.max_extensions)
             knob = c.knobs[-1] * 2 if flag == BELOW else c.knobs[0] / 2
-            if flag is None or not low <= knob <= high:
+            if flag == BELOW and not deltas[c.make(c.knobs[-1])][f"retain_{split}"].any():
+                knob = high
+            if flag is None or not low <= knob <= high or knob in c.knobs:
                 continue
             curves[i] = c._replace(knobs=c.knobs + (knob,) if flag == BELOW else (knob,) + c.knobs)
             todo.append(c.make(knob))
@@ -667,10 +671,11 @@ def at_tolerance(curve: Curve, deltas: dict, tolerance: float, split: str) -> di
     if i is None:
         return out | dict.fromkeys(("knob", "score", "score_se", "retain_delta_ce", "retain_delta_ce_se"))
     j = min(i + 1, len(edits) - 1)
-    out["knob"] = (1 - t) * curve.knobs[i] + t * curve.knobs[j]
+    out["knob"], out["n_contexts"] = (1 - t) * curve.knobs[i] + t * curve.knobs[j], {}
     for side, key in (("forget", "score"), ("retain", "retain_delta_ce")):
         d = (1 - t) * deltas[edits[i]][f"{side}_{split}"] + t * deltas[edits[j]][f"{side}_{split}"]
         out[key], out[f"{key}_se"] = mean_and_se(d)
+        out["n_contexts"][side] = len(d)
     return out
 
 

@@ -393,6 +393,7 @@ def test_report_split_is_read_at_its_own_tolerance_between_other_multipliers():
     assert point["split"] == "report" and point["knob"] == pytest.approx(37.5)
     assert point["score"] == pytest.approx(1.5) and point["retain_delta_ce"] == pytest.approx(0.02)
     assert point["score_se"] == pytest.approx(0.0) and not point["lower_bound"]
+    assert point["n_contexts"] == {"forget": 4, "retain": 4}
 
 
 def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_report_split():
@@ -416,11 +417,12 @@ def test_held_out_score_is_chosen_on_the_selection_split_and_measured_on_the_rep
 
 
 def test_extension_stops_at_the_first_multiplier_past_the_tolerance_and_obeys_the_cap():
-    """retain ΔCE = knob / 10,000 crosses 0.02 first at ×400: one doubling, then stop. A curve that
-    never costs anything continues to 200·2^4 = 3200 and is reported as a lower bound; one already above
-    at ×25 halves until it is below (retain = knob / 1,000: ×12.5)."""
+    """retain ΔCE = knob / 10,000 crosses 0.02 first at ×400: one doubling, then stop. A curve whose
+    retain ΔCE stays below continues to 200·2^4 = 3200 and is reported as a lower bound; one that changes
+    no retain context at all goes there at once; one already above at ×25 halves until it is below
+    (retain = knob / 1,000: ×12.5)."""
     cfg = unlearning.UnlearningConfig(ce_tolerance=0.02, max_extensions=4)
-    retain = {1: lambda k: k / 10_000, 2: lambda k: 0.0, 3: lambda k: k / 1_000}
+    retain = {1: lambda k: k / 10_000, 2: lambda k: 1e-6 * k, 3: lambda k: k / 1_000, 4: lambda k: 0.0}
     curves = [unlearning.Curve({"tag": t}, partial(Clamp, (t,)), (25, 50, 100, 200)) for t in retain]
     deltas, batches = {}, []
 
@@ -435,9 +437,10 @@ def test_extension_stops_at_the_first_multiplier_past_the_tolerance_and_obeys_th
     assert out[0].knobs == (25, 50, 100, 200, 400)
     assert out[1].knobs == (25, 50, 100, 200, 400, 800, 1600, 3200)
     assert out[2].knobs == (12.5, 25, 50, 100, 200)
-    assert batches[1:] == [[(1, 400), (2, 400), (3, 12.5)], [(2, 800)], [(2, 1600)], [(2, 3200)]]
-    capped = unlearning.at_tolerance(out[1], deltas, 0.02, "select")
-    assert capped["lower_bound"] and capped["knob"] == 3200 and capped["score"] == pytest.approx(32.0)
+    assert out[3].knobs == (25, 50, 100, 200, 3200)
+    assert batches[1:] == [[(1, 400), (2, 400), (3, 12.5), (4, 3200)], [(2, 800)], [(2, 1600)], [(2, 3200)]]
+    for capped in (unlearning.at_tolerance(out[i], deltas, 0.02, "select") for i in (1, 3)):
+        assert capped["lower_bound"] and capped["knob"] == 3200 and capped["score"] == pytest.approx(32.0)
     assert unlearning.at_tolerance(out[0], deltas, 0.02, "select")["knob"] == pytest.approx(200.0)
     low = unlearning.at_tolerance(out[2], deltas, 0.02, "select")
     assert low["knob"] == pytest.approx(20.0) and not low["lower_bound"]
@@ -522,8 +525,8 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
         assert text["select_documents"] + text["report_documents"] + text["rate_documents"] <= len(docs)
     assert met["split_sizes_contexts"] == {"select": {"forget": 6, "retain": 6},
                                            "report": {"forget": 6, "retain": 6}}
-    # retain ΔCE is 0 at every multiplier: each curve continues x2 to the cap 100·2^2 and is a lower bound
-    assert {r["multiplier"] for r in d["sweep"]} == {25, 100, 200, 400}
+    # no retain context changes: each curve goes straight to its cap 100·2^2 and is a lower bound
+    assert {r["multiplier"] for r in d["sweep"]} == {25, 100, 400}
     for row in d["sweep"]:
         assert row["n_selected"] == 1 and row["forget_delta_ce_se"] > 0
         assert (row["forget_delta_ce"] > 1.0 and row["retain_delta_ce"] == 0.0
@@ -531,7 +534,7 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
     for curve in met["curves_at_tolerance"]:
         assert curve["flag"] == "below_tolerance_at_every_multiplier" and curve["knob"] == 400
     report = met["held_out"]["report"]
-    assert met["held_out_lower_bound"] and report["lower_bound"] and report["knobs_run"] == [25, 100, 200, 400]
+    assert met["held_out_lower_bound"] and report["lower_bound"] and report["knobs_run"] == [25, 100, 400]
     chosen = met["held_out"]["selection"]
     row = next(r for r in d["sweep"] if r["multiplier"] == 400 and r["n_features"] == chosen["n_features"]
                and r["retain_threshold"] == chosen["retain_threshold"])
