@@ -680,13 +680,13 @@ def at_tolerance(curve: Curve, deltas: dict, tolerance: float, split: str) -> di
 
 
 def around_crossing(curve: Curve, deltas: dict, split: str, tolerance: float) -> Curve:
-    """The curve cut to the knobs that bracket its crossing of `tolerance` on `split` (its last knob when it
+    """The curve cut to the first knob past its crossing of `tolerance` on `split` (its last knob when it
     never crosses), keeping its base grid: where a related curve (a gate, a random draw) starts its
     search, which extend then continues x2 or ÷2. Retain ΔCE rises with the multiplier, so the crossing
     such a search finds is the first one of the whole sequence."""
     i, _, _ = tolerance_point([retain_mean(deltas, curve.make(k), split) for k in curve.knobs], tolerance)
-    i = 0 if i is None else i  # above at every knob: start at the smallest
-    return curve._replace(knobs=curve.knobs[i:i + 2], base=curve.base or curve.knobs)
+    j = 0 if i is None else min(i + 1, len(curve.knobs) - 1)  # above at every knob: the smallest
+    return curve._replace(knobs=curve.knobs[j:j + 1], base=curve.base or curve.knobs)
 
 
 class Choice(NamedTuple):

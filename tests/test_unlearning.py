@@ -446,6 +446,29 @@ def test_extension_stops_at_the_first_multiplier_past_the_tolerance_and_obeys_th
     assert low["knob"] == pytest.approx(20.0) and not low["lower_bound"]
 
 
+def test_a_search_from_the_static_crossing_reads_what_the_whole_sequence_reads():
+    """Gated curves and random draws start at the knob just past the static curve's crossing (×100 here)
+    and search x2 or ÷2 from there: a weaker edit (retain = knob / 20,000) and a stronger one (knob / 2,000)
+    are read at the same point as from the whole sequence, with fewer edits."""
+    cfg = unlearning.UnlearningConfig(ce_tolerance=0.02, max_extensions=4)
+    static, deltas = curve_from_means({25: split_means(0.1, 0.0), 50: split_means(0.2, 0.01),
+                                       100: split_means(0.4, 0.03), 200: split_means(0.8, 0.1)})
+    start = unlearning.around_crossing(static, deltas, "select", 0.02)
+    assert start.knobs == (100,) and start.base == (25, 50, 100, 200)
+    for tag, slope in ((5, 1 / 20_000), (6, 1 / 2_000)):
+        def measure(edits, extra_sets=None):
+            for e in edits:
+                deltas.setdefault(e, {"retain_select": torch.full((4,), slope * e.multiplier, dtype=torch.float64),
+                                      "forget_select": torch.full((4,), e.multiplier / 100, dtype=torch.float64)})
+        make = partial(Clamp, (tag,))
+        (searched,) = unlearning.extend([start._replace(make=make)], deltas, "select", measure, cfg)
+        (whole,) = unlearning.extend([static._replace(make=make)], deltas, "select", measure, cfg)
+        a, b = (unlearning.at_tolerance(c, deltas, 0.02, "select") for c in (searched, whole))
+        assert a["knob"] == pytest.approx(b["knob"]) and a["score"] == pytest.approx(b["score"])
+        assert len(searched.knobs) < len(whole.knobs)
+        assert a["knob"] == pytest.approx(400.0 if tag == 5 else 40.0)
+
+
 def test_random_feature_draws_are_seeded_and_drawn_from_the_eligible_set():
     forget = np.array([0.0, 0.1, 0.2, 0.05, 0.3, 0.0, 0.01, 0.02, 0.4, 0.1])
     retain = np.array([0.0, 0.0, 0.02, 0.0, 0.0, 0.0, 0.005, 0.0, 0.0, 0.009])
