@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import activations
 import experiment
+import interventions
 from experiment import (AllPairsOrthogonalityLoss, AutoEncoderTopK, CrossGroupOrthogonalityLoss,
                         FeatureGrouper, KappaEarlyStopping, TrainerTopK, condition_number,
                         cross_group_penalty, principal_angles)
@@ -271,15 +272,14 @@ def test_group_bias_part_of_a_clamp_edit_is_bounded(tmp_path, multiplier):
 
 def test_clamp_on_zero_group_biases_equals_the_plain_topk_clamp(tmp_path):
     """With zero group biases both readings of a clamp's edit reduce to the plain TopK SAE's edit."""
-    import unlearning
     sae = _saved_group_sae(tmp_path, zero_biases=True)
     resid = 5 * torch.randn(3, 7, 16)
     features = [0, 5, 9, 17, 33]
     plain = sae.without_group_biases()
     with torch.no_grad():
-        expected, active = unlearning.clamp_residual(plain, resid, features, 100.0)
+        expected, active = interventions.clamp_residual(plain, resid, features, 100.0)
         for edit in experiment.GROUP_BIAS_EDITS:
-            got, got_active = unlearning.clamp_residual(experiment.intervention_sae(sae, edit), resid,
+            got, got_active = interventions.clamp_residual(experiment.intervention_sae(sae, edit), resid,
                                                         features, 100.0)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
             assert torch.equal(got_active, active)
@@ -288,7 +288,6 @@ def test_clamp_on_zero_group_biases_equals_the_plain_topk_clamp(tmp_path):
 def test_held_edit_is_the_feature_direction_edit(tmp_path):
     """The default reading: resid' = resid + (f' - f) W_dec, the group-bias term held at the codes before
     the clamp; the relu reading moves the bias by (w(f') - w(f)) B on top of that."""
-    import unlearning
     sae = _saved_group_sae(tmp_path)
     resid = 5 * torch.randn(2, 9, 16)
     with torch.no_grad():
@@ -296,9 +295,11 @@ def test_held_edit_is_the_feature_direction_edit(tmp_path):
         features = (f > 0).flatten(0, 1).sum(0).argsort(descending=True)[:6].tolist()
         f[:, 0] = 0
         f2 = _clamp(f, features, 50.0)
-        held, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "held"), resid, features, 50.0)
+        held, _ = interventions.clamp_residual(experiment.intervention_sae(sae, "held"), resid,
+                                               features, 50.0)
         torch.testing.assert_close(held, resid + (f2 - f) @ sae.W_dec, rtol=1e-5, atol=1e-3)
-        relu, _ = unlearning.clamp_residual(experiment.intervention_sae(sae, "relu"), resid, features, 50.0)
+        relu, _ = interventions.clamp_residual(experiment.intervention_sae(sae, "relu"), resid,
+                                               features, 50.0)
         shift = (experiment.group_weights(f2, sae.feature_group)
                  - experiment.group_weights(f, sae.feature_group))
         torch.testing.assert_close(relu, held + shift @ sae.group_bias, rtol=1e-5, atol=1e-3)
