@@ -174,11 +174,17 @@ def _warnings(sae: SAE, model: HookedTransformer) -> list[str]:
     return out
 
 
-def _probe_dir(work_dir: Path, cfg: AbsorptionConfig, pos: int, n_words: int) -> Path:
+def _probe_dir(work_dir: Path, cfg: AbsorptionConfig, pos: int, n_words: int, dtype: torch.dtype) -> Path:
     """SAE-Bench keys its probe by model name and layer only (under this folder): key the folder by what else
-    shapes the probe, so that a work_dir can be reused across SAEs without a stale probe."""
+    shapes the probe (the model's dtype among it), so that a work_dir can be reused across SAEs without a
+    stale probe."""
     return work_dir / "probes" / f"pos{pos}_words{n_words}_seed{cfg.random_seed}_epochs{cfg.probe_epochs}" \
-                                 f"_batch{cfg.probe_batch_size}"
+                                 f"_batch{cfg.probe_batch_size}{_dtype_suffix(dtype)}"
+
+
+def _dtype_suffix(dtype: torch.dtype) -> str:
+    """'' for float32 (the folders probes trained before the dtype was a choice), else '_bfloat16'."""
+    return "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
 
 
 def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionConfig, work_dir: Path,
@@ -220,7 +226,7 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
         precalc_k_sparse_probe_sae_acts=cfg.precalc_k_sparse_probe_sae_acts)
     notes["eval_config"] = config
     sae_name = f"{sae_release}_{sae_id}".replace("/", "_")
-    probes_dir = _probe_dir(work_dir, cfg, pos, len(words))
+    probes_dir = _probe_dir(work_dir, cfg, pos, len(words), model.cfg.dtype)
     probe_folder = probes_dir / model.cfg.model_name / f"layer_{layer}"  # where SAE-Bench puts it
     common = dict(model=model, sae=sae, layer=layer, sae_name=sae_name, max_k_value=config.max_k_value,
                   prompt_template=template, prompt_token_pos=pos, device=device, probes_dir=probes_dir,

@@ -2,7 +2,9 @@
 
 A cache entry is a folder named by the hash of everything that determines its contents (model, layer, data
 versions, context length, token budget, data seed). It holds, per split,
-  {split}_acts.npy    float32 [n_tokens, d_model]  activations at the hook, BOS positions dropped
+  {split}_acts.npy    [n_tokens, d_model]          activations at the hook, BOS positions dropped, in the
+                                                   model's dtype: float32, or bfloat16 stored as its bits
+                                                   (uint16; numpy has no bfloat16), half the bytes
   {split}_labels.npy  uint8   [n_tokens]           1 = forget-domain token, 0 = retain-domain token
 and manifest.json, written last, with the key, shapes and sha256 of every file. No manifest, no entry: a
 harvest that died halfway is redone. Arrays are read memory-mapped, so the cache never has to fit in memory.
@@ -23,6 +25,14 @@ from files import sha256_file
 
 FORMAT_VERSION = 1
 FORGET, RETAIN = 1, 0
+STORAGE = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.uint16, torch.int16)}
+
+
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """Stored activations -> float32 (exact: a bfloat16 is the top half of a float32's bits)."""
+    if rows.dtype == np.uint16:
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows
 
 
 def cache_key(fields: dict) -> str:
@@ -34,14 +44,16 @@ def cache_key(fields: dict) -> str:
 def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, labels: torch.Tensor,
                   batch_size: int, acts_path: Path, desc: str) -> None:
     """Run `model` up to `layer` on token contexts [n, T]; write the hook's activations for positions 1..T-1
-    (BOS dropped) to `acts_path` as [n*(T-1), d] float32, and each token's context label alongside.
+    (BOS dropped) to `acts_path` as [n*(T-1), d] in the model's dtype (STORAGE), and each token's context
+    label alongside.
 
     Under torchrun each rank runs its share of the batches (the same batches a single process runs, so the
     same bytes) into the one file rank 0 created."""
     n, T = tokens.shape
     shape = (n * (T - 1), model.cfg.d_model)
+    stored, bits = STORAGE[model.cfg.dtype]
     if distributed.is_main():
-        np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=shape).flush()
+        np.lib.format.open_memmap(acts_path, mode="w+", dtype=stored, shape=shape).flush()
     distributed.barrier()
     acts = np.load(acts_path, mmap_mode="r+")
     starts = range(0, n, batch_size)
@@ -50,7 +62,7 @@ def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, label
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
         resid = cache[hook_name][:, 1:, :].reshape(-1, model.cfg.d_model)
-        acts[start * (T - 1):start * (T - 1) + len(resid)] = resid.float().cpu().numpy()
+        acts[start * (T - 1):start * (T - 1) + len(resid)] = resid.cpu().view(bits).numpy().view(stored)
     acts.flush()
     del acts
     distributed.barrier()
@@ -88,7 +100,7 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"disk full while writing the activation cache under {entry.parent} "
                                    f"(partial files removed; the entry needs about "
-                                   f"{_entry_bytes(splits, model.cfg.d_model) / 1e9:.1f} GB): "
+                                   f"{_entry_bytes(splits, model.cfg) / 1e9:.1f} GB): "
                                    f"free space or point --cache_dir elsewhere") from None
         raise
     if distributed.is_main():
@@ -99,10 +111,10 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
     distributed.barrier()  # no rank reads the entry before it is in place
 
 
-def _entry_bytes(splits: dict, d_model: int) -> int:
-    """Size of a cache entry: float32 activations and uint8 labels for every non-BOS token."""
+def _entry_bytes(splits: dict, model_cfg) -> int:
+    """Size of a cache entry: activations in the model's dtype and uint8 labels for every non-BOS token."""
     n_tokens = sum(tokens.shape[0] * (tokens.shape[1] - 1) for tokens, _ in splits.values())
-    return n_tokens * (4 * d_model + 1)
+    return n_tokens * (model_cfg.dtype.itemsize * model_cfg.d_model + 1)
 
 
 def load_split(entry: Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +139,8 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float,
     after BOS); left in, they dominate the squared-error loss and the input scale. dictionary_learning
     filters the same way.
     """
-    norms = np.concatenate([np.linalg.norm(acts[i:i + chunk], axis=1) for i in range(0, len(acts), chunk)])
+    norms = np.concatenate([np.linalg.norm(as_float32(acts[i:i + chunk]), axis=1)
+                            for i in range(0, len(acts), chunk)])
     if max_norm_multiple <= 0:
         return np.arange(len(acts)), norms
     return np.flatnonzero(norms <= max_norm_multiple * np.median(norms)), norms
@@ -135,7 +148,7 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float,
 
 def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                      rows: np.ndarray = None, skip: int = 0, part: slice = slice(None)):
-    """Endless stream of (x [B, d] float32, labels [B] uint8) over `rows` (default all): a fresh random
+    """Endless stream of (x [B, d] float32 whatever the stored dtype, labels [B] uint8) over `rows` (default all): a fresh random
     permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
     same stream). `part` slices each batch: a data-parallel rank reads its share of the global batch only.
 
@@ -156,5 +169,6 @@ def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed
         order = rows[rng.permutation(n)]
         for start in range(first * batch_size, n - batch_size + 1, batch_size):
             idx = np.sort(order[start:start + batch_size])[part]
-            yield torch.from_numpy(np.ascontiguousarray(acts[idx])), torch.from_numpy(labels[idx])
+            yield (torch.from_numpy(np.ascontiguousarray(as_float32(acts[idx]))),
+                   torch.from_numpy(labels[idx]))
         first = 0

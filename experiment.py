@@ -83,6 +83,10 @@ class Config:
     # model and data
     model: str = _opt("auto", "'auto', 'pythia-70m-deduped', 'smollm2-135m-instruct', a hub id or a "
                       "local HF model folder")
+    llm_dtype: str = _opt("auto", "dtype of every language-model forward (harvest, core eval, "
+                          "unlearning, absorption): 'float32', 'bfloat16', or 'auto' (bfloat16 on a "
+                          "CUDA device with bf16 or a CPU with AVX512-BF16 or AMX, else float32); the "
+                          "SAE, its optimiser and every statistic stay float32")
     layer: int = _opt(-1, "residual stream after this block is the SAE's input; -1: the model's "
                       "default (Pythia-70M 3, SmolLM2 15)")
     forget_corpus: str = _opt(data.HPO, "'hpo' (embedded biology text) or a local .jsonl/.txt file "
@@ -107,6 +111,10 @@ class Config:
     dict_size: int = _opt(0, "number of SAE latents F; 0: 8 x d_model on CPU, 32 x d_model on CUDA")
     k: int = _opt(32, "active latents per token (TopK)")
     batch_size: int = _opt(2048, "activations per training step")
+    encoder_dtype: str = _opt("float32", "dtype of the training step's encoder product "
+                              "(x − b_dec)·W_enc and its TopK selection: 'float32' or 'bfloat16' "
+                              "(weights, Adam, decoder and gradients stay float32; the saved SAE is "
+                              "evaluated in float32)")
     epochs: float = _opt(4.0, "passes over the harvested training activations")
     lr: float = _opt(0.0, "Adam learning rate; 0: 2e-4 / sqrt(F / 16384) (dictionary_learning's TopK "
                      "rule)")
@@ -241,6 +249,10 @@ def validate(cfg: Config) -> None:
         (cfg.layer >= -1, "layer", f"layer={cfg.layer} must be >= 0 (or -1 for the model's default)"),
         (cfg.wandb_mode in ("auto", "online", "offline", "disabled"), "wandb_mode",
          f"wandb_mode={cfg.wandb_mode!r}: use auto, online, offline or disabled"),
+        (cfg.llm_dtype in ("auto", *models.LLM_DTYPES), "llm_dtype",
+         f"llm_dtype={cfg.llm_dtype!r}: use auto, {', '.join(models.LLM_DTYPES)}"),
+        (cfg.encoder_dtype in models.LLM_DTYPES, "encoder_dtype",
+         f"encoder_dtype={cfg.encoder_dtype!r}: use {' or '.join(models.LLM_DTYPES)}"),
         (cfg.variant in VARIANTS, "variant", f"variant={cfg.variant!r}: use one of {', '.join(VARIANTS)}"),
         (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit",
          f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: "
@@ -433,12 +445,13 @@ class Inputs:
 
 
 def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
+    dtype, dtype_why = models.resolve_llm_dtype(cfg.llm_dtype, cfg.device)
     try:
-        model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir))
+        model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir), dtype)
     except RuntimeError as e:  # a named model that cannot be had: say so in one line
         raise ConfigError(f"--model: {e}") from None
-    model_info |= {"requested": cfg.model, "reason": why}
-    print(f"model: {model_info['name']} ({model_info['source']}; {why})")
+    model_info |= {"requested": cfg.model, "reason": why, "dtype_reason": dtype_why}
+    print(f"model: {model_info['name']} ({model_info['source']}; {why}), {dtype} ({dtype_why})")
     forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
                       (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
     documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed,
@@ -460,7 +473,8 @@ def prepare_activations(cfg: Config, model, model_info: dict, hook_name: str, fo
                         retain: data.Corpus, documents: dict):
     """Harvest (or read back) train and validation activations from the training and validation documents of
     `documents` ({"forget"|"retain": data.DocumentSplit}); returns the cache entry and its key fields."""
-    key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision")},
+    key = {"model": {k: model_info.get(k) for k in ("name", "source", "gguf_sha256", "revision",
+                                                    "dtype")},
            "layer": cfg.layer, "hook_name": hook_name, "context_length": cfg.context_length,
            "train_tokens": cfg.train_tokens, "val_tokens": cfg.val_tokens, "eval_fraction": cfg.eval_fraction,
            "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "forget": forget.provenance(),
@@ -773,7 +787,7 @@ class TrainingData:
         keep, norms = activations.typical_rows(acts, max_norm_multiple)
         val_keep, _ = activations.typical_rows(val_acts, max_norm_multiple)
         scale = float(np.sqrt((norms[keep].astype(np.float64) ** 2).mean()))
-        val_acts = val_acts[val_keep]
+        val_acts = activations.as_float32(val_acts[val_keep])  # small: held in memory as float32
         return cls(acts, labels, keep, norms, val_acts, val_acts.mean(axis=0), scale)
 
 
@@ -785,8 +799,8 @@ class Training:
     def __init__(self, cfg: Config, data: TrainingData):
         self.cfg, self.data = cfg, data
         d = data.acts.shape[1]
-        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k,
-                                   group_biases=uses_group_biases(cfg)).to(cfg.device)
+        self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg),
+                                   encoder_dtype=models.LLM_DTYPES[cfg.encoder_dtype]).to(cfg.device)
         self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
         self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
                                       max_group_size=int(cfg.max_group_fraction * d))
@@ -1508,9 +1522,10 @@ class AutoEncoderTopK(nn.Module):
     group (−1 shared); the decoder weights stay shared. Saved, it is a GroupBiasTopKSAE.
     """
 
-    def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False):
+    def __init__(self, d_in: int, dict_size: int, k: int, group_biases: bool = False,
+                 encoder_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.d_in, self.dict_size, self.k = d_in, dict_size, k
+        self.d_in, self.dict_size, self.k, self.encoder_dtype = d_in, dict_size, k, encoder_dtype
         W_dec = torch.randn(dict_size, d_in)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
@@ -1538,7 +1553,8 @@ class AutoEncoderTopK(nn.Module):
     def encode(self, x: torch.Tensor, aux_latents: torch.Tensor = None, k_aux: int = 0) -> "Codes":
         """Codes: values, indices [B, k] of the k largest ReLU pre-activations; aux_values, aux_indices
         [B, k_aux] of the largest among `aux_latents` (for AuxK; [B, 0] without them)."""
-        return Codes(*TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux))
+        return Codes(*TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.k, aux_latents, k_aux,
+                                       self.encoder_dtype))
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec (+ group_weights @ group_bias): [B, d]."""
@@ -1663,24 +1679,28 @@ class TopKEncode(torch.autograd.Function):
     so every weight gradient is a sparse product (scatter_rows), O(B·(k+k_aux)·d):
       ∂W_enc[:, f] = Σ_b (x_b − b_dec) g_bf,   ∂b_enc[f] = Σ_b g_bf,   ∂b_dec = −W_enc ∂b_enc.
     The dense [B, F] gradient is never formed.
+    With gemm_dtype bfloat16 the product and the selection run on bf16 copies of (x − b_dec), W_enc and
+    b_enc (the selected values come back as float32); everything after them is float32.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, aux_latents, k_aux: int):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, aux_latents, k_aux: int,
+                gemm_dtype: torch.dtype = torch.float32):
         centered = x - b_dec
         with_aux = aux_latents is not None and len(aux_latents) > 0 and k_aux > 0
         values, indices, aux_values, aux_indices = [], [], [], []
         chunk = max(1, 2**21 // W_enc.shape[1])
+        low = [t.to(gemm_dtype) for t in (b_enc, centered, W_enc)]  # no copies at float32
         for start in range(0, len(x), chunk):
-            pre = torch.addmm(b_enc, centered[start:start + chunk], W_enc)
+            pre = torch.addmm(low[0], low[1][start:start + chunk], low[2])
             v, i = topk_rows(pre, k)
             values.append(v), indices.append(i)
             if with_aux:
                 v, j = pre[:, aux_latents].topk(min(k_aux, len(aux_latents)), dim=-1, sorted=False)
                 aux_values.append(v), aux_indices.append(aux_latents[j])
-        values, indices = torch.cat(values).relu_(), torch.cat(indices)
+        values, indices = torch.cat(values).float().relu_(), torch.cat(indices)
         if with_aux:
-            aux_values, aux_indices = torch.cat(aux_values).relu_(), torch.cat(aux_indices)
+            aux_values, aux_indices = torch.cat(aux_values).float().relu_(), torch.cat(aux_indices)
         else:
             aux_values, aux_indices = values.new_zeros(len(x), 0), indices.new_zeros(len(x), 0)
         ctx.save_for_backward(centered, W_enc, torch.cat([values, aux_values], 1),
@@ -1696,7 +1716,7 @@ class TopKEncode(torch.autograd.Function):
         grad_W_enc = scatter_rows(indices, grad, centered, W_enc.shape[1]).T
         grad_b_enc = (torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device)
                       .index_add_(0, indices.flatten(), grad.flatten()))
-        return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None
+        return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

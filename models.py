@@ -69,8 +69,30 @@ def describe_model(name: str, cache_dir: Path) -> dict:
                      f"model folder")
 
 
-def load_model(name: str, device: str, cache_dir: Path) -> tuple[HookedTransformer, dict]:
-    """Load `name` ('auto' | alias | HF hub id | local HF folder) as an eval-mode fp32 HookedTransformer.
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_llm_dtype(requested: str, device: str) -> tuple[str, str]:
+    """'auto' | 'float32' | 'bfloat16' -> (dtype name, why). 'auto' picks bfloat16 where the hardware
+    multiplies in it natively (a CUDA device with bf16; a CPU with AVX512-BF16 or AMX tiles), as SAE-Bench
+    runs its models; elsewhere bf16 would be emulated, slower than fp32, so float32."""
+    if requested != "auto":
+        return requested, "requested by name"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"auto: {torch.cuda.get_device_name(device)} supports bfloat16"
+        return "float32", f"auto: {torch.cuda.get_device_name(device)} has no bfloat16"
+    native = [name for name, has in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+                                     ("AMX", torch.cpu._is_amx_tile_supported())) if has]
+    if native:
+        return "bfloat16", f"auto: the CPU has {' and '.join(native)} (torch.cpu reports it)"
+    return "float32", "auto: the CPU has neither AVX512-BF16 nor AMX (torch.cpu reports it)"
+
+
+def load_model(name: str, device: str, cache_dir: Path,
+               dtype: str = "float32") -> tuple[HookedTransformer, dict]:
+    """Load `name` ('auto' | alias | HF hub id | local HF folder) as an eval-mode HookedTransformer whose
+    weights (and so every forward) are in `dtype` ('float32' | 'bfloat16'; converted from fp32).
 
     Returns (model, info); info records what was loaded, from where, and why ('auto' may fall back).
     """
@@ -89,10 +111,12 @@ def load_model(name: str, device: str, cache_dir: Path) -> tuple[HookedTransform
             raise RuntimeError(f"could not load {target} from the hub or cache: {e}; "
                                f"use --model {EMBEDDED_NAME} for the embedded model") from None
     model = hooked_from_hf_folder(folder, device)
+    if dtype != "float32":
+        model = model.to(LLM_DTYPES[dtype], print_details=False)
     cfg = model.cfg
     info = {"requested": requested, **info, "reason": reason, "n_layers": cfg.n_layers,
             "d_model": cfg.d_model, "d_vocab": cfg.d_vocab, "architecture": cfg.original_architecture,
-            "prepend_bos": cfg.default_prepend_bos, "bos_token": model.tokenizer.bos_token}
+            "dtype": dtype, "prepend_bos": cfg.default_prepend_bos, "bos_token": model.tokenizer.bos_token}
     return model, info
 
 

@@ -198,8 +198,9 @@ def logits_from_final_resid(model, resid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def to_hook(model, tokens: torch.Tensor, hook_layer: int) -> torch.Tensor:
     """blocks.{hook_layer}.hook_resid_post for right-padded tokens [B, L] (no attention mask: causal attention
-    keeps right padding out of every real position)."""
-    return model(tokens, stop_at_layer=hook_layer + 1, padding_side="right")
+    keeps right padding out of every real position), as float32 whatever the model's dtype: every edit at
+    the hook (the SAE's, the controls') runs in float32, and `tail` casts back."""
+    return model(tokens, stop_at_layer=hook_layer + 1, padding_side="right").float()
 
 
 @torch.no_grad()
@@ -211,6 +212,7 @@ def tail(model, resid: torch.Tensor, hook_layer: int, past: dict = None, record:
     prefix (TransformerLens caches keys before the rotary embedding and offsets queries by p), so the
     prefix is not recomputed; None: p = 0. With `record`, also returns this pass's
     {layer: (keys, values)} over all its positions (for a later `past`)."""
+    resid = resid.to(model.cfg.dtype)
     entries = [None] * model.cfg.n_layers
     for i in range(hook_layer + 1, model.cfg.n_layers):
         if past is not None:

@@ -8,7 +8,10 @@
 Timed, interleaved (each repetition runs every workload in turn, --steps steps each; medians over --reps):
   - the encoder product x @ W_enc [B, d] x [d, F] alone, the part no TopK SAE can skip: as the expression
     allocates it (the reference) and into a preallocated output (the bare GEMM);
-  - our step, `experiment.TrainerTopK.step`, for `topk` and `adaptive_ortho` (groups of --n_forget /
+  - the same product in bfloat16 (x and W_enc as bf16 copies), the limit of a step whose encoder product
+    runs in bf16 (--encoder_dtype=bfloat16);
+  - our step, `experiment.TrainerTopK.step`, for `topk` (float32 and bf16 encoder product) and
+    `adaptive_ortho` (groups of --n_forget /
     --n_retain latents with partners and λ2 at its maximum, as in bench_ortho_cost); the grouper watches
     in both, as in a run;
   - dictionary_learning 0.1.0 `TopKTrainer.update` (the reference TopK trainer);
@@ -118,8 +121,9 @@ def sparsify_step(d, n, k, x, dead):
     return step
 
 
-def our_step(variant, d, n, k, x, labels, dead, n_forget, n_retain):
+def our_step(variant, d, n, k, x, labels, dead, n_forget, n_retain, encoder_dtype=torch.float32):
     trainer = make_trainer(variant, d, n, k, n_forget, n_retain)
+    trainer.sae.encoder_dtype = encoder_dtype
 
     def step():
         if dead:
@@ -156,10 +160,15 @@ def main():
 
     W_enc = topk_trainer.sae.W_enc.detach().contiguous()
     out = torch.empty(B, n)
+    x_bf16, W_bf16 = x.bfloat16(), W_enc.bfloat16()
     workloads = {
         "encoder product x @ W_enc": lambda: x @ W_enc,
         "encoder product, preallocated output": lambda: torch.mm(x, W_enc, out=out),
+        "encoder product in bf16": lambda: x_bf16 @ W_bf16,
         "ours: topk step": topk_step,
+        "ours: topk step, bf16 encoder product": our_step("topk", d, n, k, x, labels, args.dead,
+                                                          args.n_forget, args.n_retain,
+                                                          torch.bfloat16)[0],
         "ours: adaptive_ortho step": our_step("adaptive_ortho", d, n, k, x, labels, args.dead,
                                               args.n_forget, args.n_retain)[0],
     }
@@ -190,7 +199,11 @@ def main():
         print(f"| {name} | {1e3 * med[name]:.1f} | {rate[name]:,.0f} | {vs} |")
     print()
     checks = [("topk step rate / encoder product rate (x @ W_enc)",
-               rate[ours] / rate["encoder product x @ W_enc"], ">= 0.50"),
+               rate[ours] / rate["encoder product x @ W_enc"], ">= 0.75"),
+              ("topk step rate, bf16 encoder / bf16 encoder product rate",
+               rate["ours: topk step, bf16 encoder product"] / rate["encoder product in bf16"], ">= 0.75"),
+              ("topk step rate, bf16 encoder / topk step rate, float32",
+               rate["ours: topk step, bf16 encoder product"] / rate[ours], "(info)"),
               ("topk step rate / bare GEMM rate (preallocated output)",
                rate[ours] / rate["encoder product, preallocated output"], "(info)"),
               ("adaptive_ortho step time / topk step time",
