@@ -123,6 +123,9 @@ def comparability_key(cfg: dict, provenance: dict) -> dict:
             "train tokens": f"{cfg['train_tokens']} x {cfg['epochs']:g} epochs",
             "dict_size": cfg["dict_size"], "k": cfg["k"], "context length": cfg["context_length"],
             "data seed": cfg["data_seed"],
+            # runs made before the dtypes were options ran both in float32
+            "dtypes": f"model {provenance['model'].get('dtype', 'float32')}, encoder "
+                      f"{cfg.get('encoder_dtype', 'float32')}",
             "validation documents": (f"{cfg['val_fraction']:g} apart" if "val_fraction" in cfg
                                      else "eval documents")}
 
