@@ -1181,7 +1181,7 @@ class CrossGroupOrthogonalityLoss:
         n_forget = len(grouper.forget_idx)
         w_F, w_R = grouper.member_weights(t)
         return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:],
-                                                    grouper.partner_sign, self.alpha, self.target,
+                                                    grouper.partner_targets(t), self.alpha, self.target,
                                                     w_F, w_R)
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
@@ -1191,14 +1191,14 @@ class CrossGroupOrthogonalityLoss:
             W_dec.grad.index_add_(0, self.index, self.rows.grad)
 
 
-def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float,
+def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner: torch.Tensor, alpha: float,
                         target: str, w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
     """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d]
     unit rows.
 
-    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched
-    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m),
-    0 elsewhere.
+    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner) rows of W_F and of W_R are matched
+    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_i (i < m),
+    0 elsewhere; partner_i = the pair's sign at matching × its ramp (FeatureGrouper.partner_targets).
       partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at
                                 matching, so a pair never has to cross 0), every other pair to 0
       hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
@@ -1213,8 +1213,8 @@ def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torc
     if target == "hinge":
         E = (C.abs() - alpha).relu()
     else:
-        m = torch.arange(len(partner_sign), device=C.device)
-        E = C.index_put((m, m), -alpha * partner_sign.to(C), accumulate=True)
+        m = torch.arange(len(partner), device=C.device)
+        E = C.index_put((m, m), -alpha * partner.to(C), accumulate=True)
     E2 = E.pow(2)
     if w_F is not None:
         E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
@@ -1314,6 +1314,7 @@ class FeatureGrouper:
         self.updates = torch.zeros(2)
         self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
         self.partner_sign = torch.zeros(0)
+        self.paired_at = torch.zeros(0, dtype=torch.long)  # step at which each partner pair was formed
         # step at which a latent joined its current group
         self.joined = torch.zeros(dict_size, dtype=torch.long)
         self.regroups = 0
@@ -1348,6 +1349,7 @@ class FeatureGrouper:
         old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
         valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)
         kept_f, kept_r, kept_sign = old_f[valid], old_r[valid], self.partner_sign.cpu()[valid]
+        kept_paired_at = self.paired_at.cpu()[valid]
         free_f, free_r = forget[~torch.isin(forget, kept_f)], retain[~torch.isin(retain, kept_r)]
         W = W_dec.detach().float().cpu()
         C = W[free_f] @ W[free_r].T
@@ -1358,8 +1360,11 @@ class FeatureGrouper:
         new_sign = C[rows, cols].sign()
         new_sign[new_sign == 0] = 1.0  # a pair at cos exactly 0 is pulled to +α
         self.partner_sign = torch.cat([kept_sign, new_sign]).to(W_dec.device)
-        # the first grouping takes effect at once; later joiners ramp in (member_weights)
-        self.joined[self.assignment() != before] = t if self.regroups else t - self.every
+        # the first grouping takes effect at once; later joiners and later pairs ramp in
+        # (member_weights, partner_targets)
+        now = t if self.regroups else t - self.every
+        self.paired_at = torch.cat([kept_paired_at, torch.full((len(new_sign),), now)])
+        self.joined[self.assignment() != before] = now
         self.regroups += 1
 
     def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1369,6 +1374,13 @@ class FeatureGrouper:
         w = ((t - self.joined).float() / self.every).clamp(0, 1)
         return (w[self.forget_idx.cpu()].to(self.forget_idx.device),
                 w[self.retain_idx.cpu()].to(self.retain_idx.device))
+
+    def partner_targets(self, t: int) -> torch.Tensor:
+        """[m] partner_sign · clamp((t − paired_at)/every, 0, 1): a pair matched at the last regroup
+        moves its target from 0 (which it had as two unpaired members) to α·sign over one period, so a
+        re-match between members already in their groups does not make the penalty jump either."""
+        ramp = ((t - self.paired_at).float() / self.every).clamp(0, 1)
+        return self.partner_sign * ramp.to(self.partner_sign.device)
 
     def assignment(self) -> torch.Tensor:
         """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
@@ -1388,7 +1400,8 @@ class FeatureGrouper:
         """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes
         either)."""
         return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(),
-                               "joined": self.joined.clone(), "regroups": self.regroups}
+                               "joined": self.joined.clone(), "paired_at": self.paired_at.clone(),
+                               "regroups": self.regroups}
 
 
 def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
