@@ -73,6 +73,10 @@ class Config:
     out_dir: str = _setting("run_0", "folder for final_info.json, the SAE, the training log")
     overwrite: bool = _setting(False, "start afresh in out_dir: replace a finished run "
                                "(final_info.json) or ignore a checkpoint")
+    evaluate_only: bool = _setting(False, "re-evaluate the finished run in out_dir (its saved sae/) "
+                                   "with this code and these evaluation settings: the evaluation "
+                                   "sections of final_info.json are rewritten, the training section "
+                                   "kept; the model and training options are the run's")
     checkpoint_every: int = _setting(100, "write a training checkpoint (out_dir/checkpoints/last.pt) "
                                      "every this many steps; the same command resumes from it")
     device: str = _setting("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
@@ -279,7 +283,9 @@ def validate(cfg: Config) -> None:
     for ok, name, message in checks:
         if not ok:
             raise ConfigError(f"--{name}: {message}")
-    if (Path(cfg.out_dir) / "final_info.json").exists() and not cfg.overwrite:
+    if cfg.evaluate_only and cfg.overwrite:
+        raise ConfigError("--evaluate_only: it keeps the run's training; drop --overwrite")
+    if (Path(cfg.out_dir) / "final_info.json").exists() and not (cfg.overwrite or cfg.evaluate_only):
         raise ConfigError(f"--out_dir: {cfg.out_dir} holds a finished run (final_info.json); "
                           f"pick a new out_dir or pass --overwrite")
 
@@ -315,6 +321,8 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
 def run(cfg: Config) -> dict:
     """The whole run. Under torchrun every rank harvests its share and trains; rank 0 alone writes the outputs
     and runs the evaluations (the other ranks return None once training is done)."""
+    if cfg.evaluate_only:
+        return reevaluate(cfg)
     started = time.time()
     cfg, model_name, why = configure(cfg)
     out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
@@ -356,6 +364,76 @@ def run(cfg: Config) -> dict:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
     return final_info
+
+
+EVALUATION_SECTIONS = ("core evaluation results", "absorption evaluation results",
+                       "unlearning evaluation results", "SAE-Bench unlearning evaluation results")
+# training options added after some runs were made: the value those runs had
+RUN_FIELD_FALLBACKS = {"llm_dtype": "float32", "encoder_dtype": "float32"}
+
+
+def reevaluate(cfg: Config) -> dict:
+    """--evaluate_only: evaluate the finished run in out_dir again, on its saved SAE, with this code.
+
+    The model and every training option are the run's (from final_info.json; one given on the command
+    line that differs is refused); the evaluation settings are the command line's. The training section
+    and its provenance stay; provenance.evaluation records this evaluation's code, settings and time."""
+    started = time.time()
+    validate(cfg)
+    out = Path(cfg.out_dir)
+    info = read_finished_run(out)
+    training = results.training_section(info)
+    cfg = run_config(cfg, training["config"])
+    lock_out_dir(out)
+    set_seed(cfg.seed)
+    inputs = load_inputs(cfg, info["provenance"]["model"]["name"], "the run's model")
+    saved = load_sae(out / "sae", cfg.device)
+    evaluations = evaluate(cfg, out, saved, inputs, training["final_info"],
+                           info["knowledge separation results"])
+    kept = {k: v for k, v in info.items() if k not in EVALUATION_SECTIONS and k != "provenance"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in NOT_TRAINING_FIELDS}
+    provenance = info["provenance"] | {"evaluation": {
+        "code": code_version(), "argv": sys.argv[1:], "settings": settings,
+        "at": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "wall_time_s": time.time() - started}}
+    final_info = {**kept, **evaluations, "provenance": provenance}
+    write_json_atomic(out / "final_info.json", final_info)
+    append_notes(cfg, final_info, out.resolve().parent / "notes.txt")
+    print(f"re-evaluated in {time.time() - started:.0f} s: {out / 'final_info.json'}")
+    return final_info
+
+
+def read_finished_run(out: Path) -> dict:
+    """final_info.json of the finished run in `out`, whose sae/ is there; else a ConfigError naming the
+    command that (re-)creates it."""
+    info_path = out / "final_info.json"
+    if not info_path.exists():
+        raise ConfigError(f"--evaluate_only: {out} holds no finished run (final_info.json); train it "
+                          f"first: python experiment.py --out_dir={out} ...")
+    info = json.loads(info_path.read_text())
+    if not (out / "sae" / "cfg.json").exists():
+        argv = " ".join(a for a in info["provenance"].get("argv", []) if not a.startswith("--overwrite"))
+        raise ConfigError(f"--evaluate_only: {out} has no saved SAE (sae/; SAE weights are not "
+                          f"committed); re-create it with: python experiment.py {argv} --overwrite")
+    return info
+
+
+def run_config(cli: Config, stored: dict) -> Config:
+    """The run's training options (its stored config; RUN_FIELD_FALLBACKS where it predates an option)
+    with the command line's settings. A training option given on the command line (not at its default)
+    that differs from the run's is refused."""
+    defaults = Config()
+    run_values = {}
+    for f in dataclasses.fields(Config):
+        if not f.metadata["training"]:
+            continue
+        value = stored.get(f.name, RUN_FIELD_FALLBACKS.get(f.name, getattr(defaults, f.name)))
+        given = getattr(cli, f.name)
+        if given != getattr(defaults, f.name) and given != value:
+            raise ConfigError(f"--{f.name}: the run in {cli.out_dir} was trained with "
+                              f"{f.name}={value!r}; --evaluate_only keeps its training options")
+        run_values[f.name] = value
+    device = pick_device(cli.device)
+    return dataclasses.replace(cli, device=device, **run_values)
 
 
 def configure(cfg: Config) -> tuple[Config, str, str]:
