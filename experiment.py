@@ -73,6 +73,10 @@ class Config:
     out_dir: str = _setting("run_0", "folder for final_info.json, the SAE, the training log")
     overwrite: bool = _setting(False, "start afresh in out_dir: replace a finished run "
                                "(final_info.json) or ignore a checkpoint")
+    evaluate_only: bool = _setting(False, "re-evaluate the finished run in out_dir (its saved sae/) "
+                                   "with this code and these evaluation settings: the evaluation "
+                                   "sections of final_info.json are rewritten, the training section "
+                                   "kept; the model and training options are the run's")
     checkpoint_every: int = _setting(100, "write a training checkpoint (out_dir/checkpoints/last.pt) "
                                      "every this many steps; the same command resumes from it")
     device: str = _setting("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
@@ -279,7 +283,9 @@ def validate(cfg: Config) -> None:
     for ok, name, message in checks:
         if not ok:
             raise ConfigError(f"--{name}: {message}")
-    if (Path(cfg.out_dir) / "final_info.json").exists() and not cfg.overwrite:
+    if cfg.evaluate_only and cfg.overwrite:
+        raise ConfigError("--evaluate_only: it keeps the run's training; drop --overwrite")
+    if (Path(cfg.out_dir) / "final_info.json").exists() and not (cfg.overwrite or cfg.evaluate_only):
         raise ConfigError(f"--out_dir: {cfg.out_dir} holds a finished run (final_info.json); "
                           f"pick a new out_dir or pass --overwrite")
 
@@ -315,6 +321,8 @@ def resolve(cfg: Config, device: str, model_desc: dict) -> Config:
 def run(cfg: Config) -> dict:
     """The whole run. Under torchrun every rank harvests its share and trains; rank 0 alone writes the outputs
     and runs the evaluations (the other ranks return None once training is done)."""
+    if cfg.evaluate_only:
+        return reevaluate(cfg)
     started = time.time()
     cfg, model_name, why = configure(cfg)
     out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
@@ -356,6 +364,76 @@ def run(cfg: Config) -> dict:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"done in {time.time() - started:.0f} s: {out / 'final_info.json'}")
     return final_info
+
+
+EVALUATION_SECTIONS = ("core evaluation results", "absorption evaluation results",
+                       "unlearning evaluation results", "SAE-Bench unlearning evaluation results")
+# training options added after some runs were made: the value those runs had
+RUN_FIELD_FALLBACKS = {"llm_dtype": "float32", "encoder_dtype": "float32"}
+
+
+def reevaluate(cfg: Config) -> dict:
+    """--evaluate_only: evaluate the finished run in out_dir again, on its saved SAE, with this code.
+
+    The model and every training option are the run's (from final_info.json; one given on the command
+    line that differs is refused); the evaluation settings are the command line's. The training section
+    and its provenance stay; provenance.evaluation records this evaluation's code, settings and time."""
+    started = time.time()
+    validate(cfg)
+    out = Path(cfg.out_dir)
+    info = read_finished_run(out)
+    training = results.training_section(info)
+    cfg = run_config(cfg, training["config"])
+    lock_out_dir(out)
+    set_seed(cfg.seed)
+    inputs = load_inputs(cfg, info["provenance"]["model"]["name"], "the run's model")
+    saved = load_sae(out / "sae", cfg.device)
+    evaluations = evaluate(cfg, out, saved, inputs, training["final_info"],
+                           info["knowledge separation results"])
+    kept = {k: v for k, v in info.items() if k not in EVALUATION_SECTIONS and k != "provenance"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in NOT_TRAINING_FIELDS}
+    provenance = info["provenance"] | {"evaluation": {
+        "code": code_version(), "argv": sys.argv[1:], "settings": settings,
+        "at": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "wall_time_s": time.time() - started}}
+    final_info = {**kept, **evaluations, "provenance": provenance}
+    write_json_atomic(out / "final_info.json", final_info)
+    append_notes(cfg, final_info, out.resolve().parent / "notes.txt")
+    print(f"re-evaluated in {time.time() - started:.0f} s: {out / 'final_info.json'}")
+    return final_info
+
+
+def read_finished_run(out: Path) -> dict:
+    """final_info.json of the finished run in `out`, whose sae/ is there; else a ConfigError naming the
+    command that (re-)creates it."""
+    info_path = out / "final_info.json"
+    if not info_path.exists():
+        raise ConfigError(f"--evaluate_only: {out} holds no finished run (final_info.json); train it "
+                          f"first: python experiment.py --out_dir={out} ...")
+    info = json.loads(info_path.read_text())
+    if not (out / "sae" / "cfg.json").exists():
+        argv = " ".join(a for a in info["provenance"].get("argv", []) if not a.startswith("--overwrite"))
+        raise ConfigError(f"--evaluate_only: {out} has no saved SAE (sae/; SAE weights are not "
+                          f"committed); re-create it with: python experiment.py {argv} --overwrite")
+    return info
+
+
+def run_config(cli: Config, stored: dict) -> Config:
+    """The run's training options (its stored config; RUN_FIELD_FALLBACKS where it predates an option)
+    with the command line's settings. A training option given on the command line (not at its default)
+    that differs from the run's is refused."""
+    defaults = Config()
+    run_values = {}
+    for f in dataclasses.fields(Config):
+        if not f.metadata["training"]:
+            continue
+        value = stored.get(f.name, RUN_FIELD_FALLBACKS.get(f.name, getattr(defaults, f.name)))
+        given = getattr(cli, f.name)
+        if given != getattr(defaults, f.name) and given != value:
+            raise ConfigError(f"--{f.name}: the run in {cli.out_dir} was trained with "
+                              f"{f.name}={value!r}; --evaluate_only keeps its training options")
+        run_values[f.name] = value
+    device = pick_device(cli.device)
+    return dataclasses.replace(cli, device=device, **run_values)
 
 
 def configure(cfg: Config) -> tuple[Config, str, str]:
@@ -1181,7 +1259,7 @@ class CrossGroupOrthogonalityLoss:
         n_forget = len(grouper.forget_idx)
         w_F, w_R = grouper.member_weights(t)
         return self.lambda2(t), cross_group_penalty(self.rows[:n_forget], self.rows[n_forget:],
-                                                    grouper.partner_sign, self.alpha, self.target,
+                                                    grouper.partner_targets(t), self.alpha, self.target,
                                                     w_F, w_R)
 
     def add_gradient(self, W_dec: nn.Parameter) -> None:
@@ -1191,14 +1269,14 @@ class CrossGroupOrthogonalityLoss:
             W_dec.grad.index_add_(0, self.index, self.rows.grad)
 
 
-def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torch.Tensor, alpha: float,
+def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner: torch.Tensor, alpha: float,
                         target: str, w_F: torch.Tensor = None, w_R: torch.Tensor = None) -> torch.Tensor:
     """Mean squared deviation of the cross-group cosines from their target, W_F [n_F, d], W_R [n_R, d]
     unit rows.
 
-    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner_sign) rows of W_F and of W_R are matched
-    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_sign_i (i < m),
-    0 elsewhere.
+    C = W_F W_Rᵀ [n_F, n_R] (cosines). The first m = len(partner) rows of W_F and of W_R are matched
+    partners (forget i <-> retain i), so the partner matrix P is diagonal: P_ii = partner_i (i < m),
+    0 elsewhere; partner_i = the pair's sign at matching × its ramp (FeatureGrouper.partner_targets).
       partner: E = C − α·P      each partner pair is pulled to cos = α·sign (the sign it had at
                                 matching, so a pair never has to cross 0), every other pair to 0
       hinge:   E = relu(|C| − α)  only |cos| above α is penalised, no partner needed
@@ -1213,8 +1291,8 @@ def cross_group_penalty(W_F: torch.Tensor, W_R: torch.Tensor, partner_sign: torc
     if target == "hinge":
         E = (C.abs() - alpha).relu()
     else:
-        m = torch.arange(len(partner_sign), device=C.device)
-        E = C.index_put((m, m), -alpha * partner_sign.to(C), accumulate=True)
+        m = torch.arange(len(partner), device=C.device)
+        E = C.index_put((m, m), -alpha * partner.to(C), accumulate=True)
     E2 = E.pow(2)
     if w_F is not None:
         E2 = E2 * w_F.to(E2)[:, None] * w_R.to(E2)[None, :]
@@ -1314,6 +1392,7 @@ class FeatureGrouper:
         self.updates = torch.zeros(2)
         self.forget_idx = self.retain_idx = torch.zeros(0, dtype=torch.long)
         self.partner_sign = torch.zeros(0)
+        self.paired_at = torch.zeros(0, dtype=torch.long)  # step at which each partner pair was formed
         # step at which a latent joined its current group
         self.joined = torch.zeros(dict_size, dtype=torch.long)
         self.regroups = 0
@@ -1348,6 +1427,7 @@ class FeatureGrouper:
         old_f, old_r = self.forget_idx[:m].cpu(), self.retain_idx[:m].cpu()
         valid = torch.isin(old_f, forget) & torch.isin(old_r, retain)
         kept_f, kept_r, kept_sign = old_f[valid], old_r[valid], self.partner_sign.cpu()[valid]
+        kept_paired_at = self.paired_at.cpu()[valid]
         free_f, free_r = forget[~torch.isin(forget, kept_f)], retain[~torch.isin(retain, kept_r)]
         W = W_dec.detach().float().cpu()
         C = W[free_f] @ W[free_r].T
@@ -1358,8 +1438,11 @@ class FeatureGrouper:
         new_sign = C[rows, cols].sign()
         new_sign[new_sign == 0] = 1.0  # a pair at cos exactly 0 is pulled to +α
         self.partner_sign = torch.cat([kept_sign, new_sign]).to(W_dec.device)
-        # the first grouping takes effect at once; later joiners ramp in (member_weights)
-        self.joined[self.assignment() != before] = t if self.regroups else t - self.every
+        # the first grouping takes effect at once; later joiners and later pairs ramp in
+        # (member_weights, partner_targets)
+        now = t if self.regroups else t - self.every
+        self.paired_at = torch.cat([kept_paired_at, torch.full((len(new_sign),), now)])
+        self.joined[self.assignment() != before] = now
         self.regroups += 1
 
     def member_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1369,6 +1452,13 @@ class FeatureGrouper:
         w = ((t - self.joined).float() / self.every).clamp(0, 1)
         return (w[self.forget_idx.cpu()].to(self.forget_idx.device),
                 w[self.retain_idx.cpu()].to(self.retain_idx.device))
+
+    def partner_targets(self, t: int) -> torch.Tensor:
+        """[m] partner_sign · clamp((t − paired_at)/every, 0, 1): a pair matched at the last regroup
+        moves its target from 0 (which it had as two unpaired members) to α·sign over one period, so a
+        re-match between members already in their groups does not make the penalty jump either."""
+        ramp = ((t - self.paired_at).float() / self.every).clamp(0, 1)
+        return self.partner_sign * ramp.to(self.partner_sign.device)
 
     def assignment(self) -> torch.Tensor:
         """[F] long: activations.FORGET / RETAIN for grouped latents, SHARED otherwise."""
@@ -1388,7 +1478,8 @@ class FeatureGrouper:
         """state() plus the firing-rate EMAs and membership ages (for checkpoints; load_state takes
         either)."""
         return self.state() | {"ema": self.ema.clone(), "updates": self.updates.clone(),
-                               "joined": self.joined.clone(), "regroups": self.regroups}
+                               "joined": self.joined.clone(), "paired_at": self.paired_at.clone(),
+                               "regroups": self.regroups}
 
 
 def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ def make_trainer(variant: str, d: int, n: int, k: int, n_forget: int,
     perm = torch.randperm(n)
     grouper.forget_idx, grouper.retain_idx = perm[:n_forget], perm[n_forget:n_forget + n_retain]
     grouper.partner_sign = torch.ones(min(n_forget, n_retain))
+    grouper.paired_at = torch.full((len(grouper.partner_sign),), -10**9)  # pairs long since
     if variant == "adaptive_ortho":
         sae.feature_group.copy_(grouper.assignment())
     cfg = experiment.Config(variant=variant)

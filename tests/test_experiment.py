@@ -1,5 +1,6 @@
 """experiment.py end to end on the embedded model (SmolLM2-135M-Instruct, offline, CPU), at a tiny budget."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -96,3 +97,32 @@ def test_second_run_reads_the_cache_and_finished_run_is_protected(finished_run):
     log = run(f"--out_dir={root / 'run_2'}", "--seed=1", *TINY)
     assert "reading the cache" in log and "harvest train" not in log
     assert (root / "notes.txt").read_text().count("\n## ") == 2
+
+
+def test_evaluate_only_rewrites_the_evaluations_and_keeps_the_training(finished_run, tmp_path):
+    root, _ = finished_run
+    run_dir = tmp_path / "run_1"
+    shutil.copytree(root / "run_1", run_dir)
+    before = json.loads((run_dir / "final_info.json").read_text())
+    command = [sys.executable, "experiment.py", f"--out_dir={run_dir}", "--evaluate_only"]
+    refused = subprocess.run(command + ["--k=8"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--k: the run" in refused.stderr and "k=16" in refused.stderr
+    log = run(f"--out_dir={run_dir}", "--evaluate_only", *TINY, "--unlearning=false")
+    assert "re-evaluated" in log and "train SAE" not in log
+    after = json.loads((run_dir / "final_info.json").read_text())
+    training = next(k for k in before if k.startswith("training results"))
+    assert after[training] == before[training]
+    assert after["knowledge separation results"] == before["knowledge separation results"]
+    assert after["provenance"]["code"] == before["provenance"]["code"]  # the training's code
+    evaluation = after["provenance"]["evaluation"]
+    assert evaluation["settings"]["unlearning"] is False and "git_commit" in evaluation["code"]
+    assert "unlearning evaluation results" not in after  # this evaluation's settings, not the run's
+    # the same SAE and core-eval settings: the same numbers
+    ev = lambda info: info["core evaluation results"]["metrics"]["reconstruction_quality"]
+    assert ev(after)["explained_variance_conventional"] == pytest.approx(
+        ev(before)["explained_variance_conventional"], abs=1e-6)
+
+    shutil.rmtree(run_dir / "sae")
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no saved SAE" in refused.stderr
+    assert f"--out_dir={root / 'run_1'}" in refused.stderr and "--overwrite" in refused.stderr

@@ -317,6 +317,7 @@ def test_step_gradient_of_the_ortho_term_equals_autograd_through_W_dec(variant, 
     grouper = FeatureGrouper(n, every=10, threshold=0.5, min_freq=1e-3)
     grouper.forget_idx, grouper.retain_idx = torch.tensor([3, 7, 1, 30, 22]), torch.tensor([5, 0, 9, 11])
     grouper.partner_sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    grouper.paired_at = torch.tensor([-100, -100, -100, 0])  # the last pair half way to its target
     grouper.joined.fill_(-100)
     grouper.joined[7], grouper.joined[9] = 5, 0  # at t = 5: weight 0 (just joined) and 0.5 (half way in)
     cfg = experiment.Config(variant=variant, lambda2_max=5.0, allpairs_lambda2=3.0, t0=10, alpha=0.2,
@@ -341,7 +342,8 @@ def test_step_gradient_of_the_ortho_term_equals_autograd_through_W_dec(variant, 
         penalty, lambda2 = C[torch.arange(n), j].pow(2).mean(), 3.0
     else:
         alpha, lambda2 = (0.2, 2.5) if variant == "adaptive_ortho" else (0.0, 5.0)
-        penalty = naive_cross_group(W_F, W_R, grouper.partner_sign, alpha, target, w_F, w_R)
+        sign = torch.tensor([1.0, -1.0, 1.0, -0.5])  # the last pair's target at half its ramp
+        penalty = naive_cross_group(W_F, W_R, sign, alpha, target, w_F, w_R)
     (without + lambda2 * penalty).backward()
     assert stats["ortho"] == pytest.approx(penalty.item(), rel=1e-5) and stats["ortho"] > 0
     torch.testing.assert_close(ours, sae.W_dec.grad, rtol=1e-5, atol=1e-6)
@@ -440,6 +442,7 @@ def test_ablation_switches_turn_off_one_component_each():
     grouper.joined.fill_(-10**9)  # members long since: full weight
     grouper.forget_idx, grouper.retain_idx = torch.tensor([3, 7, 1]), torch.tensor([5, 0, 9])
     grouper.partner_sign = torch.tensor([1.0, -1.0, 1.0])
+    grouper.paired_at = torch.full((3,), -10**9)
     x, labels = torch.randn(64, 12), (torch.rand(64) < 0.5).long()
     grads = {}
     for lambda2 in (0.0, 5.0):
@@ -467,6 +470,65 @@ def grouper_with_rates(p_f, p_r, every=10, max_group_size=0):
     grouper.ema[activations.FORGET], grouper.ema[activations.RETAIN] = torch.tensor(p_f), torch.tensor(p_r)
     grouper.updates.fill_(10**6)  # 1 − β^t = 1
     return grouper
+
+
+def test_a_pair_re_matched_between_members_ramps_in():
+    """Forget 0 <-> retain 2 and forget 1 <-> retain 3 at the first grouping; retain 4 is a member without
+    a partner. Retain 3 then turns shared: forget 1 is re-matched with retain 4, both members already.
+    The new pair's target is 0 at the regroup (what it had as two unpaired members) and α·sign one
+    period later; the kept pair keeps its full target."""
+    p_f = [0.19, 0.18, 0.01, 0.01, 0.02]
+    p_r = [0.01, 0.02, 0.19, 0.18, 0.19]
+    W = unit_rows(5, 16).float()
+    W[2] = F.normalize(W[0] + 0.5 * W[2], dim=0)
+    W[3] = F.normalize(W[1] + 0.5 * W[3], dim=0)
+    W[4] = F.normalize(W[4] - (W[4] @ W[1]) * W[1], dim=0)
+    W[4] = F.normalize(W[4] + 0.05 * W[1], dim=0)  # cos(1, 4) = 0.05: far from the target α = 0.3
+    grouper = grouper_with_rates(p_f, p_r)
+    grouper.regroup(W, t=10)
+    assert grouper.partner_targets(10).tolist() == [1.0, 1.0]
+    W_F, W_R = W[grouper.forget_idx], W[grouper.retain_idx]
+    before = cross_group_penalty(W_F, W_R, grouper.partner_targets(20), 0.3, "partner",
+                                 *grouper.member_weights(20)) * len(W_F) * len(W_R)
+    grouper.ema[activations.FORGET, 3], grouper.ema[activations.RETAIN, 3] = 0.1, 0.1  # 3 turns shared
+    grouper.regroup(W, t=20)
+    pairs = list(zip(grouper.forget_idx.tolist(), grouper.retain_idx.tolist()))
+    assert pairs == [(0, 2), (1, 4)] and grouper.partner_sign.tolist() == [1.0, 1.0]
+    for t, ramp in ((20, 0.0), (25, 0.5), (30, 1.0)):
+        assert grouper.partner_targets(t).tolist() == [1.0, ramp]
+    W_F, W_R = W[grouper.forget_idx], W[grouper.retain_idx]
+    after = cross_group_penalty(W_F, W_R, grouper.partner_targets(20), 0.3, "partner",
+                                *grouper.member_weights(20)) * len(W_F) * len(W_R)
+    # Σ w·w·E²: retain 3's terms left; (1, 4) keeps the target 0 it had unpaired
+    kept = cross_group_penalty(W_F, W_R, torch.tensor([1.0, 0.0]), 0.3, "partner") * 4
+    assert after.item() == pytest.approx(kept.item()) and after.item() < before.item()
+    # without the ramp the new pair would enter at full weight: a jump of (cos − α)² − cos²
+    jump = cross_group_penalty(W_F, W_R, grouper.partner_sign, 0.3, "partner") * 4
+    cos = (W[1] @ W[4]).item()
+    assert jump.item() - after.item() == pytest.approx((cos - 0.3) ** 2 - cos ** 2, rel=1e-4)
+    assert (cos - 0.3) ** 2 - cos ** 2 > 0.05
+
+
+def test_no_regroup_raises_the_summed_penalty():
+    """Over random regroups (latents joining, leaving, partners re-matched) the weighted sum
+    Σ w_F·w_R·E² never rises at the regroup itself: leavers drop out, joiners and new pairs enter at
+    weight 0. The per-pair mean L = sum / (n_F·n_R) can rise only by the shrinking of n_F·n_R."""
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    W = unit_rows(n, 24).float()
+    grouper = FeatureGrouper(n, every=10, threshold=0.5, min_freq=1e-3)
+    grouper.updates.fill_(10**6)
+    summed = lambda t: (cross_group_penalty(W[grouper.forget_idx], W[grouper.retain_idx],
+                                            grouper.partner_targets(t), 0.3, "partner",
+                                            *grouper.member_weights(t))
+                        * len(grouper.forget_idx) * len(grouper.retain_idx)).item()
+    for i, t in enumerate(range(10, 200, 10)):
+        grouper.ema = torch.rand(2, n, generator=gen, dtype=torch.float64) * 0.1
+        before = summed(t) if i else None
+        grouper.regroup(W, t)
+        if before is not None:
+            assert summed(t) <= before + 1e-6
+        W = F.normalize(W + 0.3 * torch.randn(W.shape, generator=gen), dim=1)  # training moves the rows
 
 
 def test_group_cap_keeps_the_most_specific_latents():
