@@ -87,10 +87,11 @@ class Config:
     # model and data
     model: str = _opt("auto", "'auto', 'pythia-70m-deduped', 'smollm2-135m-instruct', a hub id or a "
                       "local HF model folder")
-    llm_dtype: str = _opt("auto", "dtype of every language-model forward (harvest, core eval, "
+    llm_dtype: str = _opt("float32", "dtype of every language-model forward (harvest, core eval, "
                           "unlearning, absorption): 'float32', 'bfloat16', or 'auto' (bfloat16 on a "
                           "CUDA device with bf16 or a CPU with AVX512-BF16 or AMX, else float32); the "
-                          "SAE, its optimiser and every statistic stay float32")
+                          "SAE, its optimiser and every statistic stay float32. float32 by default: "
+                          "bf16 fails the drift rule (BENCHMARKS.md)")
     layer: int = _opt(-1, "residual stream after this block is the SAE's input; -1: the model's "
                       "default (Pythia-70M 3, SmolLM2 15)")
     forget_corpus: str = _opt(data.HPO, "'hpo' (embedded biology text) or a local .jsonl/.txt file "

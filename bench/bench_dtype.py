@@ -20,8 +20,8 @@ import numpy as np
 import activations
 import results
 
-METRICS = ("val_ev", "conv_ev", "ce_loss_score", "held_out_score", "conditional_score", "dom_score",
-           "wall_min")
+METRICS = ("val_ev", "conv_ev", "conv_ev_typical", "ce_loss_score", "held_out_score",
+           "conditional_score", "dom_score", "wall_min")
 EV_TOLERANCE = 0.002
 
 
