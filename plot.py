@@ -373,8 +373,8 @@ def seed_values(seeds: dict, m: str) -> list:
 
 
 def paired_difference(a: dict, b: dict, m: str):
-    """Over the seeds both settings ran (same seed: same SAE initialisation and batch order, same evaluation
-    text): (mean of the per-seed differences d_s of metric m, its SE std(d)/√n, n, None); SE None for one
+    """Over the seeds both settings ran (same seed: same SAE initialisation and batch order; the evaluation
+    text is the same at every seed): (mean of the per-seed differences d_s of metric m, its SE std(d)/√n, n, None); SE None for one
     seed; None for no common seed."""
     d = [seed_mean(a[s], m) - seed_mean(b[s], m) for s in a if s in b
          and seed_mean(a[s], m) is not None and seed_mean(b[s], m) is not None]
@@ -430,7 +430,8 @@ def readme_group(label: str, runs: list) -> list:
                "error of the difference, sqrt(s1²/n1 + s2²/n2) (Welch; s = sample std over seeds; "
                "n/a where a side has < 2 seeds); (n n1 vs n2) = the seeds on each side. Paired by seed: "
                "the mean over the seeds both ran of the per-seed difference (same seed: same "
-               "initialisation, batch order and evaluation text), ± std(d)/√n.")
+               "initialisation and batch order; the evaluation text is the same at every seed), "
+               "± std(d)/√n.")
     return parts + [wrap(caption),
                     markdown_table(["variant", "α", "minus", *(f"Δ {METRICS[m][0]}{kind}" for m in DIFF_COLS
                                                               for kind in ("", ", paired by seed"))], diffs),
