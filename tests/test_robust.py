@@ -281,7 +281,7 @@ def test_disk_full_while_harvesting_removes_partial_files(tmp_path, monkeypatch)
         acts_path.write_bytes(b"\0" * 1000)  # a partial shard
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(activations, "harvest_split", harvest)
-    model = type("M", (), {"cfg": type("C", (), {"d_model": 8})()})()
+    model = type("M", (), {"cfg": type("C", (), {"d_model": 8, "dtype": torch.bfloat16})()})()
     splits = {"train": (torch.zeros(4, 5, dtype=torch.long), torch.zeros(4))}
     entry = tmp_path / "activations" / "key"
     entry.parent.mkdir()
