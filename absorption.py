@@ -174,7 +174,8 @@ def _warnings(sae: SAE, model: HookedTransformer) -> list[str]:
     return out
 
 
-def _probe_dir(work_dir: Path, cfg: AbsorptionConfig, pos: int, n_words: int, dtype: torch.dtype) -> Path:
+def _probe_dir(work_dir: Path, cfg: AbsorptionConfig, pos: int, n_words: int,
+               dtype: torch.dtype) -> Path:
     """SAE-Bench keys its probe by model name and layer only (under this folder): key the folder by what else
     shapes the probe (the model's dtype among it), so that a work_dir can be reused across SAEs without a
     stale probe."""

@@ -148,8 +148,8 @@ def typical_rows(acts: np.ndarray, max_norm_multiple: float,
 
 def shuffled_batches(acts: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                      rows: np.ndarray = None, skip: int = 0, part: slice = slice(None)):
-    """Endless stream of (x [B, d] float32 whatever the stored dtype, labels [B] uint8) over `rows` (default all): a fresh random
-    permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
+    """Endless stream of (x [B, d] float32, whatever the stored dtype; labels [B] uint8) over `rows`
+    (default all): a fresh random permutation every epoch. `skip` batches are passed over without reading them (a resumed run continues the
     same stream). `part` slices each batch: a data-parallel rank reads its share of the global batch only.
 
     Rows are gathered in sorted order from the memory map (sequential-ish reads); the batch is the same set of
