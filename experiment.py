@@ -690,7 +690,7 @@ def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, mod
 
 
 def code_version() -> dict:
-    """The git commit of this code and whether tracked files other than notes.txt and run_*/
+    """The git commit of this code and whether tracked files other than notes.txt, run_*/ and runs/
     (which runs write) had uncommitted changes (None outside git)."""
     here = Path(__file__).resolve().parent
     try:
@@ -698,7 +698,8 @@ def code_version() -> dict:
                                            check=True).stdout.strip()
         return {"git_commit": git("rev-parse", "HEAD"),
                 "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no",
-                                                "--", ".", ":(exclude)notes.txt", ":(exclude)run_*"))}
+                                                "--", ".", ":(exclude)notes.txt", ":(exclude)run_*",
+                                                ":(exclude)runs"))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": None, "uncommitted_changes": None}
 
@@ -735,7 +736,10 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
                   f"text's retain ΔCE = {r['ce_tolerance']}, curve chosen on selection text) | "
                   f"conditional clamp {score('conditional')} | controls: random features "
                   f"{score('random')}, difference of means {score('dom')}, LEACE {score('leace')} | "
-                  f"MCQ unlearning_score {mcq}\n")
+                  f"MCQ unlearning_score {mcq}\n"
+                  f"question-answer text (second pair): held-out score {score('qa')} ± "
+                  f"{g(r['qa_score_se'])} | difference of means {score('qa_dom')}, LEACE "
+                  f"{score('qa_leace')}{' | not scored: ' + r['qa_skipped'] if r['qa_skipped'] else ''}\n")
     with open(notes_path, "a") as f:
         f.write(entry)
 

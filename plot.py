@@ -3,9 +3,9 @@
     python plot.py [RUN_DIR_OR_GLOB ...] [--out_dir=plots] [--readme=README.md]
 
 Reads each run folder's final_info.json and train_log.jsonl; default: every run_* folder beside this
-file. Runs are grouped by what makes their numbers comparable (model, layer, corpora, token budget,
-dict_size, k, context length, data seed): a figure only ever shows one group, and its file name ends in
-the group's label. Nothing else in a run folder is read (run_0's SAE-Bench reference numbers are another
+file and the study's runs/*. Runs are grouped by what makes their numbers comparable (model, layer,
+corpora, token budget, dict_size, k, context length, data seed, dtypes, the folder they sit in): a
+figure only ever shows one group, and its file name ends in the group's label. Nothing else in a run folder is read (run_0's SAE-Bench reference numbers are another
 model's and stay out of every comparison).
 Writes tradeoff_, alpha_sweep_, training_ and unlearning_curves_<group>.png and results.md into out_dir,
 and prints the grouping and the tables. With --readme, also replaces the lines between the README_START
@@ -29,6 +29,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
 import results  # noqa: E402
+import study  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANT_ORDER = ("topk", "fixed_ortho", "allpairs_ortho", "adaptive_ortho")  # order of table rows and legends
@@ -88,9 +89,11 @@ HEADLINE = ("adaptive_ortho", 0.1)
 
 
 def find_run_dirs(args: list) -> list:
-    """Folders named on the command line (globs expanded), or every run_* beside this file."""
+    """Folders named on the command line (globs expanded), or every run_* beside this file and every
+    folder of the study's (runs/*)."""
     if not args:
-        return sorted((p for p in HERE.glob("run_*") if p.is_dir()), key=natural_key)
+        return sorted((p for p in [*HERE.glob("run_*"), *HERE.glob(f"{study.RUNS}/*")] if p.is_dir()),
+                      key=natural_key)
     dirs = []
     for arg in args:
         matches = sorted(glob.glob(arg), key=natural_key) if glob.has_magic(arg) else [arg]
@@ -128,6 +131,14 @@ def comparability_key(cfg: dict, provenance: dict) -> dict:
                       f"{cfg.get('encoder_dtype', 'float32')}",
             "validation documents": (f"{cfg['val_fraction']:g} apart" if "val_fraction" in cfg
                                      else "eval documents")}
+
+
+def run_folder(path: Path) -> str:
+    """The folder a run sits in, relative to this file's where it is inside ('.' for run_0 and the
+    runs beside it, 'runs' for the study's): runs in different folders are never compared, so a
+    user's own runs never join the study's tables."""
+    parent = path.resolve().parent
+    return str(parent.relative_to(HERE)) if parent.is_relative_to(HERE) else str(parent)
 
 
 def setting_label(separation: dict) -> str:
@@ -173,7 +184,8 @@ def load_run(path: Path, name: str):
     unlearning = info.get("unlearning evaluation results")
     details = unlearning["eval_result_details"] if unlearning else {}
     code = info["provenance"].get("code", {})
-    run = {"name": name, "key": comparability_key(cfg, info["provenance"]), "setting": setting_label(sep),
+    run = {"name": name, "dir": path.resolve(), "setting": setting_label(sep),
+           "key": comparability_key(cfg, info["provenance"]) | {"folder": run_folder(path)},
            "argv": info["provenance"].get("argv"), "commit": code.get("git_commit"),
            "uncommitted": code.get("uncommitted_changes"),
            **results.flatten(info), "log": read_log(path / "train_log.jsonl"), "notes": [],
@@ -217,7 +229,11 @@ def group_runs(runs: list) -> dict:
     by_key = {}
     for run in runs:
         by_key.setdefault(tuple(run["key"].items()), []).append(run)
-    bases = [re.sub(r"[^A-Za-z0-9._]+", "-", f"{dict(k)['model']}_L{dict(k)['layer']}") for k in by_key]
+    # the study's runs/ gets a prefix; a folder named on the command line does not
+    folder = lambda key: "" if key["folder"] == "." or Path(key["folder"]).is_absolute() \
+        else f"{key['folder']}_"
+    bases = [re.sub(r"[^A-Za-z0-9._]+", "-", f"{folder(dict(k))}{dict(k)['model']}_L{dict(k)['layer']}")
+             for k in by_key]
     return {base if bases.count(base) == 1 else f"{base}-{bases[:i].count(base) + 1}": group
             for i, (base, group) in enumerate(zip(bases, by_key.values()))}
 
@@ -468,8 +484,17 @@ def run_commands(runs: list) -> str:
 
 
 def readme_results(groups: dict) -> str:
-    """The README's results block: per comparability group, readme_group's tables."""
-    return "\n\n".join(part for label, runs in groups.items() for part in readme_group(label, runs)) + "\n"
+    """The README's results block: per comparability group, readme_group's tables; then the study's
+    pre-registered tests on the runs of its manifest (study.readme_section)."""
+    parts = [part for label, runs in groups.items() for part in readme_group(label, runs)]
+    section = study.readme_section(study_runs([run for runs in groups.values() for run in runs]))
+    return "\n\n".join(parts + ([section] if section else [])) + "\n"
+
+
+def study_runs(runs: list) -> dict:
+    """{manifest name: run} of the runs that sit where the study's manifest puts them."""
+    names = {(study.HERE / name).resolve(): name for name in study.manifest()}
+    return {names[run["dir"]]: run for run in runs if run["dir"] in names}
 
 
 def results_span(text: str) -> tuple:
@@ -789,7 +814,8 @@ def main(argv=None) -> dict:
     """Write the figures and results.md; returns {"groups": {label: run names}, "figures": {file: run
     names}}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="*", help="run folders or globs (default: every run_* beside plot.py)")
+    parser.add_argument("runs", nargs="*", help="run folders or globs (default: every run_* beside plot.py "
+                                                "and the study's runs/*)")
     parser.add_argument("--out_dir", default=str(HERE / "plots"), help="folder for the PNGs and results.md")
     parser.add_argument("--readme", help=f"also regenerate the results between the lines {README_START} and "
                                          f"{README_END} of this markdown file")

@@ -42,6 +42,7 @@ def flatten(info: dict) -> dict:
     unlearning = info.get("unlearning evaluation results")
     scores = unlearning["eval_result_metrics"]["unlearning"] if unlearning else {}
     absorbed = info.get("absorption evaluation results")
+    qa = unlearning["eval_result_metrics"].get("unlearning_question_answer_text") or {} if unlearning else {}
     conditional, trained = (point(scores, "conditional", g) for g in ("rate_groups", "trained_groups"))
     rand, dom, leace = (point(scores, "controls", c)
                         for c in ("random_features", "difference_of_means", "leace"))
@@ -67,6 +68,7 @@ def flatten(info: dict) -> dict:
         "held_out_lower_bound": held_out_lower_bound(scores),
         "conditional_score": conditional.get("score"), "conditional_score_se": conditional.get("score_se"),
         "conditional_lower_bound": conditional.get("lower_bound"),
+        "conditional_auroc": conditional.get("detector_auroc_report"),
         "conditional_trained_score": trained.get("score"),
         "conditional_trained_lower_bound": trained.get("lower_bound"),
         "random_score": rand.get("score"), "random_score_std": rand.get("score_std"),
@@ -75,4 +77,11 @@ def flatten(info: dict) -> dict:
         "leace_score": leace.get("score"), "leace_lower_bound": leace.get("lower_bound"),
         "ce_tolerance": scores.get("ce_tolerance"), "mcq": scores.get("unlearning_score"),
         "n_forget_questions": scores.get("n_forget_questions"),
+        # the second text pair (question + answer text): None for a run written before it or skipped
+        "qa_score": qa.get("held_out_score"), "qa_score_se": qa.get("held_out_score_se"),
+        "qa_lower_bound": qa.get("held_out_lower_bound"), "qa_skipped": qa.get("skipped"),
+        "qa_dom_score": point(qa, "controls", "difference_of_means").get("score"),
+        "qa_dom_lower_bound": point(qa, "controls", "difference_of_means").get("lower_bound"),
+        "qa_leace_score": point(qa, "controls", "leace").get("score"),
+        "qa_leace_lower_bound": point(qa, "controls", "leace").get("lower_bound"),
     }

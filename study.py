@@ -3,17 +3,22 @@
     python study.py                 # train and evaluate each missing or unfinished run, one at a time,
                                     # then regenerate the figures and the README's results block
     python study.py --list          # the manifest, each run with its state
-    python study.py --only run_topk_s0 run_topk_s1
+    python study.py --only runs/topk_s0 runs/topk_s1
 
 A run is finished when its folder holds final_info.json; an unfinished one (a checkpoint, no
 final_info.json) resumes where it stopped, since experiment.py resumes from out_dir/checkpoints. The
-design (README, "Pre-registered comparisons") is in SETTINGS and SEEDS; the manifest is what they expand
-to, one out_dir per (setting, seed).
+design (README, "Pre-registered comparisons") is in SETTINGS; the manifest is what it expands to, one
+out_dir under runs/ per (setting, seed), seed by seed, so that an interrupted study holds whole seeds of
+the compared settings.
 """
 import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+
+import study_stats
 
 HERE = Path(__file__).resolve().parent
 # every run pins what `auto` would otherwise pick per machine
@@ -36,11 +41,130 @@ SETTINGS = {
 }
 
 
+RUNS = "runs"  # the study's run folders, apart from the repository's own run_0 and a user's runs
+
+
+def run_name(label: str, seed: int) -> str:
+    return f"{RUNS}/{label}_s{seed}"
+
+
 def manifest() -> dict:
-    """{out_dir: experiment.py arguments} for every run of the study."""
-    return {f"run_{label}_s{seed}": [f"--out_dir=run_{label}_s{seed}", *args, f"--seed={seed}",
-                                     *COMMON]
-            for label, (args, seeds) in SETTINGS.items() for seed in seeds}
+    """{out_dir: experiment.py arguments} for every run of the study, seed by seed."""
+    return {run_name(label, seed): [f"--out_dir={run_name(label, seed)}", *args, f"--seed={seed}", *COMMON]
+            for seed in MAIN_SEEDS for label, (args, seeds) in SETTINGS.items() if seed in seeds}
+
+
+# The pre-registered family (README, "Pre-registered comparisons"): differences of setting means paired
+# by seed; the conditional − static clamp for GATED; the best compared setting − each non-SAE control.
+COMPARED = ("topk", "fixed", "adaptive_a0.1", "allpairs", "lambda0")
+CONTRASTS = [("adaptive_a0.1", "topk"), ("fixed", "topk"), ("adaptive_a0.1", "fixed"),
+             ("allpairs", "topk"), ("lambda0", "topk")]
+GATED = ("topk", "fixed", "adaptive_a0.1")
+NAMES = {"topk": "topk", "fixed": "fixed_ortho", "adaptive_a0.1": "adaptive α=0.1",
+         "allpairs": "allpairs λ2=0.3", "lambda0": "λ2=0 ablation"}
+# endpoint: (score, the conditional clamp's score or None, {control: its score}), results.flatten names
+ENDPOINTS = {
+    "held-out score": ("held_out_score", "conditional_score",
+                       {"difference of means": "dom_score", "LEACE": "leace_score"}),
+    "question-answer text (secondary)": ("qa_score", None,
+                                         {"difference of means": "qa_dom_score", "LEACE": "qa_leace_score"}),
+}
+
+
+def seed_scores(runs: dict, label: str, metric: str) -> dict:
+    """{seed: metric} of one setting's finished runs that have the metric ({name: flattened run})."""
+    return {seed: runs[name][metric] for seed in MAIN_SEEDS
+            if (name := run_name(label, seed)) in runs and runs[name][metric] is not None}
+
+
+def control_value(runs: dict, metric: str) -> float:
+    """A non-SAE control's score: it does not depend on the SAE, so every run must carry the same one."""
+    values = {name: r[metric] for name, r in runs.items() if r.get(metric) is not None}
+    if not values or max(values.values()) - min(values.values()) > 1e-9 * max(1.0, abs(min(values.values()))):
+        raise ValueError(f"{metric} should be one number over the study's runs: {values}")
+    return next(iter(values.values()))
+
+
+def contrast_family(runs: dict, endpoint: str) -> dict:
+    """The pre-registered family on one endpoint: study_stats.pooled_contrasts over the compared (and
+    gated) settings' shared seeds, the best compared setting − each control (constant_contrast), Holm
+    over all of them."""
+    score, conditional, controls = ENDPOINTS[endpoint]
+    table = {label: seed_scores(runs, label, score) for label in COMPARED}
+    pairs = list(CONTRASTS)
+    if conditional:
+        table |= {f"{label} conditional": seed_scores(runs, label, conditional) for label in GATED}
+        pairs += [(f"{label} conditional", label) for label in GATED]
+    out = study_stats.pooled_contrasts(table, pairs)
+    seeds = out["seeds"]
+    best = max(COMPARED, key=lambda label: np.mean([table[label][s] for s in seeds]))
+    rows = out["contrasts"] + [study_stats.constant_contrast(best, {s: table[best][s] for s in seeds}, name,
+                                                             control_value(runs, metric))
+                               for name, metric in controls.items()]
+    return out | {"contrasts": study_stats.holm(rows), "best": best}
+
+
+# the per-setting table's columns: (results.flatten field, its lower-bound flag or None, header)
+COLUMNS = [("held_out_score", "held_out_lower_bound", "held-out score"),
+           ("conditional_score", "conditional_lower_bound", "conditional clamp"),
+           ("conditional_auroc", None, "its detector's AUROC"),
+           ("random_score", "random_lower_bound", "random features"),
+           ("qa_score", "qa_lower_bound", "question-answer text"),
+           ("conv_ev_typical", None, "EV (outliers dropped)"), ("val_ev", None, "val EV")]
+
+
+def _cell(runs: list, field: str, flag) -> str:
+    """mean ± sample std over the runs (one per seed); ≥ when some run's value is a lower bound."""
+    values = [r[field] for r in runs if r[field] is not None]
+    if not values:
+        return "n/a"
+    bound = "≥ " if flag and any(r[flag] for r in runs if r[field] is not None) else ""
+    spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+    return f"{bound}{np.mean(values):.3f}{spread}"
+
+
+def _family_markdown(runs: dict, endpoint: str) -> str:
+    try:
+        fam = contrast_family(runs, endpoint)
+    except ValueError as e:  # too few shared seeds yet, or a control missing
+        return f"**{endpoint}**: no test yet ({e})."
+    name = lambda label: " ".join(NAMES.get(part, part) for part in label.split(" "))
+    interim = ("" if len(fam["seeds"]) == len(MAIN_SEEDS) else
+               f" INTERIM: {len(fam['seeds'])} of the {len(MAIN_SEEDS)} pre-registered seeds; "
+               f"not the pre-registered test.")
+    head = (f"**Pre-registered contrasts, {endpoint}.** Seeds {fam['seeds']} (those every compared setting "
+            f"has).{interim} Pooled residual variance {fam['residual_variance']:.4f} on {fam['df']} df: SE of "
+            f"a paired contrast {fam['se']:.3f}. Control contrasts: one-sample t over the best setting's "
+            f"seeds ({name(fam['best'])}). Holm over the {len(fam['contrasts'])} contrasts.")
+    rows = [f"| {name(r['a'])} − {name(r['b'])} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
+            f"{r['ci95'][1]:+.3f}] | {r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {r['p_holm']:.3g} | "
+            f"{'yes' if r['significant'] else 'no'} |" for r in fam["contrasts"]]
+    return "\n".join([head, "", "| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |",
+                      "|---|---|---|---|---|---|---|", *rows])
+
+
+def readme_section(runs: dict) -> str:
+    """The study's part of the README block ({manifest name: results.flatten of a finished run}): how far
+    it is, the pre-registered families, and every setting's scores beside the controls."""
+    if not runs:
+        return ""
+    done = f"**Study v3**: {len(runs)} of the {len(manifest())} runs of `python study.py --list` finished."
+    table = ["| setting | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for label in SETTINGS:
+        rs = [runs[run_name(label, seed)] for seed in MAIN_SEEDS if run_name(label, seed) in runs]
+        if rs:
+            table.append(f"| {NAMES.get(label, label)} | {len(rs)} | "
+                         + " | ".join(_cell(rs, *c[:2]) for c in COLUMNS) + " |")
+    controls = "; ".join(f"{endpoint}: " + ", ".join(
+        f"{name} {_cell(list(runs.values()), metric, metric.replace('score', 'lower_bound'))}"
+        for name, metric in ENDPOINTS[endpoint][2].items()) for endpoint in ENDPOINTS)
+    caption = ("**Every setting beside the controls.** Mean ± sample std over seeds (nats/token; ≥: some "
+               "seed's value is a lower bound, counted as its value). The conditional clamp uses the "
+               "rate_groups detector, for every SAE; its AUROC separates forget from retain tokens on the "
+               "report split (1 = the two text sources apart). Non-SAE controls (the same for every run): "
+               + controls + ".")
+    return "\n\n".join([done, *(_family_markdown(runs, e) for e in ENDPOINTS), caption, "\n".join(table)])
 
 
 def state(out_dir: Path) -> str:

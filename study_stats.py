@@ -21,6 +21,12 @@ as both means are over the same seeds), with
 and the family of contrasts is corrected with Holm's step-down method (statsmodels multipletests).
 This equals the OLS fit of score ~ C(variant) + C(seed) and its t-test of the difference of the two
 variant coefficients; tests/test_study_stats.py checks that.
+
+A non-SAE control (difference of means, LEACE) does not depend on the SAE or the seed: one number c.
+A variant minus c cannot be paired by seed, and the seed effects do not cancel, so it is tested
+against the variant's own spread over seeds (one-sample t):
+
+    SE = sd_s(y_vs) / sqrt(S),   t = (ybar_v. - c) / SE,   df = S - 1.
 """
 from __future__ import annotations
 
@@ -84,13 +90,34 @@ def pooled_contrasts(table: dict[str, dict[int, float]],
     for a, b in contrasts:
         est = float(variant_mean[index[a]] - variant_mean[index[b]])
         t = est / se
-        rows.append({"a": a, "b": b, "estimate": est, "se": se, "t": t,
+        rows.append({"a": a, "b": b, "estimate": est, "se": se, "t": t, "df": df,
                      "p": float(2 * stats.t.sf(abs(t), df)),
                      "ci95": [est - t_crit * se, est + t_crit * se]})
+    holm(rows)
+    return {"n_seeds": S, "seeds": seeds, "variants": variants, "df": df,
+            "residual_variance": s2, "se": se, "contrasts": rows}
+
+
+def holm(rows: list[dict]) -> list[dict]:
+    """Adds p_holm (Holm's step-down adjustment of the rows' p over the whole list) and significant
+    (p_holm < 0.05) to each row, in place."""
     if rows:
         p_holm = multipletests([r["p"] for r in rows], method="holm")[1]
         for r, ph in zip(rows, p_holm):
             r["p_holm"] = float(ph)
             r["significant"] = bool(ph < ALPHA)
-    return {"n_seeds": S, "seeds": seeds, "variants": variants, "df": df,
-            "residual_variance": s2, "se": se, "contrasts": rows}
+    return rows
+
+
+def constant_contrast(a: str, scores: dict[int, float], b: str, constant: float) -> dict:
+    """mean(scores) - constant, a one-sample t-test over the seeds (see the module docstring); the
+    row has pooled_contrasts' fields, df included."""
+    y = np.array(list(scores.values()), dtype=float)
+    if len(y) < 2:
+        raise ValueError(f"{a} - {b}: need >= 2 seeds, got {len(y)}")
+    df = len(y) - 1
+    est, se = float(y.mean() - constant), float(y.std(ddof=1) / math.sqrt(len(y)))
+    t = est / se
+    half = float(stats.t.ppf(0.975, df)) * se
+    return {"a": a, "b": b, "estimate": est, "se": se, "t": t, "df": df,
+            "p": float(2 * stats.t.sf(abs(t), df)), "ci95": [est - half, est + half]}

@@ -60,6 +60,14 @@ Method (SAE-Bench's, step by step; deviations marked DEVIATION):
      with n features drawn at random from the eligible set (random_draws seeded draws: their mean and
      std); `difference_of_means` and `leace`, non-SAE erasures at the hook fitted on the rate split
      (interventions.Controls). These do not depend on the SAE and are cached per model and text.
+   - `unlearning_question_answer_text`, a second text pair (a secondary endpoint that nothing trains or
+     chooses on): each forget and each retain question followed by its correct answer (embedded: the
+     MMLU biology subjects against the four retain subjects; hub: WMDP-bio against them), in one seeded
+     order, packed into a selection half and a report half that share no question. The main pair's
+     selected features; the static curve chosen on its selection half and read at the tolerance on its
+     report half, as `held_out_score`; the non-SAE controls (fitted on the main rate split) beside it.
+     No conditional clamp or random draws there. Its questions can overlap the MCQ sample: the two
+     measure different things (loss on the text, the choice of a letter).
 
 Speed: the model runs once to the hook layer per evaluation batch; the residuals are kept, and for each
 edit only the remaining blocks run (TransformerLens `forward(resid, start_at_layer=hook_layer + 1)`),
@@ -75,6 +83,7 @@ import importlib.metadata
 import itertools
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -574,12 +583,13 @@ BELOW = "below_tolerance_at_every_multiplier"   # a lower bound: the curve never
 ABOVE = "above_tolerance_at_smallest_multiplier"
 
 
-def held_out_text(tokenizer, docs: list, cfg: UnlearningConfig, bos: int, eos: int, side: str) -> dict:
-    """Contexts [n, context_length] for each ΔCE split and for the firing rates, packed in that order from
-    consecutive runs of `docs`, so the three parts share no document."""
+def held_out_text(tokenizer, docs: list, cfg: UnlearningConfig, bos: int, eos: int, side: str,
+                  parts: tuple = (*SPLITS, "rate")) -> dict:
+    """Contexts [n, context_length] for each ΔCE split and for the firing rates (the parts asked for),
+    packed in that order from consecutive runs of `docs`, so the parts share no document."""
     out, start = {}, 0
-    for part, n in (("select", cfg.n_ce_contexts), ("report", cfg.n_ce_contexts),
-                    ("rate", cfg.n_rate_contexts)):
+    sizes = {"select": cfg.n_ce_contexts, "report": cfg.n_ce_contexts, "rate": cfg.n_rate_contexts}
+    for part, n in ((part, sizes[part]) for part in parts):
         tokens, used = pack_eval_contexts(tokenizer, docs[start:], cfg.context_length, n, bos, eos)
         if len(tokens) < n:
             raise ValueError(f"too few held-out {side} documents: {len(docs)} fill {start + used} "
@@ -588,6 +598,18 @@ def held_out_text(tokenizer, docs: list, cfg: UnlearningConfig, bos: int, eos: i
         out |= {part: tokens, f"{part}_contexts": len(tokens), f"{part}_documents": used}
         start += used
     return out
+
+
+QUESTION_ORDER_SEED = 0  # one order of the questions for every run: the second pair's text is fixed
+
+
+def question_answer_documents(by_subject: dict) -> list:
+    """The second text pair's documents, "{question}\n{correct answer}" per question, every subject's
+    questions in one seeded order: consecutive runs of them (its selection and report halves) then hold
+    disjoint questions drawn from every subject."""
+    docs = [f"{q.question}\n{q.choices[q.answer]}" for s in sorted(by_subject) for q in by_subject[s]]
+    random.Random(QUESTION_ORDER_SEED).shuffle(docs)
+    return docs
 
 
 def context_deltas(values: list, s: EvalSet) -> torch.Tensor:
@@ -888,13 +910,17 @@ def gate_thresholds(sae, rate: dict, features, cfg: UnlearningConfig) -> dict:
     return {th: q for th, q in out.items() if th > 0}
 
 
-def controls_cache_path(model, texts: dict, hook_layer: int, cfg: UnlearningConfig) -> "Path | None":
-    """Where the non-SAE controls' report points are kept: they depend on the model, the hook, the rate
-    and report text and the sweep settings, not on the SAE."""
+def controls_cache_path(model, texts: dict, qa_texts: "dict | None", hook_layer: int,
+                        cfg: UnlearningConfig) -> "Path | None":
+    """Where the non-SAE controls' report points ({"text": .., "question_answer_text": ..}) are kept: they
+    depend on the model, the hook, the rate and report text of both pairs and the sweep settings, not on
+    the SAE."""
     if not cfg.cache_dir:
         return None
     text = [hashlib.sha256(texts[side][part].numpy().tobytes()).hexdigest() for side in ("forget", "retain")
             for part in ("rate", "report")]
+    text += [hashlib.sha256(qa_texts[side]["report"].numpy().tobytes()).hexdigest() if qa_texts else None
+             for side in ("forget", "retain")]
     settings = [cfg.multipliers, cfg.leace_strengths, cfg.max_extensions, cfg.ce_tolerance,
                 cfg.skip_unchanged_rows, importlib.metadata.version("concept-erasure")]
     key = hashlib.sha256(json.dumps([model_fingerprint(model), hook_layer, text, settings],
@@ -955,6 +981,28 @@ def report_phase(measure: Measure, sel: Selection, rates: dict, controls_done: "
     return out
 
 
+def question_text_phase(model, run, texts: dict, selected: dict, controls_done: "dict | None",
+                        hook_layer: int, cfg: UnlearningConfig, device: str) -> dict:
+    """The second text pair (question + answer text), scored by the main pair's procedure with the same
+    selected features: the static curves chosen on its selection half, the chosen one read at the
+    tolerance on its report half, the non-SAE controls there (unless cached)."""
+    deltas, measures, base = {}, {}, {}
+    for split in SPLITS:
+        sets = ce_sets(model, texts, split, hook_layer, cfg, device)
+        base |= {f"{side}_ce_{split}": _ce_mean(sets[f"{side}_{split}"].batches) for side in ("forget", "retain")}
+        measures[split] = Measure(run, sets, split, deltas)
+        if split == "select":
+            choice = choose(static_curves(selected["all"], cfg), deltas, measures[split], cfg)
+        else:
+            point = report(choice.curve, deltas, measures[split], cfg)
+            controls = controls_done or {name: report(c, deltas, measures[split], cfg)
+                                         for name, c in control_curves(cfg).items()}
+        measures[split].sets = None
+    return held_out_metrics(point, choice) | {
+        "controls": controls, "baseline": base, "edits_run": {k: m.n_edits for k, m in measures.items()},
+        "text": {side: text_record(texts[side], cfg) for side in texts}}
+
+
 def random_summary(points: list, n_eligible: int, threshold: float, n: int) -> dict:
     """The random-feature control: the mean and spread (std, ddof 1) of its draws' scores."""
     scores = [p["score"] for p in points if p["score"] is not None]
@@ -979,13 +1027,13 @@ def n_lower_bounds(scores: dict) -> int:
     """How many of the reported points are lower bounds (curves still below the tolerance at the cap)."""
     points = [scores["static"], scores.get("forget_group"), *scores["conditional"].values(),
               *scores["controls"].values()]
-    random = scores["random_features"]
-    return sum(bool(p and p["lower_bound"]) for p in points) + (random["n_lower_bounds"] if random else 0)
+    draws = scores["random_features"]
+    return sum(bool(p and p["lower_bound"]) for p in points) + (draws["n_lower_bounds"] if draws else 0)
 
 
 def text_record(text: dict, cfg: UnlearningConfig) -> dict:
     """How many contexts and documents each part of one side's held-out text (held_out_text) holds."""
-    return ({f"{part}_{what}": text[f"{part}_{what}"] for part in (*SPLITS, "rate")
+    return ({f"{part}_{what}": text[f"{part}_{what}"] for part in (*SPLITS, "rate") if part in text
              for what in ("contexts", "documents")} | {"context_length": cfg.context_length})
 
 
@@ -1017,6 +1065,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     # 1. text: selection ΔCE contexts, report ΔCE contexts, rate contexts, disjoint by document
     texts = {side: held_out_text(tok, docs, cfg, bos, eos, side)
              for side, docs in (("forget", forget_docs), ("retain", retain_docs))}
+    qa_texts, qa_skipped = question_answer_texts(tok, forget_questions, retain_questions, cfg, bos, eos)
 
     # 2. the rate split: firing rates, then the detectors' gates and the controls' fit
     t = time.time()
@@ -1026,7 +1075,7 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
     detectors = ({"rate_groups": [int(i) for i in detector_rule(rates["forget"], rates["retain"])]}
                  if detector_rule else {}) | ({"trained_groups": group} if group is not None else {})
     gates = {name: gate_thresholds(sae, rate, feats, cfg) for name, feats in detectors.items()}
-    cache = controls_cache_path(model, texts, hook_layer, cfg)
+    cache = controls_cache_path(model, texts, qa_texts, hook_layer, cfg)
     controls_done = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
     controls = None if controls_done else fit_controls(*(rate[s]["resid"][rate[s]["keep"]]
                                                          for s in ("forget", "retain")))
@@ -1056,19 +1105,41 @@ def run_unlearning_eval(sae, model, hook_name: str, hook_layer: int, forget_docs
             sel = select_phase(measures[split], selected, gates, mcq_sets, cfg)
             del mcq_sets
         else:
-            scores = report_phase(measures[split], sel, rates, controls_done, cfg)
+            scores = report_phase(measures[split], sel, rates, controls_done and controls_done["text"], cfg)
             aurocs = detector_auroc(sae, sets, split, detectors)
         del sets
         measures[split].sets = None  # free the split's keys and values before the next one is built
         timing[split] = time.time() - t
+
+    # 6. the second text pair: the same features, chosen and scored on its own halves
+    t, qa = time.time(), {"skipped": qa_skipped}
+    if qa_texts is not None:
+        qa = question_text_phase(model, run, qa_texts, selected, controls_done and
+                                 controls_done["question_answer_text"], hook_layer, cfg, device)
+    timing["question_answer_text"] = time.time() - t
     if cache is not None and controls_done is None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cache, json_safe(scores["controls"]), indent=None)
+        write_json_atomic(cache, json_safe({"text": scores["controls"],
+                                            "question_answer_text": qa.get("controls")}), indent=None)
     timing["total"] = time.time() - started
     rows = {name: [r for c in curves for r in config_rows(c, deltas, sel.mcq, answers)]
             for name, curves in sel.families.items()}
-    return json_safe(eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, aurocs, gates,
-                                 selected, base, qinfo, texts, rates, measures, controls_done, timing))
+    record = eval_record(cfg, hook_name, hook_layer, tok, sel, scores, rows, detectors, aurocs, gates,
+                         selected, base, qinfo, texts, rates, measures, controls_done, timing)
+    record["eval_result_metrics"]["unlearning_question_answer_text"] = qa
+    return json_safe(record)
+
+
+def question_answer_texts(tok, forget_questions: dict, retain_questions: dict, cfg: UnlearningConfig,
+                          bos: int, eos: int) -> tuple:
+    """(the second pair's selection and report contexts per side, None) from the questions' text
+    (question_answer_documents), or (None, why) when the questions cannot fill both halves."""
+    try:
+        return {side: held_out_text(tok, question_answer_documents(questions), cfg, bos, eos,
+                                    f"{side} question-answer", parts=SPLITS)
+                for side, questions in (("forget", forget_questions), ("retain", retain_questions))}, None
+    except ValueError as e:  # held_out_text's "too few documents"
+        return None, str(e)
 
 
 def _run_edits(model, sae, hook_layer, cfg, detectors, controls, sets, edits):

@@ -2,6 +2,9 @@
 missing, then regenerates the results."""
 import subprocess
 
+import numpy as np
+import pytest
+
 import experiment
 import study
 
@@ -10,26 +13,90 @@ def test_manifest_is_the_design():
     runs = study.manifest()
     assert len(runs) == 5 * 8 + 5 * 3 + 2 * 3
     for label in ("topk", "fixed", "adaptive_a0.1", "allpairs", "lambda0"):  # the compared settings
-        assert all(f"run_{label}_s{seed}" in runs for seed in range(8))
+        assert all(f"runs/{label}_s{seed}" in runs for seed in range(8))
     for name, args in runs.items():  # every run parses, and names its own out_dir
         cfg = experiment.parse_config(args)
         assert cfg.out_dir == name and f"_s{cfg.seed}" in name and cfg.llm_dtype != "auto"
         experiment.validate(cfg)
-    assert experiment.parse_config(runs["run_lambda0_s3"]).lambda2_max == 0
-    assert experiment.parse_config(runs["run_long_topk_s1"]).train_tokens == 4 * 400_000
+    assert experiment.parse_config(runs["runs/lambda0_s3"]).lambda2_max == 0
+    assert experiment.parse_config(runs["runs/long_topk_s1"]).train_tokens == 4 * 400_000
+    seeds = [experiment.parse_config(args).seed for args in runs.values()]
+    assert seeds == sorted(seeds)  # seed by seed: an interrupted study holds whole seeds
 
 
 def test_only_unfinished_runs_are_run_then_the_readme_regenerated(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "HERE", tmp_path)
-    (tmp_path / "run_topk_s0").mkdir()
-    (tmp_path / "run_topk_s0" / "final_info.json").write_text("{}")
-    (tmp_path / "run_topk_s1" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run_topk_s1" / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "runs/topk_s0").mkdir(parents=True)
+    (tmp_path / "runs/topk_s0" / "final_info.json").write_text("{}")
+    (tmp_path / "runs/topk_s1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs/topk_s1" / "checkpoints" / "last.pt").write_bytes(b"")
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd[1:]))
-    done = study.main(["--only", "run_topk_s0", "run_topk_s1", "run_topk_s2"])
-    assert done == ["run_topk_s1", "run_topk_s2"]
+    done = study.main(["--only", "runs/topk_s0", "runs/topk_s1", "runs/topk_s2"])
+    assert done == ["runs/topk_s1", "runs/topk_s2"]
     assert [c[0] for c in calls] == ["experiment.py", "experiment.py", "plot.py"]
-    assert calls[0][1] == "--out_dir=run_topk_s1" and calls[-1] == ["plot.py", "--readme=README.md"]
-    assert [study.state(tmp_path / f"run_topk_s{s}") for s in range(3)] == [
+    assert calls[0][1] == "--out_dir=runs/topk_s1" and calls[-1] == ["plot.py", "--readme=README.md"]
+    assert [study.state(tmp_path / f"runs/topk_s{s}") for s in range(3)] == [
         "finished", "unfinished", "missing"]
+
+
+def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
+    """{manifest name: a results.flatten-like run}: score = effect + seed/10 ± 0.05 (the sign alternating
+    over seeds, so that it averages out of every setting's mean over an even number of seeds),
+    conditional = score + 0.5 ± 0.05 (alternating in pairs of seeds), question-answer score = score / 2,
+    and one fixed pair of non-SAE controls."""
+    runs = {}
+    for i, (label, effect) in enumerate(effects.items()):
+        for seed in seeds:
+            score = effect + seed / 10 + 0.05 * (-1) ** (seed + i)
+            runs[study.run_name(label, seed)] = {
+                "held_out_score": score, "held_out_lower_bound": False,
+                "conditional_score": score + 0.5 + 0.05 * (-1) ** (seed // 2 + i),
+                "conditional_lower_bound": False, "conditional_auroc": 0.9, "random_score": 0.1,
+                "random_lower_bound": False, "qa_score": score / 2, "qa_lower_bound": False,
+                "conv_ev_typical": 0.8, "val_ev": 0.78, "dom_score": 1.8, "dom_lower_bound": False,
+                "leace_score": 0.07, "leace_lower_bound": False, "qa_dom_score": 0.9,
+                "qa_dom_lower_bound": False, "qa_leace_score": 0.05, "qa_leace_lower_bound": True} | extra
+    return runs
+
+
+EFFECTS = {"topk": 0.5, "fixed": 0.5, "adaptive_a0.1": 1.0, "allpairs": 0.5, "lambda0": 0.5}
+
+
+def test_the_family_finds_planted_effects_and_only_those():
+    fam = study.contrast_family(flat_runs(EFFECTS), "held-out score")
+    rows = {(r["a"], r["b"]): r for r in fam["contrasts"]}
+    assert len(rows) == 5 + 3 + 2 and fam["seeds"] == list(range(8)) and fam["df"] == 7 * 7
+    assert fam["best"] == "adaptive_a0.1"
+    assert rows["adaptive_a0.1", "topk"]["estimate"] == pytest.approx(0.5)
+    assert rows["adaptive_a0.1", "topk"]["significant"] and rows["adaptive_a0.1", "fixed"]["significant"]
+    for pair in [("fixed", "topk"), ("allpairs", "topk"), ("lambda0", "topk")]:
+        assert rows[pair]["estimate"] == pytest.approx(0.0, abs=1e-12) and not rows[pair]["significant"]
+    for label in study.GATED:  # conditional = static + 0.5 exactly: the pooled residual is the wobble
+        assert rows[f"{label} conditional", label]["estimate"] == pytest.approx(0.5)
+    # the control contrast: the best setting's seed mean − the constant, SE from its own seed spread
+    best = [flat_runs(EFFECTS)[study.run_name("adaptive_a0.1", s)]["held_out_score"] for s in range(8)]
+    dom = rows["adaptive_a0.1", "difference of means"]
+    assert dom["estimate"] == pytest.approx(np.mean(best) - 1.8)
+    assert dom["se"] == pytest.approx(np.std(best, ddof=1) / np.sqrt(8)) and dom["df"] == 7
+    # Holm over all ten: each p_holm at least its p, and at least the smallest p times 10
+    assert all(r["p_holm"] >= r["p"] for r in rows.values())
+    assert min(r["p_holm"] for r in rows.values()) >= min(r["p"] for r in rows.values()) * 10 - 1e-12
+    qa = study.contrast_family(flat_runs(EFFECTS), "question-answer text (secondary)")
+    assert len(qa["contrasts"]) == 5 + 2  # no conditional clamp on the second pair
+
+
+def test_a_control_that_differs_between_runs_is_refused():
+    runs = flat_runs(EFFECTS)
+    runs[study.run_name("topk", 3)]["dom_score"] = 1.7
+    with pytest.raises(ValueError, match="dom_score should be one number"):
+        study.contrast_family(runs, "held-out score")
+
+
+def test_readme_section_says_interim_until_every_seed_is_in():
+    partial = study.readme_section(flat_runs(EFFECTS, seeds=range(3)))
+    assert "15 of the 61 runs" in partial and "INTERIM: 3 of the 8" in partial
+    full = study.readme_section(flat_runs(EFFECTS))
+    assert "INTERIM" not in full and "| adaptive α=0.1 − topk | +0.5" in full
+    assert "LEACE ≥ 0.050" in full  # the question-answer LEACE control is a lower bound
+    assert study.readme_section({}) == ""

@@ -584,6 +584,49 @@ def test_planted_forget_feature_is_selected_and_raises_forget_ce_only(planted):
         met["held_out_score"])
 
 
+def test_question_answer_documents_are_question_then_answer_in_one_fixed_mixed_order():
+    q = lambda text, subject: Question(text, ["w", "x", "y", "z"], 2, subject)
+    by_subject = {"b": [q(f"b{i}?", "b") for i in range(20)], "a": [q(f"a{i}?", "a") for i in range(20)]}
+    docs = unlearning.question_answer_documents(by_subject)
+    assert sorted(docs) == sorted(f"{s}{i}?\ny" for s in "ab" for i in range(20))  # the correct answer
+    assert docs == unlearning.question_answer_documents(dict(reversed(by_subject.items())))
+    assert {d[0] for d in docs[:10]} == {"a", "b"}  # the first half holds both subjects
+
+
+def test_question_answer_text_is_scored_like_the_main_text_on_its_own_halves(planted):
+    """Questions made of the planted cycles: the second pair's own selection and report halves (disjoint
+    by question), the main pair's selected feature, the same lower-bound score; too few questions to fill
+    both halves leave the pair unscored, saying why."""
+    m, sae, forget_docs, retain_docs = planted
+    cfg = unlearning.UnlearningConfig(retain_thresholds=(0.01,), n_features=(1,), multipliers=(25, 100),
+                                      max_extensions=2, context_length=24, n_rate_contexts=6,
+                                      n_ce_contexts=6, batch_size=4, random_draws=1,
+                                      leace_strengths=(1.0,), max_questions_per_subject=2, answer_orders=1)
+    following = {w: words[(i + 1) % len(words)] for words in (FORGET_WORDS, RETAIN_WORDS)
+                 for i, w in enumerate(words)}  # the answer continues the question's cycle
+    questions = lambda docs, subject: {subject: [Question(d, [following[d.split()[-1]]] * 4, 0, subject)
+                                                 for d in docs]}
+    res = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs,
+                                         questions(forget_docs, "f"), questions(retain_docs, "r"), cfg, "cpu")
+    main = res["eval_result_metrics"]["unlearning"]
+    qa = res["eval_result_metrics"]["unlearning_question_answer_text"]
+    for side in ("forget", "retain"):
+        text = qa["text"][side]
+        assert text["select_contexts"] == text["report_contexts"] == 6 and "rate_contexts" not in text
+        assert text["select_documents"] + text["report_documents"] <= 60
+    assert qa["held_out"]["selection"]["retain_threshold"] == 0.01 and qa["held_out"]["report"]["split"] == "report"
+    assert qa["held_out_lower_bound"] and qa["held_out_score"] > 1 and main["held_out_score"] > 1
+    assert qa["held_out_score"] != main["held_out_score"]  # its own text
+    assert qa["baseline"]["forget_ce_report"] < 2.0
+    assert {name: p["split"] for name, p in qa["controls"].items()} == {
+        "difference_of_means": "report", "leace": "report"}
+    short = unlearning.run_unlearning_eval(sae, m, "blocks.0.hook_resid_post", 0, forget_docs, retain_docs,
+                                           questions(forget_docs[:3], "f"), questions(retain_docs, "r"), cfg,
+                                           "cpu")
+    skipped = short["eval_result_metrics"]["unlearning_question_answer_text"]
+    assert list(skipped) == ["skipped"] and "too few held-out forget question-answer" in skipped["skipped"]
+
+
 def test_planted_clamp_of_a_retain_feature_has_no_score(planted):
     """Retain text made of the forget words, forget text of both: feature 0 then fires on every retain
     word, so clamping it raises retain CE beyond the tolerance at every multiplier, even halved down."""
