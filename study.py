@@ -8,8 +8,8 @@
 A run is finished when its folder holds final_info.json; an unfinished one (a checkpoint, no
 final_info.json) resumes where it stopped, since experiment.py resumes from out_dir/checkpoints. The
 design (README, "Pre-registered comparisons") is in SETTINGS; the manifest is what it expands to, one
-out_dir under runs/ per (setting, seed), seed by seed, so that an interrupted study holds whole seeds of
-the compared settings.
+out_dir under runs/ per (setting, seed): the compared settings seed by seed first, so that an
+interrupted study holds whole seeds of them.
 """
 import argparse
 import subprocess
@@ -41,6 +41,7 @@ SETTINGS = {
 }
 
 
+COMPARED = tuple(SETTINGS)[:5]  # the pre-registered comparisons' settings; the rest are descriptive
 RUNS = "runs"  # the study's run folders, apart from the repository's own run_0 and a user's runs
 
 
@@ -49,14 +50,16 @@ def run_name(label: str, seed: int) -> str:
 
 
 def manifest() -> dict:
-    """{out_dir: experiment.py arguments} for every run of the study, seed by seed."""
-    return {run_name(label, seed): [f"--out_dir={run_name(label, seed)}", *args, f"--seed={seed}", *COMMON]
-            for seed in MAIN_SEEDS for label, (args, seeds) in SETTINGS.items() if seed in seeds}
+    """{out_dir: experiment.py arguments} for every run of the study: the five compared settings seed
+    by seed, then the descriptive ones seed by seed."""
+    order = [(seed, label) for part in (COMPARED, tuple(SETTINGS)[5:])
+             for seed in MAIN_SEEDS for label in part if seed in SETTINGS[label][1]]
+    return {run_name(label, seed): [f"--out_dir={run_name(label, seed)}", *SETTINGS[label][0],
+                                    f"--seed={seed}", *COMMON] for seed, label in order}
 
 
 # The pre-registered family (README, "Pre-registered comparisons"): differences of setting means paired
 # by seed; the conditional − static clamp for GATED; the best compared setting − each non-SAE control.
-COMPARED = ("topk", "fixed", "adaptive_a0.1", "allpairs", "lambda0")
 CONTRASTS = [("adaptive_a0.1", "topk"), ("fixed", "topk"), ("adaptive_a0.1", "fixed"),
              ("allpairs", "topk"), ("lambda0", "topk")]
 GATED = ("topk", "fixed", "adaptive_a0.1")
