@@ -40,6 +40,15 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def reserve(path: Path) -> None:
+    """Allocate the whole (sparse, memory-mapped) file on disk now: a full disk is then an OSError
+    (ENOSPC) here, not a SIGBUS when a page is first written. Where the OS has no posix_fallocate
+    (macOS) the file stays sparse."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 @torch.inference_mode()
 def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, labels: torch.Tensor,
                   batch_size: int, acts_path: Path, desc: str) -> None:
@@ -54,6 +63,7 @@ def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, label
     stored, bits = STORAGE[model.cfg.dtype]
     if distributed.is_main():
         np.lib.format.open_memmap(acts_path, mode="w+", dtype=stored, shape=shape).flush()
+        reserve(acts_path)
     distributed.barrier()
     acts = np.load(acts_path, mmap_mode="r+")
     starts = range(0, n, batch_size)
@@ -62,6 +72,10 @@ def harvest_split(model, hook_name: str, layer: int, tokens: torch.Tensor, label
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
         resid = cache[hook_name][:, 1:, :].reshape(-1, model.cfg.d_model)
+        if not torch.isfinite(resid).all():
+            raise ValueError(f"{desc}: non-finite activations at {hook_name} (layer {layer}) in batch "
+                             f"{start // batch_size} (contexts {start}-{start + len(batch) - 1}); the model "
+                             f"overflows there: try --llm_dtype=float32 or check the model's weights")
         acts[start * (T - 1):start * (T - 1) + len(resid)] = resid.cpu().view(bits).numpy().view(stored)
     acts.flush()
     del acts

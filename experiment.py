@@ -201,14 +201,21 @@ class Config:
                                                      "subject before the answer-order filter")
 
 
+def parse_bool(text: str) -> bool:
+    """true/false, 1/0, yes/no (any case); anything else is refused, not read as False."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true/false, 1/0 or yes/no")
+    return value
+
+
 def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.type is bool or f.type == "bool":
             parser.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
-                                help=f.metadata["help"],
-                                type=lambda s: s.lower() in ("1", "true", "yes"))
+                                help=f.metadata["help"], type=parse_bool)
         else:
             kind = ({"int": int, "float": float, "str": str}.get(f.type, f.type)
                     if isinstance(f.type, str) else f.type)
@@ -607,8 +614,13 @@ def check_shared_cache(cache_dir: Path) -> None:
 
 
 def cached_entry_is_sound(entry: Path) -> bool:
-    """True when the entry exists and every file matches its manifest's sha256; a damaged entry is removed."""
+    """True when the entry exists and every file matches its manifest's sha256; a damaged entry (a
+    missing or unreadable manifest included) is removed."""
+    if not entry.exists():
+        return False
     if not (entry / "manifest.json").exists():
+        print(f"activations: cache entry {entry} has no manifest.json (an interrupted copy?); rebuilding it")
+        shutil.rmtree(entry)
         return False
     try:
         for split in ("train", "val"):
@@ -947,7 +959,11 @@ def uses_group_biases(cfg: Config) -> bool:
 
 
 def open_wandb(cfg: Config):
+    """The wandb run, or None. auto: wandb's own WANDB_MODE where it is set (the tests set disabled),
+    else online when an API key is configured, else disabled."""
     mode = cfg.wandb_mode
+    if mode == "auto" and os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        mode = os.environ["WANDB_MODE"]
     if mode == "auto":
         netrc = Path.home() / ".netrc"
         configured = (bool(os.environ.get("WANDB_API_KEY"))
@@ -962,6 +978,11 @@ def open_wandb(cfg: Config):
 def save_training(path: Path, training: Training, log) -> None:
     """Checkpoint (rank 0 writes it; every rank holds the same state): the training state and the log's
     length (a resumed run truncates lines written after it)."""
+    bad = [name for name, p in training.sae.state_dict().items()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:  # a NaN that the loss did not show (yet) must not become the "last good" checkpoint
+        raise FloatingPointError(f"step {training.step}: non-finite SAE parameters ({', '.join(bad)}); the "
+                                 f"last good checkpoint {path} is kept, no final_info.json was written")
     if distributed.is_main():
         log.flush()
         save_checkpoint(path, training.state_dict() | {"log_bytes": log.tell()})

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny word-level tokenizers and tiny random HookedTransformers, built offline."""
+import os
+
 import pytest
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+# no test goes online to wandb, whatever key this machine has configured (subprocesses inherit it)
+os.environ["WANDB_MODE"] = "disabled"
 
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

@@ -1,4 +1,5 @@
 """Corpora, the document split, context packing and the activation cache."""
+import errno
 import json
 
 import numpy as np
@@ -166,3 +167,48 @@ def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, tiny_model, monke
     assert rebuilt == entry and calls  # the model ran again
     acts, _ = activations.load_split(entry, "train")  # checksums hold again
     np.testing.assert_allclose(acts, good, rtol=1e-6, atol=1e-6)
+
+
+def harvest_args(tmp_path, tiny_model):
+    cfg = experiment.Config(cache_dir=str(tmp_path), layer=1, context_length=8, train_tokens=70,
+                            val_tokens=28, harvest_batch_size=4)
+    forget, retain = corpus("bio", WORDS[:5]), corpus("general", WORDS[5:])
+    return cfg, tiny_model, {"name": "tiny", "source": "local"}, "blocks.1.hook_resid_post", forget, retain, \
+        document_splits(cfg, forget, retain)
+
+
+def test_an_entry_without_its_manifest_is_rebuilt(tmp_path, tiny_model):
+    args = harvest_args(tmp_path, tiny_model)
+    entry, _ = experiment.prepare_activations(*args)
+    good = np.load(entry / "train_acts.npy").copy()
+    (entry / "manifest.json").unlink()  # an interrupted copy of the cache, say
+    rebuilt, _ = experiment.prepare_activations(*args)
+    assert rebuilt == entry and (entry / "manifest.json").exists()
+    np.testing.assert_array_equal(activations.load_split(entry, "train")[0], good)
+
+
+def test_a_full_disk_fails_at_the_reservation_with_nothing_left_behind(tmp_path, tiny_model, monkeypatch):
+    """The harvest reserves the memory-mapped file's space up front (posix_fallocate), so a full disk is
+    one clean error before any page is written, rather than a SIGBUS."""
+    def no_space(fd, offset, length):
+        assert length > 1000  # the whole file is reserved, not a page
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(activations.os, "posix_fallocate", no_space)
+    cfg, *args = harvest_args(tmp_path, tiny_model)
+    with pytest.raises(OSError, match="disk full while writing the activation cache") as e:
+        experiment.prepare_activations(cfg, *args)
+    assert e.value.errno == errno.ENOSPC and "--cache_dir" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "activations").iterdir()) == []  # neither the entry nor its temporary folder
+
+
+def test_non_finite_activations_are_refused_naming_the_layer_and_batch(tmp_path, tiny_model):
+    cfg, model, *args = harvest_args(tmp_path, tiny_model)
+    hook = lambda resid, hook: resid.index_fill(0, torch.tensor([1]), float("nan"))  # context 1 of a batch
+    model.add_hook("blocks.1.hook_resid_post", hook)
+    try:
+        with pytest.raises(ValueError, match=r"non-finite activations at blocks.1.hook_resid_post \(layer 1\) "
+                                             r"in batch 0 \(contexts 0-3\)"):
+            experiment.prepare_activations(cfg, model, *args)
+    finally:
+        model.reset_hooks()
+    assert list((tmp_path / "activations").iterdir()) == []

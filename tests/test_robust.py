@@ -200,6 +200,27 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(unint
     assert ckpt["step"] == 8 and not ckpt["finished"]
 
 
+def test_a_non_finite_parameter_is_never_checkpointed(uninterrupted, tmp_path, monkeypatch):
+    """A NaN in the weights that the step's loss does not show: the next checkpoint is refused, naming
+    the parameter, and the previous one stays."""
+    entry, _ = uninterrupted
+    real_step = experiment.TrainerTopK.step
+
+    def step(self, *args):
+        stats = real_step(self, *args)
+        if self.t == 12:  # t counts done steps: after step 11, just before its checkpoint
+            with torch.no_grad():
+                self.sae.W_dec[3, 0] = float("nan")
+        return stats
+    monkeypatch.setattr(experiment.TrainerTopK, "step", step)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(FloatingPointError, match=r"non-finite SAE parameters \(W_dec\)"):
+        experiment.train(tiny_config(out, lambda2_max=0.0), entry, out)
+    ckpt = experiment.load_checkpoint(out / "checkpoints" / "last.pt", tiny_config(out, lambda2_max=0.0))
+    assert ckpt["step"] == 8 and all(torch.isfinite(p).all() for p in ckpt["sae"].values())
+
+
 def test_resumed_batch_stream_continues_the_same_batches():
     acts = np.arange(50, dtype=np.float32)[:, None].repeat(2, 1)
     labels = np.zeros(50, dtype=np.uint8)
@@ -316,3 +337,22 @@ def test_interrupted_model_conversion_leaves_no_partial_copy_and_is_redone(tmp_p
     fail[0] = False
     models._convert_gguf(tmp_path / "x.gguf", "abc", folder)  # the next run converts again
     assert models._is_complete(folder, "abc") and [p.name for p in folder.parent.iterdir()] == ["m-fp32"]
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("YES", True), ("1", True), ("false", False),
+                                         ("No", False), ("0", False)])
+def test_booleans_parse_from_the_six_spellings(text, value):
+    assert experiment.parse_config([f"--absorption={text}"]).absorption is value
+    assert experiment.parse_config(["--absorption"]).absorption is True
+
+
+@pytest.mark.parametrize("text", ["on", "off", "ture", ""])
+def test_a_mistyped_boolean_is_refused_not_read_as_false(text, capsys):
+    with pytest.raises(SystemExit):
+        experiment.parse_config([f"--absorption={text}"])
+    assert f"'{text}' is not a boolean: use true/false, 1/0 or yes/no" in capsys.readouterr().err
+
+
+def test_wandb_stays_off_in_tests_even_with_a_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert experiment.open_wandb(experiment.Config(out_dir=str(tmp_path))) is None
