@@ -42,16 +42,14 @@ import torch.nn.functional as F
 from sae_lens import SAE, TopKSAE, TopKSAEConfig, register_sae_class
 from tqdm.auto import tqdm
 
-import absorption
 import activations
-import core_eval
 import data
 import distributed
 import models
 import results
-import sae_bench_unlearning
-import unlearning
+import variants
 from files import json_safe, write_bytes_atomic, write_json_atomic
+from variants import VARIANTS
 
 
 # -----------------------------------------------------------------------------
@@ -62,9 +60,22 @@ def _opt(default, help):
     return field(default=default, metadata={"help": help, "training": True})
 
 
-def _setting(default, help):
-    """A field that does not change what training computes: a checkpoint resumes under another value of it."""
-    return field(default=default, metadata={"help": help, "training": False})
+def _setting(default, help, parse=None):
+    """A field that does not change what training computes: a checkpoint resumes under another value of it.
+    parse: how the CLI reads it, where its type alone does not say (a list)."""
+    return field(default=default, metadata={"help": help, "training": False, "parse": parse})
+
+
+def number_list(kind):
+    """The CLI reader of a comma-separated list of `kind` (float or int) -> tuple."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{kind.__name__}s, e.g. 1,2") from None
+    parse.__name__ = f"{kind.__name__} list"  # argparse names the type in its message
+    return parse
 
 
 @dataclass
@@ -129,6 +140,8 @@ class Config:
     auxk_alpha: float = _opt(1 / 32, "weight of the AuxK loss on dead latents (OpenAI TopK paper)")
     dead_window_tokens: int = _opt(0, "a latent that has not fired for this many tokens is dead "
                                    "(AuxK); 0: 1/20 of the training tokens")
+    val_every: int = _opt(50, "validation loss (which picks the checkpoint) every this many steps, "
+                          "besides every regroup and the last step")
     max_norm_multiple: float = _opt(10.0, "drop activations whose norm exceeds this multiple of the "
                                     "median norm (attention-sink outliers); 0: keep all")
     # knowledge separation
@@ -180,11 +193,14 @@ class Config:
                                      "drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
     unlearning: bool = _setting(True, "run the unlearning evaluation (feature clamping on held-out "
                                 "forget/retain text and questions)")
-    unlearning_retain_thresholds: str = _setting("0.001,0.01", "unlearning sweep: drop features firing "
-                                                 "on more than this share of retain tokens")
-    unlearning_n_features: str = _setting("10,20", "unlearning sweep: number of features clamped")
-    unlearning_multipliers: str = _setting("25,50,100,200", "unlearning sweep: clamped features are "
-                                           "set to -multiplier (model units)")
+    unlearning_retain_thresholds: tuple = _setting((0.001, 0.01), "unlearning sweep (comma-separated): "
+                                                   "drop features firing on more than this share of "
+                                                   "retain tokens", parse=number_list(float))
+    unlearning_n_features: tuple = _setting((10, 20), "unlearning sweep (comma-separated): number of "
+                                            "features clamped", parse=number_list(int))
+    unlearning_multipliers: tuple = _setting((25.0, 50.0, 100.0, 200.0), "unlearning sweep "
+                                             "(comma-separated): clamped features are set to "
+                                             "-multiplier (model units)", parse=number_list(float))
     unlearning_ce_tolerance: float = _setting(0.02, "unlearning scores: the retain ΔCE (nats/token) at "
                                               "which forget ΔCE is read (interpolated)")
     unlearning_forget_group_sweep: bool = _setting(False, "unlearning: for the grouped variants, also "
@@ -209,31 +225,40 @@ def parse_bool(text: str) -> bool:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (not the 60-line usage, then the error)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (--help lists every option)\n")
+
+
 def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.type is bool or f.type == "bool":
             parser.add_argument(f"--{f.name}", nargs="?", const=True, default=f.default,
                                 help=f.metadata["help"], type=parse_bool)
         else:
-            kind = ({"int": int, "float": float, "str": str}.get(f.type, f.type)
-                    if isinstance(f.type, str) else f.type)
+            kind = f.metadata.get("parse") or ({"int": int, "float": float, "str": str}.get(f.type, f.type)
+                                               if isinstance(f.type, str) else f.type)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
-
-
-VARIANTS = ("topk", "fixed_ortho", "allpairs_ortho", "adaptive_ortho")
-GROUPED = ("fixed_ortho", "adaptive_ortho")  # variants whose loss acts on the forget/retain groups
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no model: raise ConfigError naming the field and the fix."""
-    checks = [
+def recorded_config(cfg: Config) -> dict:
+    """The config as final_info.json records it: every field but the variant-specific ones the run's
+    variant does not read (those took no effect)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in variants.ignored(cfg.variant)}
+
+
+def config_checks(cfg: Config) -> list:
+    """[(passes, field, message)]: every check of a single option that needs no model."""
+    return [
         (cfg.k >= 1, "k", f"k={cfg.k} must be >= 1"),
         (cfg.dict_size >= 0, "dict_size",
          f"dict_size={cfg.dict_size} must be >= 0 (0 picks the device default)"),
@@ -244,6 +269,7 @@ def validate(cfg: Config) -> None:
          f"train_tokens={cfg.train_tokens} must be >= 0 (0 picks the device default)"),
         (cfg.val_tokens > 0, "val_tokens", f"val_tokens={cfg.val_tokens} must be > 0"),
         (cfg.batch_size >= 1, "batch_size", f"batch_size={cfg.batch_size} must be >= 1"),
+        (cfg.val_every >= 1, "val_every", f"val_every={cfg.val_every} must be >= 1"),
         (cfg.checkpoint_every >= 1, "checkpoint_every",
          f"checkpoint_every={cfg.checkpoint_every} must be >= 1"),
         (cfg.epochs > 0, "epochs", f"epochs={cfg.epochs} must be > 0"),
@@ -269,6 +295,14 @@ def validate(cfg: Config) -> None:
         (cfg.unlearning_group_bias_edit in GROUP_BIAS_EDITS, "unlearning_group_bias_edit",
          f"unlearning_group_bias_edit={cfg.unlearning_group_bias_edit!r}: "
          f"use one of {', '.join(GROUP_BIAS_EDITS)}"),
+        (len(cfg.unlearning_retain_thresholds) > 0
+         and all(0 < t <= 1 for t in cfg.unlearning_retain_thresholds),
+         "unlearning_retain_thresholds",
+         f"unlearning_retain_thresholds={cfg.unlearning_retain_thresholds}: each must be in (0, 1]"),
+        (len(cfg.unlearning_n_features) > 0 and all(n >= 1 for n in cfg.unlearning_n_features),
+         "unlearning_n_features", f"unlearning_n_features={cfg.unlearning_n_features}: each must be >= 1"),
+        (len(cfg.unlearning_multipliers) > 0 and all(m > 0 for m in cfg.unlearning_multipliers),
+         "unlearning_multipliers", f"unlearning_multipliers={cfg.unlearning_multipliers}: each must be > 0"),
         (cfg.absorption_words >= 0, "absorption_words",
          f"absorption_words={cfg.absorption_words} must be >= 0 (0: all)"),
         (cfg.unlearning_ce_contexts >= 2, "unlearning_ce_contexts",
@@ -288,9 +322,19 @@ def validate(cfg: Config) -> None:
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
          f"device={cfg.device!r}: use auto, cpu or cuda[:N]"),
     ]
-    for ok, name, message in checks:
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model: raise ConfigError naming the field and the fix."""
+    for ok, name, message in config_checks(cfg):
         if not ok:
             raise ConfigError(f"--{name}: {message}")
+    defaults = Config()
+    for name in variants.ignored(cfg.variant):
+        if getattr(cfg, name) != getattr(defaults, name):
+            owners = [v for v in VARIANTS if variants.applies(v, name)]
+            raise ConfigError(f"--{name}: variant {cfg.variant} does not use it (only {', '.join(owners)} "
+                              f"do); drop --{name}={getattr(cfg, name)}")
     if cfg.evaluate_only and cfg.overwrite:
         raise ConfigError("--evaluate_only: it keeps the run's training; drop --overwrite")
     if (Path(cfg.out_dir) / "final_info.json").exists() and not (cfg.overwrite or cfg.evaluate_only):
@@ -354,7 +398,7 @@ def run(cfg: Config) -> dict:
 
     config = {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
               "lm_name": inputs.model_info["name"], "submodule_name": f"resid_post_layer_{cfg.layer}",
-              **dataclasses.asdict(cfg)}
+              **recorded_config(cfg)}
     final_info = {
         f"training results for layer {cfg.layer}": {"config": config, "final_info": train_info},
         "core evaluation results": evaluations.pop("core evaluation results"),
@@ -531,6 +575,9 @@ class Inputs:
 
 
 def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
+    # the corpora first: a missing or empty one fails before the minutes a model takes to load
+    forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
+                      (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
     dtype, dtype_why = models.resolve_llm_dtype(cfg.llm_dtype, cfg.device)
     try:
         model, model_info = models.load_model(model_name, cfg.device, Path(cfg.cache_dir), dtype)
@@ -538,8 +585,6 @@ def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
         raise ConfigError(f"--model: {e}") from None
     model_info |= {"requested": cfg.model, "reason": why, "dtype_reason": dtype_why}
     print(f"model: {model_info['name']} ({model_info['source']}; {why}), {dtype} ({dtype_why})")
-    forget, retain = (load_corpus_or_explain(name, spec, cfg) for name, spec in
-                      (("forget_corpus", cfg.forget_corpus), ("retain_corpus", cfg.retain_corpus)))
     documents = {side: data.split_documents(corpus.documents, cfg.eval_fraction, cfg.data_seed,
                                             cfg.val_fraction)
                  for side, corpus in (("forget", forget), ("retain", retain))}
@@ -636,6 +681,8 @@ def cached_entry_is_sound(entry: Path) -> bool:
 def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict,
              separation: dict) -> dict:
     """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
+    import absorption  # SAE-Bench loads with the evaluations, not with load_sae
+    import core_eval
     core_cfg = core_eval.CoreEvalConfig(
         context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
         n_eval_reconstruction_batches=cfg.core_eval_batches,
@@ -662,16 +709,16 @@ def evaluate_unlearning(cfg: Config, sae: TopKSAE, model, hook_name: str, splits
     `intervention_sae(sae, cfg.unlearning_group_bias_edit)`; for the orthogonal variants also restricted
     to the SAE's own forget group. The question filter depends only on the model, so it is cached across
     runs."""
-    floats = lambda text: tuple(float(v) for v in text.split(","))
+    import unlearning
     unlearn_cfg = unlearning.UnlearningConfig(
-        retain_thresholds=floats(cfg.unlearning_retain_thresholds),
-        n_features=tuple(int(v) for v in floats(cfg.unlearning_n_features)),
-        multipliers=floats(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
+        retain_thresholds=tuple(cfg.unlearning_retain_thresholds),
+        n_features=tuple(cfg.unlearning_n_features),
+        multipliers=tuple(cfg.unlearning_multipliers), ce_tolerance=cfg.unlearning_ce_tolerance,
         n_ce_contexts=cfg.unlearning_ce_contexts, context_length=cfg.context_length,
         max_questions_per_subject=cfg.unlearning_questions_per_subject,
         forget_group_sweep=cfg.unlearning_forget_group_sweep, cache_dir=str(Path(cfg.cache_dir) / "unlearning"))
     forget_group = (torch.tensor(separation["forget_features"], dtype=torch.long)
-                    if cfg.variant in GROUPED else None)
+                    if VARIANTS[cfg.variant].grouped else None)
     # every SAE's detector: the training's grouping rule applied to the rate split's firing rates
     detector_rule = lambda p_forget, p_retain: specific_latents(
         p_forget, p_retain, cfg.specificity_threshold, cfg.min_freq,
@@ -689,6 +736,7 @@ def evaluate_unlearning_with_sae_bench(cfg: Config, out: Path, sae: TopKSAE, mod
                                        device: str) -> dict:
     """SAE-Bench's own unlearning eval beside the port, where it applies (gemma-2-2b-it / -9b-it with WMDP's
     bio-forget-corpus.jsonl), with the same edit as the port; otherwise a record of why it did not run."""
+    import sae_bench_unlearning
     applies, why = sae_bench_unlearning.applies(model_name, cfg.forget_corpus)
     if not applies:
         return {"ran": False, "reason": why}
@@ -720,11 +768,12 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
     """One entry per finished run, appended: what the run was and its headline numbers (results.flatten)."""
     r = results.flatten(final_info)
     g = lambda v: "n/a" if v is None else f"{v:.4g}"
-    setting = {"adaptive_ortho": f" (α {cfg.alpha}, {cfg.ortho_target}, λ2_max {cfg.lambda2_max})",
-               "fixed_ortho": f" (λ2 {cfg.lambda2_max})", "allpairs_ortho": f" (λ2 {cfg.allpairs_lambda2})"}
-    ablation = " (no group biases)" if cfg.variant in GROUPED and not cfg.group_biases else ""
+    shown = [f"{name} {getattr(cfg, name)}" for name in VARIANTS[cfg.variant].options
+             if name not in variants.GROUP_OPTIONS]
+    setting = f" ({', '.join(shown)})" if shown else ""
+    ablation = " (no group biases)" if VARIANTS[cfg.variant].grouped and not cfg.group_biases else ""
     entry = (f"\n## {cfg.out_dir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n"
-             f"variant {cfg.variant}{setting.get(cfg.variant, '')}{ablation} | seed {cfg.seed} | model "
+             f"variant {cfg.variant}{setting}{ablation} | seed {cfg.seed} | model "
              f"{final_info['provenance']['model']['name']} | layer {cfg.layer} | dict {cfg.dict_size} "
              f"k {cfg.k} | train tokens {cfg.train_tokens:,} x {cfg.epochs} epochs\n"
              f"val explained variance {g(r['val_ev'])} (checkpoint step {r['best_step']}; last step "
@@ -760,15 +809,16 @@ def append_notes(cfg: Config, final_info: dict, notes_path: Path) -> None:
 # Training: the loop, its state, checkpoints (resume a killed run where it stopped, bit-identical on CPU)
 
 
-CHECKPOINT_RULE = ("the lowest validation loss (every 50 steps, at every regroup and at the end) on "
-                   "validation documents disjoint from training and from every evaluation; the same "
-                   "rule for every variant")
+def checkpoint_rule(cfg: Config) -> str:
+    return (f"the lowest validation loss (every {cfg.val_every} steps, at every regroup and at the end) "
+            f"on validation documents disjoint from training and from every evaluation; the same rule "
+            f"for every variant")
 
 
 def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """Train the SAE on the cached activations; returns (sae, input scale, training info, separation results).
 
-    The returned SAE is chosen by CHECKPOINT_RULE. At every regroup the separation metrics are logged;
+    The returned SAE is chosen by checkpoint_rule(cfg). At every regroup the separation metrics are logged;
     for the cross-group variants a group κ above kappa_max for kappa_patience consecutive regroups stops
     training early.
     Every `checkpoint_every` steps, at the end and on Ctrl-C/SIGTERM the whole training state goes to
@@ -785,20 +835,25 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
         bar = tqdm(range(start_step, start_step if training.finished else steps), desc="train SAE",
                    unit="step", initial=start_step, total=steps, disable=not main)
         for step in bar:
+            # one optimiser step on the next batch (in the SAE's scaled units); a NaN loss stops here
             x, y = next(batches)
             record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
             check_finite(record, step, ckpt_path)
             training.stats, stop = record, False
+            # regroup: new groups and partners, the separation metrics, the κ check
             if (step + 1) % cfg.group_every == 0:
                 record["separation"], stop = training.regroup(step)
-            if step % 50 == 0 or step == steps - 1 or "separation" in record:
+            # validate: the loss that picks the checkpoint
+            if step % cfg.val_every == 0 or step == steps - 1 or "separation" in record:
                 record |= training.validate(step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ev=f"{record['explained_variance']:.3f}",
                                 dead=record["dead_latents"])
+            # log the step
             log.write((json.dumps(json_safe(record)) + "\n").encode())
             if wandb_run is not None:
                 wandb_run.log(record, step=step)
             last, training.step, training.wall_s = step, step + 1, wall_before + time.time() - started
+            # stop (early stop, or a signal on any rank), or checkpoint
             stop, interrupted = agree(stop, stop_request.signal is not None)
             if stop:
                 print(f"early stop: {training.stopper.reason}")
@@ -929,10 +984,11 @@ class Training:
         """The regroup event after `step`: new groups and partners (and the group-bias assignment), the
         separation metrics, and the κ check (ortho variants; topk only watches). Returns
         (metrics, stop)."""
-        regroup(self.sae, self.grouper, self.trainer.t)
+        self.grouper.assign(self.sae.W_dec, self.trainer.steps_done)
+        self.sae.set_groups(self.grouper.assignment())
         metrics = separation_metrics(self.sae.W_dec, self.grouper) | {"step": step}
         self.history.append(metrics)
-        return metrics, self.cfg.variant in GROUPED and self.stopper.check(metrics, step)
+        return metrics, VARIANTS[self.cfg.variant].grouped and self.stopper.check(metrics, step)
 
     def validate(self, step: int) -> dict:
         """Validation loss and EV; the SAE and its groups are kept when the loss is the lowest so far."""
@@ -955,7 +1011,7 @@ def make_ortho(cfg: Config):
 
 
 def uses_group_biases(cfg: Config) -> bool:
-    return cfg.variant in GROUPED and cfg.group_biases
+    return VARIANTS[cfg.variant].grouped and cfg.group_biases
 
 
 def open_wandb(cfg: Config):
@@ -1064,7 +1120,7 @@ class StopRequest:
 def training_results(training: Training, start_step: int,
                      last: int) -> tuple[AutoEncoderTopK, float, dict, dict]:
     """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured,
-    then the checkpoint chosen by CHECKPOINT_RULE is loaded and measured (unless it is the last step's,
+    then the checkpoint chosen by checkpoint_rule is loaded and measured (unless it is the last step's,
     measured already)."""
     cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
                                       training.ortho)
@@ -1089,20 +1145,21 @@ def training_results(training: Training, start_step: int,
             "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
             "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
             "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
-            "resumed_from_step": start_step if start_step > 0 else None, "checkpoint_rule": CHECKPOINT_RULE,
+            "resumed_from_step": start_step if start_step > 0 else None,
+            "checkpoint_rule": checkpoint_rule(cfg),
             "world_size": distributed.world_size(),
             **chosen["validation"]}
-    adaptive = cfg.variant == "adaptive_ortho"
-    separation = {
-        "variant": cfg.variant, "alpha": cfg.alpha if adaptive else 0.0,
-        "ortho_target": cfg.ortho_target if adaptive else None,
+    reads = lambda option: variants.applies(cfg.variant, option)
+    separation = {  # the values that took effect: α 0 and no ramp where the variant has none
+        "variant": cfg.variant, "alpha": cfg.alpha if reads("alpha") else 0.0,
+        "ortho_target": cfg.ortho_target if reads("ortho_target") else None,
         "lambda2_max": ortho.lambda2_max if ortho else 0.0,
         "lambda2_default": ortho_lambda2_default(cfg.variant),
-        "t0": cfg.t0 if adaptive else 0, "group_biases": uses_group_biases(cfg),
-        "lambda2_final": ortho.lambda2(training.trainer.t) if ortho else 0.0,
+        "t0": cfg.t0 if reads("t0") else 0, "group_biases": uses_group_biases(cfg),
+        "lambda2_final": ortho.lambda2(training.trainer.steps_done) if ortho else 0.0,
         "grouping": {"group_every": cfg.group_every, "specificity_threshold": cfg.specificity_threshold,
                      "min_freq": cfg.min_freq, "max_group_size": grouper.max_group_size,
-                     "passive": cfg.variant not in GROUPED},
+                     "passive": not VARIANTS[cfg.variant].grouped},
         "final_checkpoint_step": training.best["step"],
         "final": chosen["separation"],  # of the chosen checkpoint, with its own groups
         "final_step": final_step,  # the SAE of the last step, beside the chosen checkpoint
@@ -1110,7 +1167,7 @@ def training_results(training: Training, start_step: int,
         # the chosen checkpoint's forget group (unlearning uses it)
         "forget_features": grouper.forget_idx.tolist(),
         "early_stopping": {"kappa_max": cfg.kappa_max, "kappa_patience": cfg.kappa_patience,
-                           "applies": cfg.variant in GROUPED, "stopped": stopper.reason is not None,
+                           "applies": VARIANTS[cfg.variant].grouped, "stopped": stopper.reason is not None,
                            "reason": stopper.reason or "ran all steps", "step": last,
                            "kappa_history": [{"step": h["step"], "forget": h["kappa_forget"],
                                               "retain": h["kappa_retain"], "union": h["kappa_union"]}
@@ -1122,7 +1179,7 @@ def training_results(training: Training, start_step: int,
 
 def ortho_lambda2_default(variant: str) -> float:
     """The Config default of the variant's λ2 field (plot.py names λ2 in a label only where it differs)."""
-    name = "allpairs_lambda2" if variant == "allpairs_ortho" else "lambda2_max"
+    name = VARIANTS[variant].lambda_field or "lambda2_max"  # topk: none (0 either way)
     return Config.__dataclass_fields__[name].default
 
 
@@ -1167,7 +1224,7 @@ class TrainerTopK:
                  auxk_alpha: float, dead_window_tokens: int, ortho=None, grouper: FeatureGrouper = None):
         self.sae, self.steps, self.auxk_alpha, self.dead_window_tokens = (
             sae, steps, auxk_alpha, dead_window_tokens)
-        self.ortho, self.grouper, self.t = ortho, grouper, 0
+        self.ortho, self.grouper, self.steps_done = ortho, grouper, 0
         self.k_aux = sae.d_in // 2
         # fused: one kernel per parameter instead of a dozen elementwise passes (the same update up to float
         # rounding; BENCHMARKS.md)
@@ -1184,11 +1241,11 @@ class TrainerTopK:
 
     def state(self) -> dict:
         """Everything step() depends on besides the SAE's weights and the grouper (for checkpoints)."""
-        return {"t": self.t, "tokens_since_fired": self.tokens_since_fired.clone(),
+        return {"steps_done": self.steps_done, "tokens_since_fired": self.tokens_since_fired.clone(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, state: dict) -> None:
-        self.t = state["t"]
+        self.steps_done = state["steps_done"]
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -1217,7 +1274,7 @@ class TrainerTopK:
         total = recon + self.auxk_alpha * auxk
         extra = {}
         if self.ortho is not None:
-            lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.t)
+            lambda2, ortho = self.ortho(self.sae.W_dec, self.grouper, self.steps_done)
             # every rank computes the same term; the sum counts it once
             total = total + lambda2 * ortho * share
             extra = {"ortho": ortho.item(), "lambda2": lambda2}
@@ -1227,18 +1284,18 @@ class TrainerTopK:
             self.tokens_since_fired += len(x) * distributed.world_size()
             self.tokens_since_fired[distributed.reduce_sum(fired) > 0] = 0
             l0 = (values > 0).sum(dim=-1).float().mean()
-            local = torch.cat([torch.stack([total, recon, auxk, MeanSquaredNorm.apply(x) * share,
-                                            l0 * share]),
-                               x.mean(dim=0) * share])
-            summed = distributed.reduce_sum(local)
-            mean = summed[5:]
+            # the global batch's means, in one all-reduce: named scalars, then the mean of x [d]
+            scalars = {"loss": total, "recon": recon, "auxk": auxk, "x_sq": MeanSquaredNorm.apply(x) * share,
+                       "l0": l0 * share}
+            summed = distributed.reduce_sum(torch.cat([torch.stack(list(scalars.values())),
+                                                       x.mean(dim=0) * share]))
+            means, x_mean = dict(zip(scalars, summed[:len(scalars)])), summed[len(scalars):]
             # mean ‖x − x̄‖² = mean ‖x‖² − ‖x̄‖²
-            fve = 1 - summed[1] / (summed[3] - mean @ mean)
+            fve = 1 - means["recon"] / (means["x_sq"] - x_mean @ x_mean)
             if self.grouper is not None and labels is not None:
                 self.grouper.update(values, indices, labels)
-        total_, recon_, auxk_, _, l0_ = summed[:5].tolist()
-        stats = {"loss": total_, "recon": recon_, "auxk": auxk_, "explained_variance": fve.item(),
-                 "dead_latents": len(dead), "l0": l0_, **extra}
+        stats = {name: means[name].item() for name in ("loss", "recon", "auxk")} | {
+            "explained_variance": fve.item(), "dead_latents": len(dead), "l0": means["l0"].item(), **extra}
         return total, stats
 
     def step(self, x: torch.Tensor, labels: torch.Tensor = None) -> dict:
@@ -1252,7 +1309,7 @@ class TrainerTopK:
         self.optimizer.step()
         self.scheduler.step()
         self.sae.normalize_decoder()
-        self.t += 1
+        self.steps_done += 1
         return stats | {"lr": self.scheduler.get_last_lr()[0]}
 
 
@@ -1398,7 +1455,7 @@ class FeatureGrouper:
     Every step: p_g ← β·p_g + (1 − β)·(firings on domain-g tokens / number of domain-g tokens), one
     bincount over the batch's TopK indices per domain (O(B·k), no dense [B, F] work), β = 1 − 1/every
     (the EMA horizon is the regroup period), bias-corrected by 1 − β^t as Adam does.
-    Every `every` steps (`regroup`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold},
+    Every `every` steps (`assign`): s = (p_f − p_r)/(p_f + p_r) ∈ [−1, 1]; forget = {s > threshold},
     retain = {s < −threshold}, both among latents with (p_f + p_r)/2 >= min_freq and each cut to its
     max_group_size most specific latents (largest |s|; 0: no cap); the rest is shared. Partner pairs
     whose two latents are still in their groups are kept (with their sign); the other forget latents are
@@ -1445,7 +1502,7 @@ class FeatureGrouper:
         return self.ema / (1 - self.beta ** self.updates).clamp_min(1e-12)[:, None]
 
     @torch.no_grad()
-    def regroup(self, W_dec: torch.Tensor, t: int = 0) -> None:
+    def assign(self, W_dec: torch.Tensor, t: int = 0) -> None:
         p = self.frequencies()
         forget, retain = specific_latents(p[activations.FORGET], p[activations.RETAIN], self.threshold,
                                           self.min_freq, self.max_group_size)
@@ -1521,14 +1578,6 @@ def match_partners(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if len(rows) == m:
                 break
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
-def regroup(sae: "AutoEncoderTopK", grouper: FeatureGrouper, t: int) -> None:
-    """New groups and partners from the grouper's firing rates; an SAE with group biases takes the new
-    assignment."""
-    grouper.regroup(sae.W_dec, t)
-    if sae.group_bias is not None:
-        sae.feature_group.copy_(grouper.assignment().to(sae.feature_group.device))
 
 
 class KappaEarlyStopping:
@@ -1690,6 +1739,13 @@ class AutoEncoderTopK(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
+    def set_groups(self, assignment: torch.Tensor) -> None:
+        """feature_group = assignment [F] (FeatureGrouper.assignment): which group bias each latent
+        feeds; nothing without group biases."""
+        if self.group_bias is not None:
+            self.feature_group.copy_(assignment.to(self.feature_group.device))
+
+    @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Project out each row's gradient component along the row, so the unit-norm constraint holds to
         first order."""
@@ -1731,7 +1787,12 @@ class Codes(NamedTuple):
 
 # torch marks its sparse CSR tensors "beta"; the two products used here (sparse.mm, sparse.sampled_addmm)
 # are checked against dense references in tests/test_sae.py
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+def sparse_csr(*args, **kwargs) -> torch.Tensor:
+    """torch.sparse_csr_tensor, without its "support is in beta" warning (here, not process-wide)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta",
+                                category=UserWarning)
+        return torch.sparse_csr_tensor(*args, **kwargs)
 
 
 def topk_rows(pre: torch.Tensor, k: int,
@@ -1776,7 +1837,7 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tens
     crow = torch.zeros(n_rows + 1, dtype=torch.int32, device=indices.device)
     torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
     rows_of_entries = torch.div(order, n, rounding_mode="floor").to(torch.int32)
-    S_t = torch.sparse_csr_tensor(crow, rows_of_entries, weights.flatten()[order], (n_rows, B),
+    S_t = sparse_csr(crow, rows_of_entries, weights.flatten()[order], (n_rows, B),
                                   check_invariants=False)
     return torch.sparse.mm(S_t, dense)
 
@@ -1855,7 +1916,7 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad):
         values, indices, W = ctx.saved_tensors
         B, k = indices.shape
-        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=indices.device),
+        pattern = sparse_csr(torch.arange(0, B * k + 1, k, device=indices.device),
                                           indices.flatten(), values.new_zeros(B * k), (B, len(W)),
                                           check_invariants=False)
         grad_values = torch.sparse.sampled_addmm(pattern, grad, W.T, beta=0.0).values().view(B, k)

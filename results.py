@@ -1,4 +1,5 @@
 """A run's final_info.json, flat: the one reading of its headline numbers that notes.txt and plot.py share."""
+import variants
 
 
 def training_section(info: dict) -> dict:
@@ -47,7 +48,8 @@ def flatten(info: dict) -> dict:
     rand, dom, leace = (point(scores, "controls", c)
                         for c in ("random_features", "difference_of_means", "leace"))
     return {
-        "variant": sep["variant"], "alpha": sep["alpha"] if sep["variant"] == "adaptive_ortho" else None,
+        "variant": sep["variant"],
+        "alpha": sep["alpha"] if variants.applies(sep["variant"], "alpha") else None,
         "seed": cfg["seed"], "batch_size": cfg["batch_size"],
         "val_ev": train_info["val_explained_variance"], "conv_ev": rq["explained_variance_conventional"],
         "conv_ev_typical": rq.get("explained_variance_conventional_without_outliers"),

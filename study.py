@@ -136,14 +136,14 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
                f" INTERIM: {len(fam['seeds'])} of the {len(MAIN_SEEDS)} pre-registered seeds; "
                f"not the pre-registered test.")
     head = (f"**Pre-registered contrasts, {endpoint}.** Seeds {fam['seeds']} (those every compared setting "
-            f"has).{interim} Pooled residual variance {fam['residual_variance']:.4f} on {fam['df']} df: SE of "
-            f"a paired contrast {fam['se']:.3f}. Control contrasts: one-sample t over the best setting's "
+            f"has).{interim} Pooled residual variance {fam['residual_variance']:.4f} on {fam['df']} df: "
+            f"SE of a paired contrast {fam['se']:.3f}. Control contrasts: one-sample t over the best setting's "
             f"seeds ({name(fam['best'])}). Holm over the {len(fam['contrasts'])} contrasts.")
     rows = [f"| {name(r['a'])} − {name(r['b'])} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
             f"{r['ci95'][1]:+.3f}] | {r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {r['p_holm']:.3g} | "
             f"{'yes' if r['significant'] else 'no'} |" for r in fam["contrasts"]]
-    return "\n".join([head, "", "| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |",
-                      "|---|---|---|---|---|---|---|", *rows])
+    header = "| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |"
+    return "\n".join([head, "", header, "|---|---|---|---|---|---|---|", *rows])
 
 
 def readme_section(runs: dict) -> str:

@@ -13,7 +13,7 @@ def make_trainer(variant: str, d: int, n: int, k: int, n_forget: int,
     latents with partners, members long since and λ2(t) at its maximum, so every step pays the full
     loss; the grouper never regroups while timed."""
     torch.manual_seed(0)
-    sae = experiment.AutoEncoderTopK(d, n, k, group_biases=variant in experiment.GROUPED)
+    sae = experiment.AutoEncoderTopK(d, n, k, group_biases=experiment.VARIANTS[variant].grouped)
     # never regroups while timed
     grouper = experiment.FeatureGrouper(n, every=10**9, threshold=0.5, min_freq=1e-3)
     grouper.joined.fill_(-10**9)  # members long since: the penalty at full weight
@@ -21,13 +21,12 @@ def make_trainer(variant: str, d: int, n: int, k: int, n_forget: int,
     grouper.forget_idx, grouper.retain_idx = perm[:n_forget], perm[n_forget:n_forget + n_retain]
     grouper.partner_sign = torch.ones(min(n_forget, n_retain))
     grouper.paired_at = torch.full((len(grouper.partner_sign),), -10**9)  # pairs long since
-    if variant == "adaptive_ortho":
-        sae.feature_group.copy_(grouper.assignment())
+    sae.set_groups(grouper.assignment())
     cfg = experiment.Config(variant=variant)
     trainer = experiment.TrainerTopK(sae, steps=10**6, lr=1e-4, warmup_steps=1, decay_start=1.0,
                                      auxk_alpha=1 / 32, dead_window_tokens=10**9,
                                      ortho=experiment.make_ortho(cfg), grouper=grouper)
-    trainer.t = max(cfg.t0, 1)  # λ2(t) at its maximum
+    trainer.steps_done = max(cfg.t0, 1)  # λ2(t) at its maximum
     return trainer
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny word-level tokenizers and tiny random HookedTransformers, built offline."""
 import os
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
@@ -8,6 +9,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 # no test goes online to wandb, whatever key this machine has configured (subprocesses inherit it)
 os.environ["WANDB_MODE"] = "disabled"
+# the suite's own cache folder (the converted embedded model, the BIG-bench articles, activation entries),
+# apart from the user's runs' cache: filled by the first test that needs each input, reused after
+os.environ["ORTHO_SAE_CACHE"] = str(Path(os.environ.get("ORTHO_SAE_TEST_CACHE",
+                                                        "~/.cache/orthogonal_sae_tests")).expanduser())
 
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

@@ -30,7 +30,7 @@ TRAIN_DRIVER = textwrap.dedent("""
     real_step = experiment.TrainerTopK.step
     def step(self, *args):
         # a real SIGKILL to rank 1 in the middle of training
-        if self.t == kill_step and distributed.rank() == 1:
+        if self.steps_done == kill_step and distributed.rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args)
     experiment.TrainerTopK.step = step

@@ -11,12 +11,12 @@ TINY = ["--model=smollm2-135m-instruct", "--train_tokens=4096", "--val_tokens=10
         "--core_eval_sparsity_batches=1", "--core_eval_batch_prompts=2", "--harvest_batch_size=8",
         "--variant=adaptive_ortho", "--group_every=4", "--unlearning_retain_thresholds=0.01",
         "--unlearning_n_features=10", "--unlearning_multipliers=100",
-        "--unlearning_questions_per_subject=2"]
+        "--unlearning_questions_per_subject=2", "--unlearning_ce_contexts=6"]
 
 
 def run(*args):
     result = subprocess.run([sys.executable, "experiment.py", *args], capture_output=True, text=True,
-                            timeout=900)
+                            timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -61,6 +61,8 @@ def test_outputs_hold_the_seed_layout_and_sane_values(finished_run):
     for name in ("difference_of_means", "leace"):
         point = scores["controls"][name]
         assert point["score"] is not None or point["flag"], point
+    qa = unlearn["eval_result_metrics"]["unlearning_question_answer_text"]  # the second text pair
+    assert qa["text"]["forget"]["report_contexts"] == 6 and "held_out_score" in qa
     # SmolLM2: SAE-Bench's own eval refuses it
     assert info["SAE-Bench unlearning evaluation results"]["ran"] is False
     # removed once finished

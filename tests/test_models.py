@@ -1,7 +1,9 @@
 """models.py against Hugging Face references: tiny random NeoX/Llama/Gemma-2 folders, the embedded
 SmolLM2, offline hub."""
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -301,3 +303,11 @@ def test_named_hub_model_offline_raises_quickly(offline_env, monkeypatch, tmp_pa
                        match=r"could not load EleutherAI/pythia-70m-deduped .*smollm2-135m-instruct"):
         models.load_model("EleutherAI/pythia-70m-deduped", "cpu", tmp_path)
     assert time.time() - start < 20
+
+
+def test_the_suite_uses_its_own_cache_folder():
+    """conftest points ORTHO_SAE_CACHE at the tests' folder: no test reads or fills the runs' cache."""
+    import experiment
+    assert models.default_cache_dir() != Path("~/.cache/orthogonal_sae").expanduser()
+    assert models.default_cache_dir().name == "orthogonal_sae_tests" or "ORTHO_SAE_TEST_CACHE" in os.environ
+    assert experiment.Config().cache_dir == str(models.default_cache_dir())

@@ -163,7 +163,7 @@ def test_grouper_finds_planted_forget_and_retain_directions():
     for _ in range(20):
         _, labels, (values, indices) = sample(512, gen)
         grouper.update(values, indices, labels)
-    grouper.regroup(dirs)
+    grouper.assign(dirs)
     assert sorted(grouper.forget_idx.tolist()) == list(range(8))
     assert sorted(grouper.retain_idx.tolist()) == list(range(8, 16))
     assignment = grouper.assignment()
@@ -313,7 +313,7 @@ def test_step_gradient_of_the_ortho_term_equals_autograd_through_W_dec(variant, 
     recon + AuxK + λ2·L_ortho written on W_dec itself, with two rows still ramping into their groups."""
     torch.manual_seed(0)
     d, n = 12, 40
-    sae = AutoEncoderTopK(d, n, 4, group_biases=variant in experiment.GROUPED)
+    sae = AutoEncoderTopK(d, n, 4, group_biases=experiment.VARIANTS[variant].grouped)
     grouper = FeatureGrouper(n, every=10, threshold=0.5, min_freq=1e-3)
     grouper.forget_idx, grouper.retain_idx = torch.tensor([3, 7, 1, 30, 22]), torch.tensor([5, 0, 9, 11])
     grouper.partner_sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
@@ -325,7 +325,7 @@ def test_step_gradient_of_the_ortho_term_equals_autograd_through_W_dec(variant, 
     ortho = experiment.make_ortho(cfg)
     trainer = TrainerTopK(sae, steps=100, lr=1e-3, warmup_steps=1, decay_start=0.8, auxk_alpha=1 / 32,
                           dead_window_tokens=10**9, ortho=ortho, grouper=grouper)
-    trainer.t = 5  # λ2 halfway up its ramp for adaptive_ortho
+    trainer.steps_done = 5  # λ2 halfway up its ramp for adaptive_ortho
     x, labels = torch.randn(64, d), (torch.rand(64) < 0.5).long()
     total, stats = trainer.loss(x, labels)
     total.backward()
@@ -370,8 +370,9 @@ def train_planted(variant, steps=300, seed=0):
     for _ in range(steps):
         x, labels, _ = sample(128, gen)
         evs.append(trainer.step(x, labels)["explained_variance"])
-        if trainer.t % grouper.every == 0:
-            experiment.regroup(sae, grouper, trainer.t)
+        if trainer.steps_done % grouper.every == 0:
+            grouper.assign(sae.W_dec, trainer.steps_done)
+            sae.set_groups(grouper.assignment())
     return experiment.separation_metrics(sae.W_dec, grouper), float(np.mean(evs[-50:]))
 
 
@@ -485,13 +486,13 @@ def test_a_pair_re_matched_between_members_ramps_in():
     W[4] = F.normalize(W[4] - (W[4] @ W[1]) * W[1], dim=0)
     W[4] = F.normalize(W[4] + 0.05 * W[1], dim=0)  # cos(1, 4) = 0.05: far from the target α = 0.3
     grouper = grouper_with_rates(p_f, p_r)
-    grouper.regroup(W, t=10)
+    grouper.assign(W, t=10)
     assert grouper.partner_targets(10).tolist() == [1.0, 1.0]
     W_F, W_R = W[grouper.forget_idx], W[grouper.retain_idx]
     before = cross_group_penalty(W_F, W_R, grouper.partner_targets(20), 0.3, "partner",
                                  *grouper.member_weights(20)) * len(W_F) * len(W_R)
     grouper.ema[activations.FORGET, 3], grouper.ema[activations.RETAIN, 3] = 0.1, 0.1  # 3 turns shared
-    grouper.regroup(W, t=20)
+    grouper.assign(W, t=20)
     pairs = list(zip(grouper.forget_idx.tolist(), grouper.retain_idx.tolist()))
     assert pairs == [(0, 2), (1, 4)] and grouper.partner_sign.tolist() == [1.0, 1.0]
     for t, ramp in ((20, 0.0), (25, 0.5), (30, 1.0)):
@@ -525,7 +526,7 @@ def test_no_regroup_raises_the_summed_penalty():
     for i, t in enumerate(range(10, 200, 10)):
         grouper.ema = torch.rand(2, n, generator=gen, dtype=torch.float64) * 0.1
         before = summed(t) if i else None
-        grouper.regroup(W, t)
+        grouper.assign(W, t)
         if before is not None:
             assert summed(t) <= before + 1e-6
         W = F.normalize(W + 0.3 * torch.randn(W.shape, generator=gen), dim=1)  # training moves the rows
@@ -538,7 +539,7 @@ def test_group_cap_keeps_the_most_specific_latents():
     p_r = [0.01, 0.04, 0.02, 0.03, 0.19, 0.16, 0.18, 0.1]
     W = unit_rows(8, 16).float()
     capped, free = grouper_with_rates(p_f, p_r, max_group_size=2), grouper_with_rates(p_f, p_r)
-    capped.regroup(W), free.regroup(W)
+    capped.assign(W), free.assign(W)
     assert sorted(capped.forget_idx.tolist()) == [0, 2] and sorted(capped.retain_idx.tolist()) == [4, 6]
     assert sorted(free.forget_idx.tolist()) == [0, 1, 2, 3] and sorted(free.retain_idx.tolist()) == [4, 5, 6]
 
@@ -555,7 +556,7 @@ def test_regroup_keeps_valid_partners_and_ramps_new_members_in():
     W[4] = F.normalize(W[0] + 0.5 * W[4], dim=0)  # forget 0 <-> retain 4, forget 1 <-> retain 5 (negatively)
     W[5] = F.normalize(-W[1] + 0.5 * W[5], dim=0)
     grouper = grouper_with_rates(p_f, p_r)
-    grouper.regroup(W, t=10)
+    grouper.assign(W, t=10)
     pairs = dict(zip(grouper.forget_idx.tolist(), grouper.retain_idx.tolist()))
     assert pairs == {0: 4, 1: 5} and grouper.partner_sign.tolist() == [1.0, -1.0]
     assert [w.tolist() for w in grouper.member_weights(10)] == [[1.0, 1.0], [1.0, 1.0]]
@@ -567,7 +568,7 @@ def test_regroup_keeps_valid_partners_and_ramps_new_members_in():
     W2 = W.clone()
     # now 1 <-> 4 would be the greedy match; the old pairs stay valid
     W2[4] = F.normalize(W[1] + 0.1 * W[4], dim=0)
-    grouper.regroup(W2, t=20)
+    grouper.assign(W2, t=20)
     n = len(grouper.partner_sign)
     pairs = dict(zip(grouper.forget_idx[:n].tolist(), grouper.retain_idx[:n].tolist()))
     assert pairs == {0: 4, 1: 5} and grouper.partner_sign.tolist() == [1.0, -1.0]

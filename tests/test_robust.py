@@ -63,7 +63,7 @@ DRIVER = textwrap.dedent("""
     torch.manual_seed(0)
     real_step = experiment.TrainerTopK.step
     def step(self, *args):
-        if self.t == kill_step:  # a real signal to this process, in the middle of training
+        if self.steps_done == kill_step:  # a real signal to this process, in the middle of training
             os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
         return real_step(self, *args)
     experiment.TrainerTopK.step = step
@@ -189,8 +189,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(unint
 
     def step(self, *args):
         stats = real_step(self, *args)
-        # t counts done steps
-        return stats | {"loss": float("nan"), "ortho": float("nan")} if self.t == 10 else stats
+        # steps_done counts done steps
+        return stats | {"loss": float("nan"), "ortho": float("nan")} if self.steps_done == 10 else stats
     monkeypatch.setattr(experiment.TrainerTopK, "step", step)
     out = tmp_path / "run"
     out.mkdir()
@@ -208,7 +208,7 @@ def test_a_non_finite_parameter_is_never_checkpointed(uninterrupted, tmp_path, m
 
     def step(self, *args):
         stats = real_step(self, *args)
-        if self.t == 12:  # t counts done steps: after step 11, just before its checkpoint
+        if self.steps_done == 12:  # steps_done counts done steps: after step 11, just before its checkpoint
             with torch.no_grad():
                 self.sae.W_dec[3, 0] = float("nan")
         return stats
@@ -284,6 +284,15 @@ def test_bad_corpus_file_gives_a_one_line_error(tmp_path, content, message):
     with pytest.raises(experiment.ConfigError, match=message) as e:
         experiment.load_corpus_or_explain("forget_corpus", str(path), tiny_config(tmp_path / "run"))
     assert str(e.value).startswith("--forget_corpus:") and "\n" not in str(e.value)
+
+
+def test_a_missing_corpus_fails_before_the_model_loads(tmp_path, monkeypatch):
+    def load_model(*args):
+        raise AssertionError("the model was loaded before the corpora were checked")
+    monkeypatch.setattr(experiment.models, "load_model", load_model)
+    cfg = tiny_config(tmp_path / "run", forget_corpus=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(experiment.ConfigError, match="^--forget_corpus:.*does not exist"):
+        experiment.load_inputs(cfg, "tiny", "requested by name")
 
 
 def test_malformed_question_rows_are_counted_by_reason():

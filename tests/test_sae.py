@@ -1,5 +1,8 @@
 """The SAE and trainer math against naive references, planted features, and config validation."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,14 +249,60 @@ def test_planted_features_are_recovered():
     assert stats["explained_variance"] > 0.9
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"k": 0}, "--k"), ({"k": 100, "dict_size": 64}, "--k"), ({"lr": -1.0}, "--lr"),
-    ({"train_tokens": -5}, "--train_tokens"), ({"batch_size": 0}, "--batch_size"), ({"layer": -2}, "--layer"),
-    ({"eval_fraction": 1.5}, "--eval_fraction"), ({"device": "tpu"}, "--device"), ({"epochs": 0}, "--epochs"),
-])
-def test_invalid_config_names_the_field(override, field):
-    with pytest.raises(ConfigError, match=field):
-        experiment.validate(Config(**override))
+# every check of validate(): a value it refuses, and the field its one-line message names
+INVALID = [
+    ({"k": 0}, "k"), ({"k": 100, "dict_size": 64}, "k"), ({"dict_size": -1}, "dict_size"), ({"lr": -1.0}, "lr"),
+    ({"train_tokens": -5}, "train_tokens"), ({"val_tokens": 0}, "val_tokens"), ({"batch_size": 0}, "batch_size"),
+    ({"checkpoint_every": 0}, "checkpoint_every"), ({"val_every": 0}, "val_every"), ({"epochs": 0}, "epochs"),
+    ({"context_length": 1}, "context_length"), ({"eval_fraction": 1.5}, "eval_fraction"),
+    ({"val_fraction": -0.1}, "val_fraction"), ({"variant": "allpairs_ortho", "allpairs_lambda2": -1.0},
+                                                 "allpairs_lambda2"),
+    ({"max_group_fraction": 1.5}, "max_group_fraction"), ({"decay_start": 2.0}, "decay_start"),
+    ({"auxk_alpha": -1.0}, "auxk_alpha"), ({"layer": -2}, "layer"), ({"wandb_mode": "on"}, "wandb_mode"),
+    ({"llm_dtype": "float16"}, "llm_dtype"), ({"encoder_dtype": "auto"}, "encoder_dtype"),
+    ({"variant": "sparse"}, "variant"), ({"unlearning_group_bias_edit": "drop"}, "unlearning_group_bias_edit"),
+    ({"unlearning_retain_thresholds": (0.0,)}, "unlearning_retain_thresholds"),
+    ({"unlearning_n_features": ()}, "unlearning_n_features"), ({"unlearning_multipliers": (-1.0,)},
+                                                               "unlearning_multipliers"),
+    ({"absorption_words": -1}, "absorption_words"), ({"unlearning_ce_contexts": 1}, "unlearning_ce_contexts"),
+    ({"ortho_target": "cone"}, "ortho_target"), ({"alpha": 1.0}, "alpha"), ({"lambda2_max": -1.0}, "lambda2_max"),
+    ({"t0": -1}, "t0"), ({"group_every": 0}, "group_every"), ({"specificity_threshold": 1.0}, "specificity_threshold"),
+    ({"min_freq": -1.0}, "min_freq"), ({"kappa_max": 1.0}, "kappa_max"), ({"kappa_patience": 0}, "kappa_patience"),
+    ({"device": "tpu"}, "device"), ({"evaluate_only": True, "overwrite": True}, "evaluate_only"),
+    # an option the variant does not read
+    ({"variant": "fixed_ortho", "alpha": 0.3}, "alpha"), ({"variant": "topk", "lambda2_max": 5.0}, "lambda2_max"),
+    ({"variant": "topk", "group_biases": False}, "group_biases"),
+    ({"variant": "adaptive_ortho", "allpairs_lambda2": 1.0}, "allpairs_lambda2"),
+    ({"variant": "allpairs_ortho", "t0": 10}, "t0"), ({"variant": "fixed_ortho", "ortho_target": "hinge"},
+                                                      "ortho_target"),
+]
+
+
+@pytest.mark.parametrize("override, field", INVALID)
+def test_invalid_config_names_the_field(override, field, tmp_path):
+    with pytest.raises(ConfigError, match=f"^--{field}:") as e:
+        experiment.validate(Config(out_dir=str(tmp_path / "run"), **override))
+    assert "\n" not in str(e.value)
+
+
+def test_every_check_of_validate_is_exercised(tmp_path):
+    """INVALID names every field validate() checks, and the defaults pass every check."""
+    checks = experiment.config_checks(Config())
+    assert all(ok for ok, _, _ in checks)
+    assert {field for _, field, _ in checks} <= {field for _, field in INVALID}
+    experiment.validate(Config(out_dir=str(tmp_path / "run")))
+
+
+def test_an_option_the_variant_ignores_is_refused_naming_the_variant():
+    """And final_info.json's config records only the options that took effect."""
+    with pytest.raises(ConfigError, match="variant fixed_ortho does not use it .only adaptive_ortho do.; "
+                                          "drop --alpha=0.3"):
+        experiment.validate(Config(variant="fixed_ortho", alpha=0.3))
+    for variant in experiment.VARIANTS:  # the defaults are fine for every variant
+        experiment.validate(Config(out_dir="unused", variant=variant))
+    recorded = experiment.recorded_config(Config(variant="topk"))
+    assert not {"alpha", "lambda2_max", "t0", "group_biases", "allpairs_lambda2"} & set(recorded)
+    assert recorded["k"] == 32 and experiment.recorded_config(Config())["alpha"] == 0.1
 
 
 def test_layer_outside_model_and_k_over_auto_dict_size():
@@ -285,3 +334,36 @@ def test_cli_parses_every_field_and_errors_in_one_line(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "--k" in bad.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--k=abc"], "argument --k: invalid int value: 'abc'"),
+    (["--unlearning_multipliers=25;50"], "'25;50' is not a comma-separated list of floats"),
+    (["--unlearning_n_features=10,2.5"], "'10,2.5' is not a comma-separated list of ints"),
+    (["--no_such_option=1"], "unrecognized arguments: --no_such_option=1"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.parse_config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_sweep_lists_are_typed_tuples_from_the_command_line():
+    cfg = experiment.parse_config(["--unlearning_multipliers=100", "--unlearning_n_features=5,7"])
+    assert cfg.unlearning_multipliers == (100.0,) and cfg.unlearning_n_features == (5, 7)
+    assert cfg.unlearning_retain_thresholds == (0.001, 0.01)  # the default, already a tuple
+
+
+def test_loading_an_sae_imports_no_evaluation_module_and_sets_no_warning_filter():
+    """import experiment (load_sae, the SAE classes) leaves SAE-Bench and the evaluation modules
+    unloaded and the process's warning filters as they were."""
+    code = ("import sys, warnings, torch, sae_lens, transformer_lens\n"
+            "before = list(warnings.filters)\n"
+            "import experiment\n"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('sae_bench', 'unlearning', 'core_eval', "
+            "'absorption', 'sae_bench_unlearning', 'interventions')]\n"
+            "print(heavy, [f for f in warnings.filters if f not in before])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(experiment.__file__).parent,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[] []"
