@@ -826,7 +826,7 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
     """
     log_path, ckpt_path = out / "train_log.jsonl", out / "checkpoints" / "last.pt"
     training, batches = start_training(cfg, entry, ckpt_path, log_path)
-    data, start_step, main = training.data, training.step, distributed.is_main()
+    train_data, start_step, main = training.data, training.step, distributed.is_main()
     steps, wandb_run, started, wall_before = (
         training.steps, open_wandb(cfg) if main else None, time.time(), training.wall_s)
     last = start_step - 1
@@ -837,7 +837,8 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
         for step in bar:
             # one optimiser step on the next batch (in the SAE's scaled units); a NaN loss stops here
             x, y = next(batches)
-            record = {"step": step, **training.trainer.step(x.to(cfg.device) / data.scale, y.to(cfg.device))}
+            x, y = x.to(cfg.device) / train_data.scale, y.to(cfg.device)
+            record = {"step": step, **training.trainer.step(x, y)}
             check_finite(record, step, ckpt_path)
             training.stats, stop = record, False
             # regroup: new groups and partners, the separation metrics, the κ check
@@ -877,17 +878,18 @@ def start_training(cfg: Config, entry: Path, ckpt_path: Path, log_path: Path) ->
     """(training at its next step, this rank's stream of batch slices from there): resumed from the
     checkpoint when there is one, else fresh with b_dec at the geometric median of batch 0 (training step s
     uses batch s + 1); every rank starts from rank 0's SAE."""
-    data = TrainingData.load(entry, cfg.max_norm_multiple)
-    training = Training(cfg, data)
+    train_data = TrainingData.load(entry, cfg.max_norm_multiple)
+    training = Training(cfg, train_data)
     if ckpt_path.exists():
         resume_training(ckpt_path, training, log_path)
     elif distributed.is_main():
-        first, _ = next(activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed,
-                                                     rows=data.keep))
+        first, _ = next(activations.shuffled_batches(train_data.acts, train_data.labels, cfg.batch_size,
+                                                     cfg.seed, rows=train_data.keep))
         with torch.no_grad():
-            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / data.scale))
+            training.sae.b_dec.copy_(geometric_median(first.to(cfg.device) / train_data.scale))
     distributed.broadcast_tensors(training.sae.parameters())
-    batches = activations.shuffled_batches(data.acts, data.labels, cfg.batch_size, cfg.seed, rows=data.keep,
+    batches = activations.shuffled_batches(train_data.acts, train_data.labels, cfg.batch_size, cfg.seed,
+                                           rows=train_data.keep,
                                            skip=training.step + 1, part=distributed.shard(cfg.batch_size))
     return training, batches
 
@@ -946,12 +948,12 @@ class Training:
     checkpoint. state_dict / load_state_dict list what a checkpoint holds, once; regroup and validate are
     the loop's events."""
 
-    def __init__(self, cfg: Config, data: TrainingData):
-        self.cfg, self.data = cfg, data
-        d = data.acts.shape[1]
+    def __init__(self, cfg: Config, train_data: TrainingData):
+        self.cfg, self.data = cfg, train_data
+        d = train_data.acts.shape[1]
         self.sae = AutoEncoderTopK(d, cfg.dict_size, cfg.k, group_biases=uses_group_biases(cfg),
                                    encoder_dtype=models.LLM_DTYPES[cfg.encoder_dtype]).to(cfg.device)
-        self.steps = max(1, int(cfg.epochs * len(data.keep) / cfg.batch_size))
+        self.steps = max(1, int(cfg.epochs * len(train_data.keep) / cfg.batch_size))
         self.grouper = FeatureGrouper(cfg.dict_size, cfg.group_every, cfg.specificity_threshold, cfg.min_freq,
                                       max_group_size=int(cfg.max_group_fraction * d))
         self.ortho = make_ortho(cfg)
@@ -1000,14 +1002,19 @@ class Training:
 
 
 def make_ortho(cfg: Config):
-    """The orthogonality term of `cfg.variant` (None for topk)."""
-    if cfg.variant == "fixed_ortho":
-        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, t0=0, alpha=0.0, target="partner")
-    if cfg.variant == "allpairs_ortho":
-        return AllPairsOrthogonalityLoss(cfg.allpairs_lambda2)
-    if cfg.variant == "adaptive_ortho":
-        return CrossGroupOrthogonalityLoss(cfg.lambda2_max, cfg.t0, cfg.alpha, cfg.ortho_target)
-    return None
+    """The orthogonality term of `cfg.variant` as the variant table says (None without one): the
+    all-pairs term for an ungrouped variant, else the cross-group term, with no ramp, α = 0 and the
+    partner target where the variant does not read t0, α or the target (fixed_ortho)."""
+    variant = VARIANTS[cfg.variant]
+    if variant.lambda_field is None:
+        return None
+    weight = getattr(cfg, variant.lambda_field)
+    if not variant.grouped:
+        return AllPairsOrthogonalityLoss(weight)
+    reads = lambda option: variants.applies(cfg.variant, option)
+    return CrossGroupOrthogonalityLoss(weight, t0=cfg.t0 if reads("t0") else 0,
+                                       alpha=cfg.alpha if reads("alpha") else 0.0,
+                                       target=cfg.ortho_target if reads("ortho_target") else "partner")
 
 
 def uses_group_biases(cfg: Config) -> bool:
@@ -1122,9 +1129,9 @@ def training_results(training: Training, start_step: int,
     """(the chosen SAE, input scale, training info, separation results): the last step's SAE is measured,
     then the checkpoint chosen by checkpoint_rule is loaded and measured (unless it is the last step's,
     measured already)."""
-    cfg, data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
+    cfg, train_data, sae, grouper, ortho = (training.cfg, training.data, training.sae, training.grouper,
                                       training.ortho)
-    measure = lambda: {"validation": validation_loss(sae, data, cfg.device),
+    measure = lambda: {"validation": validation_loss(sae, train_data, cfg.device),
                        "separation": separation_metrics(sae.W_dec, grouper),
                        "geometry": feature_geometry(sae.W_dec, grouper.assignment())}
     at_last = measure()
@@ -1142,9 +1149,10 @@ def training_results(training: Training, start_step: int,
             "sparsity_penalty": cfg.auxk_alpha,
             "sparsity_penalty_meaning": "auxk_alpha: weight of the AuxK dead-latent loss "
                                         "(TopK enforces sparsity by k)",
-            "input_scale": data.scale, "train_tokens_harvested": len(data.acts),
-            "tokens_dropped_as_outliers": int(len(data.acts) - len(data.keep)),
-            "median_activation_norm": float(np.median(data.norms)), "train_wall_time_s": training.wall_s,
+            "input_scale": train_data.scale, "train_tokens_harvested": len(train_data.acts),
+            "tokens_dropped_as_outliers": int(len(train_data.acts) - len(train_data.keep)),
+            "median_activation_norm": float(np.median(train_data.norms)),
+            "train_wall_time_s": training.wall_s,
             "resumed_from_step": start_step if start_step > 0 else None,
             "checkpoint_rule": checkpoint_rule(cfg),
             "world_size": distributed.world_size(),
@@ -1174,7 +1182,7 @@ def training_results(training: Training, start_step: int,
                                              for h in training.history]},
         "regroup_history": training.history,
     }
-    return sae, data.scale, info, json_safe(separation)
+    return sae, train_data.scale, info, json_safe(separation)
 
 
 def ortho_lambda2_default(variant: str) -> float:
@@ -1184,13 +1192,14 @@ def ortho_lambda2_default(variant: str) -> float:
 
 
 @torch.no_grad()
-def validation_loss(sae: AutoEncoderTopK, data: TrainingData, device: str, batch_size: int = 4096) -> dict:
+def validation_loss(sae: AutoEncoderTopK, train_data: TrainingData, device: str,
+                    batch_size: int = 4096) -> dict:
     """Mean ‖x − x̂‖² and explained variance (about the mean) on the held-out activations, in scaled
     units; each rank takes its share of the rows and the sums are reduced, so every rank gets the
     same numbers."""
-    acts, scale = data.val_acts, data.scale
+    acts, scale = train_data.val_acts, train_data.scale
     sq_err, sq_dev, n = 0.0, 0.0, len(acts)
-    mean = torch.from_numpy(data.val_mean).to(device) / scale
+    mean = torch.from_numpy(train_data.val_mean).to(device) / scale
     part = distributed.shard(n)
     for start in range(part.start, part.stop, batch_size):
         rows = np.ascontiguousarray(acts[start:min(start + batch_size, part.stop)])
