@@ -16,3 +16,19 @@ def test_train_step_bench_runs_and_checks_against_dense():
     assert all(float(e.split()[1]) < 1e-4 for e in errors.split(", ")), errors
     assert ("| ours: topk step |" in out.stdout
             and "| topk step rate / encoder product rate (x @ W_enc) |" in out.stdout)
+
+
+def test_same_training_finds_a_checkout_identical_to_itself_and_a_changed_weight(tmp_path):
+    script = [sys.executable, "bench/same_training.py"]
+    for name in ("a", "b"):
+        assert subprocess.run(script + [str(tmp_path / name)], cwd=ROOT, capture_output=True).returncode == 0
+    same = subprocess.run(script + ["--compare", str(tmp_path / "a"), str(tmp_path / "b")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout.count("weights identical, train_log identical") == 4
+    import torch
+    weights = torch.load(tmp_path / "b" / "adaptive_ortho.pt")
+    weights["W_dec"][0, 0] += 1e-6
+    torch.save(weights, tmp_path / "b" / "adaptive_ortho.pt")
+    changed = subprocess.run(script + ["--compare", str(tmp_path / "a"), str(tmp_path / "b")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert changed.returncode == 1 and "adaptive_ortho: weights DIFFER" in changed.stdout
