@@ -1,6 +1,7 @@
 """Train a TopK sparse autoencoder on one layer of a language model and evaluate it.
 
-    python experiment.py --out_dir=run_1            # embedded default: CPU, no hub
+    python experiment.py                            # embedded default (CPU, no hub) into out/run_<time>
+    python experiment.py --out_dir=out/alpha0.3 --alpha=0.3   # a folder of your own
     python experiment.py --help                     # every option, its meaning and default
 
 The run: load the model (Pythia-70M-deduped from the hub when reachable, else the embedded
@@ -81,7 +82,8 @@ def number_list(kind):
 @dataclass
 class Config:
     # where and how it runs: none of these changes what training computes
-    out_dir: str = _setting("run_0", "folder for final_info.json, the SAE, the training log")
+    out_dir: str = _setting("", "folder for final_info.json, the SAE, the training log; empty: a new "
+                                "folder out/run_<UTC date-time>")
     overwrite: bool = _setting(False, "start afresh in out_dir: replace a finished run "
                                "(final_info.json) or ignore a checkpoint")
     evaluate_only: bool = _setting(False, "re-evaluate the finished run in out_dir (its saved sae/) "
@@ -157,7 +159,7 @@ class Config:
                               "deviation, so ~1/d per pair at random): adaptive_ortho reaches it at "
                               "t0, fixed_ortho uses it from step 0")
     allpairs_lambda2: float = _opt(0.02, "allpairs_ortho: weight of its penalty; of the study's weights "
-                                   "(0.02, 4, 150; README) the one that costs no reconstruction")
+                                   "(0.02, 4, 150; RESULTS.md) the one that costs no reconstruction")
     t0: int = _opt(300, "adaptive_ortho: steps over which λ2(t) = lambda2_max·min(1, t/t0) ramps up")
     group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases "
                               "b_forget, b_retain (false: the ablation without them; topk and "
@@ -337,7 +339,10 @@ def validate(cfg: Config) -> None:
                               f"do); drop --{name}={getattr(cfg, name)}")
     if cfg.evaluate_only and cfg.overwrite:
         raise ConfigError("--evaluate_only: it keeps the run's training; drop --overwrite")
-    if (Path(cfg.out_dir) / "final_info.json").exists() and not (cfg.overwrite or cfg.evaluate_only):
+    if cfg.evaluate_only and not cfg.out_dir:
+        raise ConfigError("--evaluate_only: name the finished run's folder with --out_dir")
+    finished = cfg.out_dir and (Path(cfg.out_dir) / "final_info.json").exists()
+    if finished and not (cfg.overwrite or cfg.evaluate_only):
         raise ConfigError(f"--out_dir: {cfg.out_dir} holds a finished run (final_info.json); "
                           f"pick a new out_dir or pass --overwrite")
 
@@ -377,6 +382,9 @@ def run(cfg: Config) -> dict:
         return reevaluate(cfg)
     started = time.time()
     cfg, model_name, why = configure(cfg)
+    if not cfg.out_dir:
+        cfg = dataclasses.replace(cfg, out_dir=distributed.on_main(new_out_dir))
+        print(f"out_dir: {cfg.out_dir} (after an interruption, resume with --out_dir={cfg.out_dir})")
     out = distributed.on_main(lambda: prepare_out_dir(cfg), ConfigError)
     distributed.quiet_unless_main()
     set_seed(cfg.seed)
@@ -392,8 +400,9 @@ def run(cfg: Config) -> dict:
         return None
     metadata = {"model_name": inputs.model_info["name"], "hook_name": inputs.hook_name,
                 "hook_layer": cfg.layer, "context_size": cfg.context_length, "prepend_bos": True}
-    sae.save(out / "sae", scale, metadata)
-    saved = load_sae(out / "sae", cfg.device)  # what every evaluation sees: the SAE as saved, in model units
+    sae.save(out / "sae", scale, metadata, passthrough_norm=outlier_norm(cfg, train_info))
+    # what every evaluation sees: the SAE as saved, in model units, reconstructing every position it scores
+    saved = load_sae(out / "sae", cfg.device, passthrough=False)
     evaluations = evaluate(cfg, out, saved, inputs, train_info, separation)
 
     config = {"trainer_class": "TrainerTopK", "dict_class": "AutoEncoderTopK", "activation_dim": sae.d_in,
@@ -439,7 +448,7 @@ def reevaluate(cfg: Config) -> dict:
     lock_out_dir(out)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, info["provenance"]["model"]["name"], "the run's model")
-    saved = load_sae(out / "sae", cfg.device)
+    saved = load_sae(out / "sae", cfg.device, passthrough=False)
     evaluations = evaluate(cfg, out, saved, inputs, training["final_info"],
                            info["knowledge separation results"])
     kept = {k: v for k, v in info.items() if k not in EVALUATION_SECTIONS and k != "provenance"}
@@ -510,6 +519,15 @@ def pick_device(requested: str) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device: {requested} asked for but CUDA is not available; use --device=cpu")
     return requested
+
+
+def new_out_dir() -> str:
+    """out/run_<UTC date-time>[_n]: a folder no run has used (out/ is not committed, so no study run's)."""
+    name = f"out/run_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    n = 1
+    while Path(name if n == 1 else f"{name}_{n}").exists():
+        n += 1
+    return name if n == 1 else f"{name}_{n}"
 
 
 _OUT_DIR_LOCKS = {}  # resolved out_dir -> open lock file: a lock lives as long as this process
@@ -678,6 +696,12 @@ def cached_entry_is_sound(entry: Path) -> bool:
         return False
 
 
+def outlier_norm(cfg: Config, train_info: dict) -> "float | None":
+    """Training's outlier rule in model units: max_norm_multiple x the median training-token norm (None:
+    max_norm_multiple 0 keeps every token)."""
+    return cfg.max_norm_multiple * train_info["median_activation_norm"] or None
+
+
 def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: dict,
              separation: dict) -> dict:
     """The evaluation sections of final_info.json, each on the saved SAE and the evaluation documents."""
@@ -687,9 +711,9 @@ def evaluate(cfg: Config, out: Path, sae: TopKSAE, inputs: Inputs, train_info: d
         context_length=cfg.context_length, batch_size_prompts=cfg.core_eval_batch_prompts,
         n_eval_reconstruction_batches=cfg.core_eval_batches,
         n_eval_sparsity_variance_batches=cfg.core_eval_sparsity_batches)
-    max_norm = cfg.max_norm_multiple * train_info["median_activation_norm"] or None  # training's outlier rule
     sections = {"core evaluation results": core_eval.run_core_eval(
-        sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device, max_norm=max_norm)}
+        sae, inputs.model, inputs.documents["retain"].eval, core_cfg, cfg.device,
+        max_norm=outlier_norm(cfg, train_info))}
     if cfg.absorption:
         sections["absorption evaluation results"] = absorption.run_absorption(
             sae, inputs.model, cfg.device, absorption.AbsorptionConfig(n_words=cfg.absorption_words or None),
@@ -862,8 +886,8 @@ def train(cfg: Config, entry: Path, out: Path) -> tuple[AutoEncoderTopK, float, 
             if interrupted:
                 save_training(ckpt_path, training, log)
                 raise TrainingInterrupted(f"{stop_request.signal or 'SIGTERM'} at step {step + 1} of "
-                                          f"{steps}: checkpoint written to {ckpt_path}; run the same "
-                                          f"command again to resume")
+                                          f"{steps}: checkpoint written to {ckpt_path}; resume with "
+                                          f"the same command and --out_dir={out}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 save_training(ckpt_path, training, log)
         if not training.finished:  # the end state, so that a crash in the evaluations does not redo training
@@ -1763,9 +1787,10 @@ class AutoEncoderTopK(nn.Module):
                 grad, W = self.W_dec.grad[start:start + 1024], self.W_dec[start:start + 1024]
                 grad.addcmul_(torch.linalg.vecdot(grad, W)[:, None], W, value=-1)
 
-    def save(self, path: Path, scale: float, metadata: dict) -> None:
-        """Save as a SAE-Lens SAE in the model's own units: TopKSAE, or GroupBiasTopKSAE with group biases
-        (sae_lens.SAE.load_from_disk reads either once this module is imported).
+    def save(self, path: Path, scale: float, metadata: dict, passthrough_norm: float = None) -> None:
+        """Save as a SAE-Lens SAE in the model's own units: SinkSafeTopKSAE, or GroupBiasTopKSAE with group
+        biases (sae_lens.SAE.load_from_disk reads either once this module is imported), which leave the
+        positions with ‖x‖ > passthrough_norm (model units; None: none) as they are.
 
         Training saw x / scale. Multiplying b_enc and b_dec by scale gives f' = scale·f and
         x̂' = scale·x̂ on raw x, with the same latents firing and W_dec still unit-norm, so feature values
@@ -1774,11 +1799,12 @@ class AutoEncoderTopK(nn.Module):
         """
         from sae_lens.saes.sae import SAEMetadata
         groups = self.group_bias is not None
-        config_class = GroupBiasTopKSAEConfig if groups else TopKSAEConfig
-        sae_class = GroupBiasTopKSAE if groups else TopKSAE
+        config_class = GroupBiasTopKSAEConfig if groups else SinkSafeTopKSAEConfig
+        sae_class = GroupBiasTopKSAE if groups else SinkSafeTopKSAE
         sae = sae_class(config_class(d_in=self.d_in, d_sae=self.dict_size, k=self.k, dtype="float32",
                                      device="cpu", apply_b_dec_to_input=True,
-                                     normalize_activations="none", metadata=SAEMetadata(**metadata)))
+                                     normalize_activations="none", metadata=SAEMetadata(**metadata),
+                                     passthrough_norm=passthrough_norm))
         weights = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc * scale,
                    "b_dec": self.b_dec * scale}
         if groups:
@@ -1969,22 +1995,65 @@ def group_weights(codes: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return per_group / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
 
+SINK_SAFE_ARCHITECTURE = "topk_sink_safe"
 GROUP_BIAS_ARCHITECTURE = "topk_group_biases"
 
 
 @dataclass
-class GroupBiasTopKSAEConfig(TopKSAEConfig):
+class SinkSafeTopKSAEConfig(TopKSAEConfig):
+    # ‖x‖ (model units) above which a position passes the SAE unchanged: training's outlier threshold,
+    # max_norm_multiple x the median training-token norm; None passes nothing through
+    passthrough_norm: float | None = None
+
+    @classmethod
+    def architecture(cls) -> str:
+        return SINK_SAFE_ARCHITECTURE
+
+
+class SinkSafeTopKSAE(TopKSAE):
+    """SAE-Lens's TopK SAE that leaves attention sinks alone: decode(encode(x))_t = x_t wherever
+    ‖x_t‖ > cfg.passthrough_norm. Training drops those positions (norms ~100x the median, e.g. BOS), so the
+    SAE reconstructs them badly, and every later token attends to the damage when the SAE is spliced in
+    at every position (HookedSAETransformer.run_with_saes).
+
+    SAE-Lens's splice calls encode(x), then decode(f) (twice with use_error_term), so encode remembers x
+    and its sink positions, and decode passes them through for codes of that shape: as SAE-Lens's own
+    layer-norm scaling carries ln_mu/ln_std from encode to decode.
+    """
+    _sinks = None  # (x [..., d], sink [...]) of the last encode
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        limit = self.cfg.passthrough_norm
+        self._sinks = None if limit is None else (x, torch.linalg.vector_norm(x, dim=-1) > limit)
+        return super().encode(x)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        return self.pass_sinks(super().decode(feature_acts))
+
+    def pass_sinks(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """x_hat with the last encode's input at its sink positions."""
+        if self._sinks is None or self._sinks[1].shape != x_hat.shape[:-1]:
+            return x_hat
+        x, sink = self._sinks
+        return torch.where(sink[..., None], x.to(x_hat.dtype), x_hat)
+
+
+register_sae_class(SINK_SAFE_ARCHITECTURE, SinkSafeTopKSAE, SinkSafeTopKSAEConfig)
+
+
+@dataclass
+class GroupBiasTopKSAEConfig(SinkSafeTopKSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return GROUP_BIAS_ARCHITECTURE
 
 
-class GroupBiasTopKSAE(TopKSAE):
+class GroupBiasTopKSAE(SinkSafeTopKSAE):
     """A saved adaptive_ortho SAE for SAE-Lens and SAE-Bench: SAE-Lens's TopK SAE on dense codes
     f [..., F] whose decoder adds the group biases,
     x̂ = f W_dec + b_dec + group_weights(f, feature_group) @ group_bias (AutoEncoderTopK's decode, in
-    model units). sae_weights.safetensors holds group_bias [2, d] and feature_group [F] beside the TopK
-    weights; cfg.json's architecture is "topk_group_biases".
+    model units), sinks passed through as SinkSafeTopKSAE. sae_weights.safetensors holds group_bias [2, d]
+    and feature_group [F] beside the TopK weights; cfg.json's architecture is "topk_group_biases".
     """
 
     def initialize_weights(self) -> None:
@@ -1999,13 +2068,14 @@ class GroupBiasTopKSAE(TopKSAE):
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         x_hat = feature_acts @ self.W_dec + self.b_dec
         x_hat = x_hat + group_weights(feature_acts, self.feature_group).to(x_hat.dtype) @ self.group_bias
-        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(self.hook_sae_recons(x_hat)),
-                                   self.d_head)
+        return self.pass_sinks(self.reshape_fn_out(
+            self.run_time_activation_norm_fn_out(self.hook_sae_recons(x_hat)), self.d_head))
 
-    def without_group_biases(self) -> TopKSAE:
-        """The same encoder and decoder as a plain TopKSAE (its decode leaves the group-bias term out)."""
-        cfg = TopKSAEConfig.from_dict(self.cfg.to_dict() | {"architecture": TopKSAEConfig.architecture()})
-        plain = TopKSAE(cfg)
+    def without_group_biases(self) -> SinkSafeTopKSAE:
+        """The same encoder and decoder as a plain SinkSafeTopKSAE (its decode leaves the group-bias term
+        out)."""
+        cfg = SinkSafeTopKSAEConfig.from_dict(self.cfg.to_dict() | {"architecture": SINK_SAFE_ARCHITECTURE})
+        plain = SinkSafeTopKSAE(cfg)
         plain.load_state_dict({name: getattr(self, name) for name in ("W_enc", "W_dec", "b_enc", "b_dec")})
         return plain.to(device=self.device, dtype=self.dtype)
 
@@ -2032,11 +2102,14 @@ def intervention_sae(sae: TopKSAE, group_bias_edit: str) -> TopKSAE:
             else sae)
 
 
-def load_sae(path: Path, device: str = "cpu") -> TopKSAE:
-    """An SAE saved by AutoEncoderTopK.save, in model units: a TopKSAE, or a GroupBiasTopKSAE with group
-    biases."""
-    return SAE.load_from_disk(str(path), device=device)
-
+def load_sae(path: Path, device: str = "cpu", passthrough: bool = True) -> TopKSAE:
+    """An SAE saved by AutoEncoderTopK.save, in model units: a SinkSafeTopKSAE, or a GroupBiasTopKSAE with
+    group biases (a TopKSAE if saved before sinks were passed through). passthrough=False reconstructs
+    the sinks too."""
+    sae = SAE.load_from_disk(str(path), device=device)
+    if not passthrough and isinstance(sae, SinkSafeTopKSAE):
+        sae.cfg.passthrough_norm = None
+    return sae
 
 
 if __name__ == "__main__":
@@ -2055,5 +2128,6 @@ if __name__ == "__main__":
         sys.exit(130)
     except KeyboardInterrupt:
         # outside training: partial cache entries and outputs were cleaned up on the way out
-        print("interrupted: no final_info.json was written; run the same command again", file=sys.stderr)
+        print("interrupted: no final_info.json was written; run the same command again, with the "
+              "--out_dir it printed", file=sys.stderr)
         sys.exit(130)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
+from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
                                                              convert_neox_weights)
@@ -144,14 +145,15 @@ def special_token_ids(tokenizer) -> list[int]:
 
 
 def hooked_from_hf_folder(folder: Path, device: str) -> HookedTransformer:
-    """HF AutoModelForCausalLM + tokenizer in `folder` -> HookedTransformer (fp32, eval, on device)."""
+    """HF AutoModelForCausalLM + tokenizer in `folder` -> HookedTransformer (fp32, eval, on device): a
+    HookedSAETransformer, whose forward is HookedTransformer's until a SAE is spliced in (run_with_saes)."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     cfg = hooked_config(hf_model.config, tokenizer, device)
     state_dict = CONVERTERS[cfg.original_architecture](hf_model, cfg)
     with warnings.catch_warnings():  # TL 3.9 deprecates HookedTransformer for 4.x, which sae_lens cannot use
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer)
+        model = HookedSAETransformer(cfg, tokenizer=tokenizer)
     # No folding or centering: the weights stay as HF has them, so logits (not just log-probs) match.
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)

@@ -1,13 +1,13 @@
 """The study: every run's arguments (the manifest) and one command that makes whatever is missing.
 
     python study.py                 # train and evaluate each missing or unfinished run, one at a time,
-                                    # then regenerate the figures and the README's results block
+                                    # then regenerate the figures and RESULTS.md's generated block
     python study.py --list          # the manifest, each run with its state
     python study.py --only runs/topk_s0 runs/topk_s1
 
 A run is finished when its folder holds final_info.json; an unfinished one (a checkpoint, no
 final_info.json) resumes where it stopped, since experiment.py resumes from out_dir/checkpoints. The
-design (README, "Pre-registered comparisons") is in SETTINGS; the manifest is what it expands to, one
+design (RESULTS.md, "Pre-registered comparisons") is in SETTINGS; the manifest is what it expands to, one
 out_dir under runs/ per (setting, seed): the compared settings seed by seed first, so that an
 interrupted study holds whole seeds of them.
 """
@@ -58,7 +58,7 @@ def manifest() -> dict:
                                     f"--seed={seed}", *COMMON] for seed, label in order}
 
 
-# The pre-registered family (README, "Pre-registered comparisons"): differences of setting means paired
+# The pre-registered family (RESULTS.md, "Pre-registered comparisons"): differences of setting means paired
 # by seed; the conditional − static clamp for GATED; the best compared setting − each non-SAE control.
 CONTRASTS = [("adaptive_a0.1", "topk"), ("fixed", "topk"), ("adaptive_a0.1", "fixed"),
              ("allpairs", "topk"), ("lambda0", "topk")]
@@ -146,8 +146,8 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
     return "\n".join([head, "", header, "|---|---|---|---|---|---|---|", *rows])
 
 
-def readme_section(runs: dict) -> str:
-    """The study's part of the README block ({manifest name: results.flatten of a finished run}): how far
+def results_section(runs: dict) -> str:
+    """The study's part of the generated results block ({manifest name: results.flatten of a finished run}): how far
     it is, the pre-registered families, and every setting's scores beside the controls."""
     if not runs:
         return ""
@@ -177,7 +177,7 @@ def state(out_dir: Path) -> str:
 
 
 def main(argv=None) -> list:
-    """Runs what is not finished (in manifest order), then plot.py --readme; returns the out_dirs run."""
+    """Runs what is not finished (in manifest order), then plot.py --results; returns the out_dirs run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true", help="print the manifest and each run's state")
     parser.add_argument("--only", nargs="+", help="these out_dirs of the manifest only")
@@ -195,7 +195,7 @@ def main(argv=None) -> list:
     for i, name in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] python experiment.py {' '.join(chosen[name])}", flush=True)
         subprocess.run([sys.executable, "experiment.py", *chosen[name]], cwd=HERE, check=True)
-    subprocess.run([sys.executable, "plot.py", "--readme=README.md"], cwd=HERE, check=True)
+    subprocess.run([sys.executable, "plot.py", "--results=RESULTS.md"], cwd=HERE, check=True)
     return todo
 
 

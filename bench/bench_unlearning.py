@@ -169,7 +169,8 @@ def main():
               f"{med['full'] / med['kept+skip']:.2f}x (rows re-run: {frac:.0%})")
 
     if args.prefix_ab:
-        prefix_ab(model, experiment.load_sae(args.prefix_ab), L, forget_docs, retain_docs, args.reps)
+        sae = experiment.load_sae(args.prefix_ab, passthrough=False)
+        prefix_ab(model, sae, L, forget_docs, retain_docs, args.reps)
 
     if args.full_eval:
         if args.sae:

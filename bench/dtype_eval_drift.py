@@ -30,7 +30,7 @@ def main():
     cfg = dataclasses.replace(cfg, llm_dtype=args.llm_dtype, out_dir=str(args.run))
     experiment.set_seed(cfg.seed)
     inputs = experiment.load_inputs(cfg, info["provenance"]["model"]["name"], "the run's model")
-    sae = experiment.load_sae(args.run / "sae", cfg.device)
+    sae = experiment.load_sae(args.run / "sae", cfg.device, passthrough=False)
     evaluations = experiment.evaluate(cfg, args.run, sae, inputs, training["final_info"],
                                       info["knowledge separation results"])
     again = dict(info) | evaluations

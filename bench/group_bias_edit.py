@@ -52,7 +52,7 @@ def main():
     cfg = experiment.Config(**{k: v for k, v in next(v for k, v in info.items()
                                                      if k.startswith("training results"))["config"].items()
                                if k in experiment.Config.__dataclass_fields__})
-    sae = experiment.load_sae(args.run / "sae")
+    sae = experiment.load_sae(args.run / "sae", passthrough=False)
     if not isinstance(sae, experiment.GroupBiasTopKSAE):
         raise SystemExit(f"{args.run} has no group biases (variant {cfg.variant})")
     replaced = ReplacedGroupWeights(sae.cfg)

@@ -5,7 +5,7 @@ variant with this checkout's code, then compare two such folders bit for bit.
     (cd ../other_checkout && python /path/to/bench/same_training.py /tmp/old)
     python bench/same_training.py --compare /tmp/old /tmp/new   # weights and train_log.jsonl, per variant
 
-The study's runs name their commit; the README lists the commits whose training was checked this way.
+The study's runs name their commit; RESULTS.md lists the commits whose training was checked this way.
 """
 import argparse
 import shutil

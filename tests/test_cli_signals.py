@@ -82,7 +82,8 @@ def test_a_signal_stops_the_cli_with_a_checkpoint_and_the_same_command_resumes_i
     out = tmp_path / "run"
     stopped = run_until(inputs, out, send=sent)
     assert stopped.returncode == 130, stopped.stderr[-2000:]
-    assert f"{sent.name} at step" in stopped.stderr and "run the same command again" in stopped.stderr
+    assert (f"{sent.name} at step" in stopped.stderr
+            and f"resume with the same command and --out_dir={out}" in stopped.stderr)
     ckpt = experiment.load_checkpoint(out / "checkpoints" / "last.pt",
                                       experiment.parse_config(command(inputs, out)[2:]))
     assert not ckpt["finished"] and ckpt["step"] >= 40 and not (out / "final_info.json").exists()

@@ -269,7 +269,7 @@ def test_a_mean_over_a_lower_bound_is_marked(tmp_path):
     write_run(root / "run_4", "adaptive_ortho", alpha=0.1, held_out=0.25, lower_bound=False)
     out = tmp_path / "plots"
     plot.main([str(root / "run_*"), f"--out_dir={out}"])
-    table = (out / "results.md").read_text().split("## README results")[0]  # the README block: elsewhere
+    table = (out / "results.md").read_text().split("## RESULTS.md block")[0]  # the generated block: elsewhere
     rows = lambda start: [line.split(" | ") for line in table.splitlines() if line.startswith(start)]
     header, = rows("| variant | α | n | runs |")
     means = {row[0]: dict(zip(header, row)) for row in rows("| ") if row[3].startswith("run_")}
@@ -321,7 +321,7 @@ def test_the_retired_text_score_is_neither_read_nor_shown(tmp_path):
     flat = plot.results.flatten(info)
     assert not {"text_score", "text_config"} & set(flat)
     assert not {"text_score", "text_config"} & (set(plot.METRICS) | set(plot.SWEEP_METRICS)
-                                                 | set(plot.README_COLS) | set(plot.DIFF_COLS))
+                                                 | set(plot.RESULTS_COLS) | set(plot.DIFF_COLS))
     source = Path(plot.__file__).read_text() + Path(plot.results.__file__).read_text()
     assert "text_score" not in source and "text score" not in source.lower()
 

@@ -1,5 +1,5 @@
-"""The README's results tables are plot.py's output from the run folders, never typed; readme_results and
-plot.py --readme on synthetic runs (test_plot.write_run's fake run folders)."""
+"""RESULTS.md's tables are plot.py's output from the run folders, never typed; the README stays short;
+results_block and plot.py --results on synthetic runs (test_plot.write_run's fake run folders)."""
 import math
 from pathlib import Path
 
@@ -8,25 +8,31 @@ import pytest
 import plot
 from test_plot import write_run
 
-README = Path(plot.__file__).resolve().parent / "README.md"
-REGENERATE = "run `python plot.py --readme README.md`"
+HERE = Path(plot.__file__).resolve().parent
+RESULTS, README = HERE / "RESULTS.md", HERE / "README.md"
+REGENERATE = "run `python plot.py --results RESULTS.md`"
 L15, L3 = "smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"
 
 
-def test_readme_results_are_what_plot_py_computes_from_the_run_folders():
-    """The README's block between the markers equals readme_results of every run_* folder, as plot.py --readme
-    README.md writes it: a typed or stale number fails."""
-    text = README.read_bytes().decode()
+def test_results_md_is_what_plot_py_computes_from_the_run_folders():
+    """RESULTS.md's block between the markers equals results_block of every run_* folder, as plot.py --results
+    RESULTS.md writes it: a typed or stale number fails."""
+    text = RESULTS.read_bytes().decode()
     try:
         start, end = plot.results_span(text)
     except ValueError as err:
-        pytest.fail(f"README.md has no generated results block ({err}): {REGENERATE}")
+        pytest.fail(f"RESULTS.md has no generated results block ({err}): {REGENERATE}")
     runs, _ = plot.load_runs(plot.find_run_dirs([]))
     assert runs, "no finished run_* folder beside plot.py"
-    expected = plot.replace_results(text, plot.readme_results(plot.group_runs(runs)))
+    expected = plot.replace_results(text, plot.results_block(plot.group_runs(runs)))
     e_start, e_end = plot.results_span(expected)
     assert text[start:end] == expected[e_start:e_end], \
-        f"README.md's results block is not what plot.py computes from the run_* folders: {REGENERATE}"
+        f"RESULTS.md's results block is not what plot.py computes from the run_* folders: {REGENERATE}"
+
+
+def test_readme_stays_short():
+    """The README holds the question, the commands and the way in; the method and results have their files."""
+    assert len(README.read_bytes()) <= 15 * 1024
 
 
 @pytest.fixture
@@ -54,7 +60,7 @@ def root(tmp_path):
 def block(root):
     runs, skipped = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
     assert len(runs) == 11 and not skipped
-    return plot.readme_results(plot.group_runs(runs))
+    return plot.results_block(plot.group_runs(runs))
 
 
 def lines_starting(block: str, prefix: str) -> list:
@@ -117,38 +123,38 @@ def test_a_mean_over_a_lower_bound_is_marked(tmp_path):
     write_run(root / "run_2", "adaptive_ortho", alpha=0.1, held_out=2.0, held_out_se=0.2,
               lower_bound=False)
     runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
-    block = plot.readme_results(plot.group_runs(runs))
+    block = plot.results_block(plot.group_runs(runs))
     assert lines_starting(block, "| topk | – | 2 | run_0, run_1 | ≥1.0000 ± 0.7071 | 0.1000 ± 0.0000 |")
     assert lines_starting(block, "| adaptive_ortho | 0.1 | 1 | run_2 | 2.0000 | 0.2000 |")
     assert "≥: some seed's value is a lower bound" in block.replace("\n", " ")
 
 
-def test_readme_option_replaces_only_the_block(root, block, tmp_path):
-    before = "# Title ünïcode\r\nprose 1.234\n\n" + plot.README_START + "\nold typed 9.99\n\n"
-    after = plot.README_END + "\nafter\n  no final newline"
+def test_results_option_replaces_only_the_block(root, block, tmp_path):
+    before = "# Title ünïcode\r\nprose 1.234\n\n" + plot.RESULTS_START + "\nold typed 9.99\n\n"
+    after = plot.RESULTS_END + "\nafter\n  no final newline"
     readme = tmp_path / "README.md"
     readme.write_bytes((before + after).encode())
     out = tmp_path / "plots"
-    plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
+    plot.main([str(root / "run_*"), f"--out_dir={out}", "--results", str(readme)])
     text = readme.read_bytes()
-    head = before[:before.index(plot.README_START) + len(plot.README_START) + 1]
+    head = before[:before.index(plot.RESULTS_START) + len(plot.RESULTS_START) + 1]
     assert text.startswith(head.encode()) and text.endswith(after.encode())
     assert text.decode()[len(head):-len(after)] == "\n" + block.strip("\n") + "\n\n"
     assert plot.replace_results(text.decode(), block) == text.decode()  # a second run changes nothing
     assert block in (out / "results.md").read_text()
 
 
-@pytest.mark.parametrize("text", ["# no markers\n", f"{plot.README_START}\nno end\n",
-                                  f"{plot.README_END}\n{plot.README_START}\n",
-                                  f"{plot.README_START}\n{plot.README_START}\n{plot.README_END}\n",
-                                  f"see `{plot.README_START}` and `{plot.README_END}` in prose\n"])
+@pytest.mark.parametrize("text", ["# no markers\n", f"{plot.RESULTS_START}\nno end\n",
+                                  f"{plot.RESULTS_END}\n{plot.RESULTS_START}\n",
+                                  f"{plot.RESULTS_START}\n{plot.RESULTS_START}\n{plot.RESULTS_END}\n",
+                                  f"see `{plot.RESULTS_START}` and `{plot.RESULTS_END}` in prose\n"])
 def test_missing_markers_are_a_clear_error(root, tmp_path, text):
     readme = tmp_path / "README.md"
     readme.write_text(text)
     out = tmp_path / "plots"
     with pytest.raises(SystemExit) as err:
-        plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
-    assert plot.README_START in str(err.value) and plot.README_END in str(err.value)
+        plot.main([str(root / "run_*"), f"--out_dir={out}", "--results", str(readme)])
+    assert plot.RESULTS_START in str(err.value) and plot.RESULTS_END in str(err.value)
     assert readme.read_text() == text and not out.exists()  # checked before any work
 
 

@@ -128,7 +128,8 @@ def test_ctrl_c_writes_a_checkpoint_at_that_step_and_the_rerun_resumes(uninterru
     entry, clean = uninterrupted
     interrupted = drive(entry, tmp_path / "run", 11, "int")
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
-    assert "SIGINT at step 12" in interrupted.stdout and "run the same command again" in interrupted.stdout
+    assert ("SIGINT at step 12" in interrupted.stdout
+            and f"resume with the same command and --out_dir={tmp_path / 'run'}" in interrupted.stdout)
     ckpt = experiment.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt",
                                       tiny_config(tmp_path / "run"))
     # the signal arrived as step 11 began; that step finished, then training stopped
@@ -365,3 +366,24 @@ def test_a_mistyped_boolean_is_refused_not_read_as_false(text, capsys):
 def test_wandb_stays_off_in_tests_even_with_a_key(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert experiment.open_wandb(experiment.Config(out_dir=str(tmp_path))) is None
+
+
+def test_no_out_dir_means_a_new_folder_no_committed_run_can_hold(tmp_path, monkeypatch):
+    """`python experiment.py` with no --out_dir writes into out/run_<UTC date-time>, a folder git ignores;
+    a second run in the same second gets its own."""
+    class Frozen(experiment.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return experiment.datetime(2026, 12, 4, 22, 30, 5, tzinfo=tz)
+
+    monkeypatch.setattr(experiment, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first = experiment.new_out_dir()
+    assert first == "out/run_20261204-223005"
+    Path(first).mkdir(parents=True)
+    assert experiment.new_out_dir() == "out/run_20261204-223005_2"
+    repo = Path(__file__).resolve().parent.parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", first], cwd=repo)
+    assert ignored.returncode == 0, "out/ must not be committed"
+    with pytest.raises(experiment.ConfigError, match="--evaluate_only: name the finished run"):
+        experiment.validate(experiment.Config(evaluate_only=True))

@@ -207,7 +207,7 @@ def test_saved_sae_loads_in_sae_lens_in_model_units(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), scale * code, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loaded(x), scale * sae(x / scale), rtol=1e-4, atol=1e-4)
-    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["architecture"] == "topk"
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["architecture"] == "topk_sink_safe"
 
 
 def test_state_with_W_enc_in_the_sae_lens_layout_loads():

@@ -207,6 +207,6 @@ def test_runner_hands_sae_bench_the_same_edit_as_the_port(tmp_path, monkeypatch)
                                 unlearning_group_bias_edit=edit)
         experiment.evaluate_unlearning_with_sae_bench(cfg, tmp_path / "run_1", saved, "gemma-2-2b-it", "cpu")
     (held, *_), (relu, *_) = calls
-    assert (type(held) is experiment.TopKSAE and torch.equal(held.W_dec, saved.W_dec)
+    assert (type(held) is experiment.SinkSafeTopKSAE and torch.equal(held.W_dec, saved.W_dec)
             and torch.equal(held.b_dec, saved.b_dec))
     assert relu is saved

@@ -26,7 +26,7 @@ def test_manifest_is_the_design(tmp_path):
     assert {name.split("/")[1].rsplit("_s", 1)[0] for name in list(runs)[:40]} == set(study.COMPARED)
 
 
-def test_only_unfinished_runs_are_run_then_the_readme_regenerated(tmp_path, monkeypatch):
+def test_only_unfinished_runs_are_run_then_the_results_regenerated(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "HERE", tmp_path)
     (tmp_path / "runs/topk_s0").mkdir(parents=True)
     (tmp_path / "runs/topk_s0" / "final_info.json").write_text("{}")
@@ -37,7 +37,7 @@ def test_only_unfinished_runs_are_run_then_the_readme_regenerated(tmp_path, monk
     done = study.main(["--only", "runs/topk_s0", "runs/topk_s1", "runs/topk_s2"])
     assert done == ["runs/topk_s1", "runs/topk_s2"]
     assert [c[0] for c in calls] == ["experiment.py", "experiment.py", "plot.py"]
-    assert calls[0][1] == "--out_dir=runs/topk_s1" and calls[-1] == ["plot.py", "--readme=README.md"]
+    assert calls[0][1] == "--out_dir=runs/topk_s1" and calls[-1] == ["plot.py", "--results=RESULTS.md"]
     assert [study.state(tmp_path / f"runs/topk_s{s}") for s in range(3)] == [
         "finished", "unfinished", "missing"]
 
@@ -96,9 +96,9 @@ def test_a_control_that_differs_between_runs_is_refused():
 
 
 def test_readme_section_says_interim_until_every_seed_is_in():
-    partial = study.readme_section(flat_runs(EFFECTS, seeds=range(3)))
+    partial = study.results_section(flat_runs(EFFECTS, seeds=range(3)))
     assert "15 of the 61 runs" in partial and "INTERIM: 3 of the 8" in partial
-    full = study.readme_section(flat_runs(EFFECTS))
+    full = study.results_section(flat_runs(EFFECTS))
     assert "INTERIM" not in full and "| adaptive α=0.1 − topk | +0.5" in full
     assert "LEACE ≥ 0.050" in full  # the question-answer LEACE control is a lower bound
-    assert study.readme_section({}) == ""
+    assert study.results_section({}) == ""
