@@ -1,13 +1,14 @@
 """Figures and a results table from finished runs.
 
-    python plot.py [RUN_DIR_OR_GLOB ...] [--out_dir=plots] [--results=RESULTS.md]
+    python plot.py [RUN_DIR_OR_GLOB ...] [--out_dir=plots] [--per-run] [--results=RESULTS.md]
 
 Reads each run folder's final_info.json and train_log.jsonl; default: every run_* folder beside this
 file and the study's runs/*. Runs are grouped by what makes their numbers comparable (model, layer,
 corpora, token budget, dict_size, k, context length, data seed, dtypes, the folder they sit in): a
 figure only ever shows one group, and its file name ends in the group's label. Nothing else in a run folder is read (run_0's SAE-Bench reference numbers are another
 model's and stay out of every comparison).
-Writes tradeoff_, alpha_sweep_, training_ and unlearning_curves_<group>.png and results.md into out_dir,
+Writes headline_ and alpha_sweep_<group>.png (with --per-run also tradeoff_, training_ and
+unlearning_curves_<group>.png, one series per run) and results.md into out_dir,
 and prints the grouping and the tables. With --results, also replaces the lines between the RESULTS_START
 and RESULTS_END marker lines of that file with results_block(): RESULTS.md's tables are
 generated here, never typed.
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
+from scipy.stats import t as student_t  # noqa: E402
 
 import results  # noqa: E402
 import study  # noqa: E402
@@ -523,13 +525,16 @@ def replace_results(text: str, block: str) -> str:
 
 
 def setting_colors(runs: list) -> dict:
-    """topk black, fixed_ortho grey, allpairs_ortho brown, each other setting its own tab10 colour (not
-    those)."""
-    settings = sorted({r["setting"] for r in runs}, key=setting_order)
+    return label_colors(sorted({r["setting"] for r in runs}, key=setting_order))
+
+
+def label_colors(labels: list) -> dict:
+    """topk black, fixed_ortho grey, allpairs_ortho brown (by the label's start), each other label its own
+    tab10 colour (not those), in the order given."""
     taken = {to_hex(c) for c in VARIANT_COLORS.values()}
     palette = itertools.cycle(c for c in plt.cm.tab10.colors if to_hex(c) not in taken)
     fixed = lambda s: next((c for v, c in VARIANT_COLORS.items() if s.startswith(v)), None)
-    return {s: fixed(s) or next(palette) for s in settings}
+    return {s: fixed(s) or next(palette) for s in labels}
 
 
 def run_colors(runs: list) -> dict:
@@ -620,6 +625,82 @@ def plot_tradeoff(runs: list, path: Path, label: str) -> list:
                                      "not shown"]))
     save(fig, path, f"Unlearning vs reconstruction, group {label}" + "".join(f"\n{n}" for n in notes))
     return [r["name"] for r in runs]
+
+
+MAX_SERIES = 8  # series on one axis, at most
+
+
+def ci95(values: list):
+    """(mean, half-width of its 95% CI, n) of per-seed values: t_{0.975, n−1}·s/√n, s the sample std; half
+    None for one value; None for none."""
+    if not values:
+        return None
+    half = (float(student_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+            if len(values) > 1 else None)
+    return float(np.mean(values)), half, len(values)
+
+
+def headline_points(runs: list) -> list:
+    """Per (setting, α), at most MAX_SERIES (those with the most seeds, then in table order): the held-out
+    score's seed mean with its 95% CI, and the outlier-dropped EV minus topk's, paired by seed, with its
+    95% CI; the seed means are those of the tables (aggregate)."""
+    groups, reference = by_seed(runs), by_seed(runs).get(("topk", None))
+    if reference is None:
+        return []
+    points = []
+    for (setting, alpha), seeds in groups.items():
+        score = ci95(seed_values(seeds, "held_out_score"))
+        d = [seed_mean(seeds[s], "conv_ev_typical") - seed_mean(reference[s], "conv_ev_typical")
+             for s in seeds if s in reference and seed_mean(seeds[s], "conv_ev_typical") is not None
+             and seed_mean(reference[s], "conv_ev_typical") is not None]
+        if score is not None and d:
+            points.append({"setting": setting, "alpha": alpha, "score": score, "delta_ev": ci95(d),
+                           "lower_bound": any(is_lower_bound(r, "held_out_score")
+                                              for rs in seeds.values() for r in rs)})
+    points.sort(key=lambda p: (-p["score"][2], setting_order(p["setting"], p["alpha"])))
+    return sorted(points[:MAX_SERIES], key=lambda p: setting_order(p["setting"], p["alpha"]))
+
+
+def control_lines(runs: list) -> dict:
+    """{control name: its score}, for the non-SAE controls the runs carry (one number for every run: they do
+    not depend on the SAE; the mean where they differ)."""
+    lines = {}
+    for name, metric in (("difference of means", "dom_score"), ("LEACE", "leace_score")):
+        values = [r[metric] for r in runs if r.get(metric) is not None]
+        if values:
+            lines[name] = float(np.mean(values))
+    return lines
+
+
+def plot_headline(runs: list, path: Path, label: str) -> list:
+    """Does orthogonality help, and what does it cost: per variant the held-out score against the EV lost
+    relative to topk, seed means with 95% CI crosses; the non-SAE controls as horizontal lines."""
+    points = headline_points(runs)
+    if not points:
+        print(f"{path.name}: not written, group {label} has no variant with a held-out score and an "
+              f"outlier-dropped EV beside a topk run that has one")
+        return []
+    names = [p["setting"] + (f" α={p['alpha']:g}" if p["alpha"] is not None else "")
+             + f" (n={p['score'][2]})" for p in points]
+    colors = label_colors(names)
+    fig, ax = plt.subplots(figsize=(8, 6), layout="constrained")
+    for p, name in zip(points, names):
+        (x, xerr, _), (y, yerr, _) = p["delta_ev"], p["score"]
+        color = colors[name]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, marker="o", ms=7, capsize=3, label=name,
+                    mfc="none" if p["lower_bound"] else color)
+    for (name, value), style in zip(control_lines(runs).items(), ("--", ":")):
+        ax.axhline(value, color="0.4", ls=style, label=f"{name} (no SAE)")
+    ax.axvline(0, color="0.8", lw=0.8, zorder=0)
+    ax.set(xlabel="EV (outliers dropped) − topk's, paired by seed  → less reconstruction lost",
+           ylabel=METRICS["held_out_score"][1] + "  → better")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=9)
+    bounds = any(p["lower_bound"] for p in points)
+    save(fig, path, f"Unlearning against reconstruction cost, group {label}\nseed means, bars: 95% CI over "
+                    f"seeds; {HELD_OUT_SCORE}" + (f"\nopen marker: {LOWER_BOUND}" if bounds else ""))
+    return [r["name"] for r in runs if (r["setting"], r["alpha"]) in {(p["setting"], p["alpha"])
+                                                                      for p in points}]
 
 
 def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
@@ -806,8 +887,10 @@ def plot_unlearning_curves(runs: list, path: Path, label: str) -> list:
     return [r["name"] for r in runs]
 
 
-FIGURES = {"tradeoff": plot_tradeoff, "alpha_sweep": plot_alpha_sweep, "training": plot_training,
-           "unlearning_curves": plot_unlearning_curves}
+# by variant (seed means), always; one series per run, on request (--per-run)
+FIGURES = {"headline": plot_headline, "alpha_sweep": plot_alpha_sweep}
+PER_RUN_FIGURES = {"tradeoff": plot_tradeoff, "training": plot_training,
+                   "unlearning_curves": plot_unlearning_curves}
 
 
 # -----------------------------------------------------------------------------
@@ -820,6 +903,8 @@ def main(argv=None) -> dict:
     parser.add_argument("runs", nargs="*", help="run folders or globs (default: every run_* beside plot.py "
                                                 "and the study's runs/*)")
     parser.add_argument("--out_dir", default=str(HERE / "plots"), help="folder for the PNGs and results.md")
+    parser.add_argument("--per-run", action="store_true",
+                        help=f"also the figures with one series per run ({', '.join(PER_RUN_FIGURES)})")
     parser.add_argument("--results", help=f"also regenerate the results between the lines {RESULTS_START} and "
                                          f"{RESULTS_END} of this markdown file")
     args = parser.parse_args(argv)
@@ -832,9 +917,10 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     for label, group in groups.items():
-        for prefix, plot in FIGURES.items():
+        for prefix in FIGURES | PER_RUN_FIGURES:  # a figure not drawn now must not outlive its data
+            (out / f"{prefix}_{label}.png").unlink(missing_ok=True)
+        for prefix, plot in (FIGURES | (PER_RUN_FIGURES if args.per_run else {})).items():
             path = out / f"{prefix}_{label}.png"
-            path.unlink(missing_ok=True)  # a figure this group no longer has must not outlive it
             if drawn := plot(group, path, label):
                 figures[path.name] = drawn
     table = results_markdown(groups, skipped)

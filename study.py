@@ -88,16 +88,23 @@ def control_value(runs: dict, metric: str) -> float:
     return next(iter(values.values()))
 
 
+def family_table(runs: dict, endpoint: str) -> dict:
+    """{row: {seed: score}} of the two-way table: the compared settings' scores, and the gated settings'
+    conditional-clamp scores where the endpoint has them."""
+    score, conditional, _ = ENDPOINTS[endpoint]
+    table = {label: seed_scores(runs, label, score) for label in COMPARED}
+    if conditional:
+        table |= {f"{label} conditional": seed_scores(runs, label, conditional) for label in GATED}
+    return table
+
+
 def contrast_family(runs: dict, endpoint: str) -> dict:
     """The pre-registered family on one endpoint: study_stats.pooled_contrasts over the compared (and
     gated) settings' shared seeds, the best compared setting − each control (constant_contrast), Holm
     over all of them."""
     score, conditional, controls = ENDPOINTS[endpoint]
-    table = {label: seed_scores(runs, label, score) for label in COMPARED}
-    pairs = list(CONTRASTS)
-    if conditional:
-        table |= {f"{label} conditional": seed_scores(runs, label, conditional) for label in GATED}
-        pairs += [(f"{label} conditional", label) for label in GATED]
+    table = family_table(runs, endpoint)
+    pairs = list(CONTRASTS) + ([(f"{label} conditional", label) for label in GATED] if conditional else [])
     out = study_stats.pooled_contrasts(table, pairs)
     seeds = out["seeds"]
     best = max(COMPARED, key=lambda label: np.mean([table[label][s] for s in seeds]))
@@ -127,11 +134,13 @@ def _cell(runs: list, field: str, flag) -> str:
 
 
 def _family_markdown(runs: dict, endpoint: str) -> str:
-    try:
-        fam = contrast_family(runs, endpoint)
-    except ValueError as e:  # too few shared seeds yet, or a control missing
-        return f"**{endpoint}**: no test yet ({e})."
     name = lambda label: " ".join(NAMES.get(part, part) for part in label.split(" "))
+    seeds = {label: sorted(scores) for label, scores in family_table(runs, endpoint).items()}
+    if len(set.intersection(*map(set, seeds.values()))) < 2:
+        return (f"**{endpoint}**: no test yet: it needs seeds that every row of its table has, two at least "
+                f"(eight pre-registered). Seeds so far: "
+                + "; ".join(f"{name(label)} {s}" for label, s in seeds.items()) + ".")
+    fam = contrast_family(runs, endpoint)  # a control that differs between runs is an error, not a note
     interim = ("" if len(fam["seeds"]) == len(MAIN_SEEDS) else
                f" INTERIM: {len(fam['seeds'])} of the {len(MAIN_SEEDS)} pre-registered seeds; "
                f"not the pre-registered test.")

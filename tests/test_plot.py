@@ -14,7 +14,8 @@ import plot
 RUN_0 = Path(__file__).resolve().parent.parent / "run_0"
 TEMPLATE = json.loads((RUN_0 / "final_info.json").read_text())
 LOG_TEMPLATE = [json.loads(line) for line in (RUN_0 / "train_log.jsonl").read_text().splitlines()[:100]]
-FIGURES = ["tradeoff", "alpha_sweep", "training", "unlearning_curves"]
+FIGURES = ["headline", "alpha_sweep"]
+PER_RUN_FIGURES = ["tradeoff", "training", "unlearning_curves"]
 
 
 def point(score, lower_bound=False, se=None) -> dict:
@@ -120,7 +121,7 @@ def runs(tmp_path):
 @pytest.fixture
 def result(runs, tmp_path, capsys):
     out = tmp_path / "plots"
-    summary = plot.main([str(runs / "run_*"), f"--out_dir={out}"])
+    summary = plot.main([str(runs / "run_*"), f"--out_dir={out}", "--per-run"])
     return summary, out, capsys.readouterr().out
 
 
@@ -130,13 +131,15 @@ def is_png(path: Path) -> bool:
         return image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
 
 
-def test_every_figure_and_the_table_are_written(result):
+def test_every_figure_and_the_table_are_written(result, runs, tmp_path):
     summary, out, _ = result
     assert set(summary["groups"]) == {"smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"}
     for label in summary["groups"]:
-        for name in FIGURES:
+        for name in ["alpha_sweep"] + PER_RUN_FIGURES:  # headline: these runs predate the EV it plots
             assert is_png(out / f"{name}_{label}.png"), f"{name}_{label}.png"
     assert (out / "results.md").is_file()
+    by_variant = plot.main([str(runs / "run_*"), f"--out_dir={tmp_path / 'default'}"])  # no --per-run
+    assert {name.split("_smollm2")[0] for name in by_variant["figures"]} == {"alpha_sweep"}
 
 
 def test_table_holds_the_planted_numbers_and_seed_statistics(result):
@@ -376,3 +379,44 @@ def test_penalty_jump_skips_the_first_grouping_and_takes_the_largest_later_rise(
         log[s]["separation"] = {}
     assert plot.penalty_jump(log) == pytest.approx(0.5)
     assert plot.penalty_jump([{"step": 0, "recon": 1.0}]) is None  # topk: no orthogonality term
+
+
+def test_headline_draws_seed_means_with_95_cis_that_equal_the_tables(tmp_path, monkeypatch):
+    """topk and adaptive α=0.1 at three seeds (adaptive seed 2 twice: averaged first), fixed_ortho at one,
+    and eight α values of one seed each: the axis holds at most 8 series, the most-seeded first; each
+    plotted score is the table's seed mean, its bar t(0.975, n−1)·s/√n; x is the EV minus topk's, paired
+    by seed; the controls are horizontal lines."""
+    from scipy.stats import t as student_t
+    root = tmp_path / "runs"
+    v3 = {"controls": {"difference_of_means": point(1.8), "leace": point(0.07)}}
+    for seed, (score, ev) in enumerate([(0.3, 0.80), (0.5, 0.81), (0.7, 0.82)]):
+        write_run(root / f"run_t{seed}", "topk", seed=seed, held_out=score, typical_ev=ev, v3=v3)
+    for seed, (score, ev) in enumerate([(1.0, 0.78), (2.0, 0.80), (4.0, 0.79)]):
+        write_run(root / f"run_a{seed}", "adaptive_ortho", alpha=0.1, seed=seed, held_out=score,
+                  typical_ev=ev, v3=v3)
+    write_run(root / "run_a2b", "adaptive_ortho", alpha=0.1, seed=2, held_out=6.0, typical_ev=0.81, v3=v3)
+    write_run(root / "run_f0", "fixed_ortho", held_out=0.6, typical_ev=0.79, v3=v3)
+    for i, alpha in enumerate([0.0, 0.05, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]):
+        write_run(root / f"run_s{i}", "adaptive_ortho", alpha=alpha, held_out=1.5, typical_ev=0.8, v3=v3)
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    figures = {}
+    monkeypatch.setattr(plot, "save", lambda fig, path, title: figures.update({path.name: (fig, title)}))
+    plot.plot_headline(runs, tmp_path / "headline.png", "L15")
+    fig, title = figures["headline.png"]
+    ax, = fig.axes
+    series = [c for c in ax.containers]  # one errorbar container per (setting, α)
+    assert len(series) == plot.MAX_SERIES
+    points = {(p["setting"], p["alpha"]): p for p in plot.headline_points(runs)}
+    assert ("topk", None) in points and ("adaptive_ortho", 0.1) in points and len(points) == 8
+    table = {(a["setting"], a["alpha"]): a for a in plot.aggregate(runs)}
+    for key, p in points.items():
+        assert p["score"][0] == pytest.approx(table[key]["held_out_score"][0])  # the table's mean
+    adaptive = points["adaptive_ortho", 0.1]
+    seeds = [1.0, 2.0, 5.0]  # seed 2's two runs averaged
+    assert adaptive["score"][0] == pytest.approx(np.mean(seeds))
+    assert adaptive["score"][1] == pytest.approx(student_t.ppf(0.975, 2) * np.std(seeds, ddof=1) / np.sqrt(3))
+    deltas = [0.78 - 0.80, 0.80 - 0.81, 0.80 - 0.82]  # seed 2's EV: (0.79 + 0.81) / 2
+    assert adaptive["delta_ev"][0] == pytest.approx(np.mean(deltas))
+    drawn = {round(line.get_ydata()[0], 6) for line in ax.lines if line.get_linestyle() in ("--", ":")}
+    assert drawn == {1.8, 0.07}
+    assert "95% CI" in title

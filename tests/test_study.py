@@ -102,3 +102,6 @@ def test_readme_section_says_interim_until_every_seed_is_in():
     assert "INTERIM" not in full and "| adaptive α=0.1 − topk | +0.5" in full
     assert "LEACE ≥ 0.050" in full  # the question-answer LEACE control is a lower bound
     assert study.results_section({}) == ""
+    one_seed = study.results_section(flat_runs(EFFECTS, seeds=range(1)))
+    assert ("held-out score**: no test yet: it needs seeds that every row of its table has" in one_seed
+            and "topk [0]; fixed_ortho [0]" in one_seed)
