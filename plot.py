@@ -529,12 +529,15 @@ def setting_colors(runs: list) -> dict:
 
 
 def label_colors(labels: list) -> dict:
-    """topk black, fixed_ortho grey, allpairs_ortho brown (by the label's start), each other label its own
-    tab10 colour (not those), in the order given."""
+    """topk black, fixed_ortho grey, allpairs_ortho brown (the first label that starts with the variant),
+    each other label its own tab10 colour (not those), in the order given."""
     taken = {to_hex(c) for c in VARIANT_COLORS.values()}
     palette = itertools.cycle(c for c in plt.cm.tab10.colors if to_hex(c) not in taken)
-    fixed = lambda s: next((c for v, c in VARIANT_COLORS.items() if s.startswith(v)), None)
-    return {s: fixed(s) or next(palette) for s in labels}
+    colors, fixed = {}, dict(VARIANT_COLORS)
+    for label in labels:
+        variant = next((v for v in fixed if label.startswith(v)), None)
+        colors[label] = fixed.pop(variant) if variant else next(palette)
+    return colors
 
 
 def run_colors(runs: list) -> dict:
@@ -708,7 +711,11 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     lines; a mean that includes a lower bound an open marker (a "≥" on a reference line)."""
     metrics = [m for m in SWEEP_METRICS if any(r[m] is not None for r in runs)]
     rows = aggregate(runs)
-    colors = setting_colors(runs)
+    seeds_of = lambda s: max(len(a["runs"]) for a in rows if a["setting"] == s)
+    # adaptive_ortho's settings (the sweep) and topk first, then the most-seeded; one series each
+    first = lambda s: (not s.startswith("adaptive"), s != "topk", -seeds_of(s), setting_order(s))
+    shown = sorted(sorted({a["setting"] for a in rows}, key=first)[:MAX_SERIES], key=setting_order)
+    colors = label_colors(shown)
     alphas = [r["alpha"] for r in runs if r["alpha"] is not None] or [0.0, 1.0]
     pad = 0.05 * (max(alphas) - min(alphas)) or 0.05
     nrows = -(-len(metrics) // 3)
@@ -756,8 +763,11 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
              + ([] if any(r["variant"] == "adaptive_ortho" for r in runs) else
                 ["no adaptive_ortho run in this group: reference lines only"])
              + ([] if "mcq" in metrics else ["MCQ score not meaningful for any run: not shown"]))
+    left_out = sorted({a["setting"] for a in rows} - set(shown), key=setting_order)
+    if left_out:
+        notes.append(f"not shown (fewer seeds; at most {MAX_SERIES} series): {', '.join(left_out)}")
     save(fig, path, f"α sweep, group {label}" + "".join(f"\n{n}" for n in notes))
-    return [r["name"] for r in runs]
+    return [r["name"] for r in runs if r["setting"] in colors]
 
 
 def smooth(values: np.ndarray, window: int = 20) -> np.ndarray:

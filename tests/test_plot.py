@@ -420,3 +420,32 @@ def test_headline_draws_seed_means_with_95_cis_that_equal_the_tables(tmp_path, m
     drawn = {round(line.get_ydata()[0], 6) for line in ax.lines if line.get_linestyle() in ("--", ":")}
     assert drawn == {1.8, 0.07}
     assert "95% CI" in title
+
+
+def test_alpha_sweep_draws_at_most_8_series_each_its_own_colour(tmp_path, monkeypatch):
+    """topk at 2 seeds, adaptive_ortho at three α (one seed each), and nine allpairs_ortho weights of one
+    seed each: the axes hold the sweep, topk and six allpairs weights, each in its own colour; the title
+    names the three left out."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_run(root / f"run_t{seed}", "topk", seed=seed, held_out=0.5 + seed)
+    for i, alpha in enumerate([0.0, 0.1, 0.3]):
+        write_run(root / f"run_a{i}", "adaptive_ortho", alpha=alpha, held_out=1.0)
+    weights = [0.01, 0.02, 0.05, 0.1, 0.3, 0.5, 1.0, 4.0, 150.0]
+    for i, weight in enumerate(weights):
+        write_run(root / f"run_p{i}", "allpairs_ortho", held_out=0.7,
+                  separation={"lambda2_max": weight, "lambda2_default": 0.02})
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    figures = {}
+    monkeypatch.setattr(plot, "save", lambda fig, path, title: figures.update({path.name: (fig, title)}))
+    drawn = plot.plot_alpha_sweep(runs, tmp_path / "alpha_sweep.png", "L15")
+    fig, title = figures["alpha_sweep.png"]
+    ax = next(a for a in fig.axes if a.get_ylabel() == plot.METRICS["held_out_score"][1])
+    labels = [label for label in ax.get_legend_handles_labels()[1]]
+    assert len(labels) == plot.MAX_SERIES
+    colours = [h.get_color() if hasattr(h, "get_color") else h.lines[0].get_color()
+               for h in ax.get_legend_handles_labels()[0]]
+    assert len({str(c) for c in colours}) == plot.MAX_SERIES
+    left_out = title.split("at most 8 series): ")[1].split(", ")
+    assert len(left_out) == 3 and all(s.startswith("allpairs_ortho λ2=") for s in left_out)
+    assert {"run_t0", "run_t1", "run_a0", "run_a1", "run_a2"} <= set(drawn) and len(drawn) == 2 + 3 + 6
