@@ -393,12 +393,17 @@ def seed_values(seeds: dict, m: str) -> list:
     return [v for v in (seed_mean(rs, m) for rs in seeds.values()) if v is not None]
 
 
+def seed_differences(a: dict, b: dict, m: str) -> list:
+    """Per seed both settings ran with a value of metric m: a's seed mean − b's."""
+    return [seed_mean(a[s], m) - seed_mean(b[s], m) for s in a if s in b
+            and seed_mean(a[s], m) is not None and seed_mean(b[s], m) is not None]
+
+
 def paired_difference(a: dict, b: dict, m: str):
     """Over the seeds both settings ran (same seed: same SAE initialisation and batch order; the evaluation
     text is the same at every seed): (mean of the per-seed differences d_s of metric m, its SE std(d)/√n, n, None); SE None for one
     seed; None for no common seed."""
-    d = [seed_mean(a[s], m) - seed_mean(b[s], m) for s in a if s in b
-         and seed_mean(a[s], m) is not None and seed_mean(b[s], m) is not None]
+    d = seed_differences(a, b, m)
     if not d:
         return None
     se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
@@ -647,15 +652,14 @@ def headline_points(runs: list) -> list:
     """Per (setting, α), at most MAX_SERIES (those with the most seeds, then in table order): the held-out
     score's seed mean with its 95% CI, and the outlier-dropped EV minus topk's, paired by seed, with its
     95% CI; the seed means are those of the tables (aggregate)."""
-    groups, reference = by_seed(runs), by_seed(runs).get(("topk", None))
+    groups = by_seed(runs)
+    reference = groups.get(("topk", None))
     if reference is None:
         return []
     points = []
     for (setting, alpha), seeds in groups.items():
         score = ci95(seed_values(seeds, "held_out_score"))
-        d = [seed_mean(seeds[s], "conv_ev_typical") - seed_mean(reference[s], "conv_ev_typical")
-             for s in seeds if s in reference and seed_mean(seeds[s], "conv_ev_typical") is not None
-             and seed_mean(reference[s], "conv_ev_typical") is not None]
+        d = seed_differences(seeds, reference, "conv_ev_typical")
         if score is not None and d:
             points.append({"setting": setting, "alpha": alpha, "score": score, "delta_ev": ci95(d),
                            "lower_bound": any(is_lower_bound(r, "held_out_score")
