@@ -158,8 +158,8 @@ class Config:
     lambda2_max: float = _opt(1000.0, "weight of the cross-group loss (a mean squared cosine "
                               "deviation, so ~1/d per pair at random): adaptive_ortho reaches it at "
                               "t0, fixed_ortho uses it from step 0")
-    allpairs_lambda2: float = _opt(0.02, "allpairs_ortho: weight of its penalty; of the study's weights "
-                                   "(0.02, 4, 150; RESULTS.md) the one that costs no reconstruction")
+    allpairs_lambda2: float = _opt(0.02, "allpairs_ortho: weight of its penalty; of the v2 study's weights "
+                                   "(0.02, 4, 150) the one that costs no reconstruction")
     t0: int = _opt(300, "adaptive_ortho: steps over which λ2(t) = lambda2_max·min(1, t/t0) ramps up")
     group_biases: bool = _opt(True, "fixed_ortho and adaptive_ortho: group-specific decoder biases "
                               "b_forget, b_retain (false: the ablation without them; topk and "

@@ -2,11 +2,11 @@
 
     python plot.py [RUN_DIR_OR_GLOB ...] [--out_dir=plots] [--per-run] [--results=RESULTS.md]
 
-Reads each run folder's final_info.json and train_log.jsonl; default: every run_* folder beside this
-file and the study's runs/*. Runs are grouped by what makes their numbers comparable (model, layer,
+Reads each run folder's final_info.json and train_log.jsonl; default: run_0 and the study's runs
+(study.manifest()) that exist. Runs are grouped by what makes their numbers comparable (model, layer,
 corpora, token budget, dict_size, k, context length, data seed, dtypes, the folder they sit in): a
-figure only ever shows one group, and its file name ends in the group's label. Nothing else in a run folder is read (run_0's SAE-Bench reference numbers are another
-model's and stay out of every comparison).
+figure only ever shows one group, and its file name ends in the group's label. Nothing else in a run
+folder is read (run_0's SAE-Bench reference numbers are another model's and stay out of every comparison).
 Writes headline_ and alpha_sweep_<group>.png (with --per-run also tradeoff_, training_ and
 unlearning_curves_<group>.png, one series per run) and results.md into out_dir,
 and prints the grouping and the tables. With --results, also replaces the lines between the RESULTS_START
@@ -93,11 +93,11 @@ HEADLINE = ("adaptive_ortho", 0.1)
 
 
 def find_run_dirs(args: list) -> list:
-    """Folders named on the command line (globs expanded), or every run_* beside this file and every
-    folder of the study's (runs/*)."""
+    """Folders named on the command line (globs expanded), or the default set: run_0 beside this file
+    and the study manifest's run folders that exist, in manifest order. A user's own folders (run_37,
+    out/...) are read only when named."""
     if not args:
-        return sorted((p for p in [*HERE.glob("run_*"), *HERE.glob(f"{study.RUNS}/*")] if p.is_dir()),
-                      key=natural_key)
+        return [p for p in [HERE / "run_0", *(HERE / name for name in study.manifest())] if p.is_dir()]
     dirs = []
     for arg in args:
         matches = sorted(glob.glob(arg), key=natural_key) if glob.has_magic(arg) else [arg]
@@ -133,8 +133,7 @@ def comparability_key(cfg: dict, provenance: dict) -> dict:
             # runs made before the dtypes were options ran both in float32
             "dtypes": f"model {provenance['model'].get('dtype', 'float32')}, encoder "
                       f"{cfg.get('encoder_dtype', 'float32')}",
-            "validation documents": (f"{cfg['val_fraction']:g} apart" if "val_fraction" in cfg
-                                     else "eval documents")}
+            "validation documents": f"{cfg['val_fraction']:g} apart"}
 
 
 def run_folder(path: Path) -> str:
@@ -148,19 +147,17 @@ def run_folder(path: Path) -> str:
 def setting_label(separation: dict) -> str:
     """The variant, with its orthogonality target and λ2_max where they are not the defaults, and
     " no-group-biases" for a grouped variant without them (α is kept apart). The λ2 default is the one
-    the run records (`lambda2_default`); a run without that record always names its λ2."""
+    the run records (`lambda2_default`)."""
     variant = separation["variant"]
     label = variant
     if variants.applies(variant, "ortho_target") and separation["ortho_target"] != "partner":
         label += f"/{separation['ortho_target']}"
-    # allpairs_ortho's weight is its defining knob (its default changed once): always named
+    # allpairs_ortho's weight is its defining knob, so a setting always names it
     weight = VARIANTS[variant].lambda_field
     if weight == "allpairs_lambda2" or (
-            weight and separation["lambda2_max"] != separation.get("lambda2_default")):
+            weight and separation["lambda2_max"] != separation["lambda2_default"]):
         label += f" λ2={separation['lambda2_max']:g}"
-    # fixed_ortho had no group biases before runs recorded lambda2_default: no suffix for those
-    grouped = VARIANTS[variant].grouped and (variant != "fixed_ortho" or "lambda2_default" in separation)
-    if grouped and separation.get("group_biases") is False:
+    if VARIANTS[variant].grouped and separation.get("group_biases") is False:
         label += " no-group-biases"
     return label
 
@@ -451,7 +448,8 @@ def results_group(label: str, runs: list) -> list:
     commands = (f"**Runs, group {label}** (command and commit from each `final_info.json`):\n\n"
                 + run_commands(runs))
     if not diffs:
-        return parts + ["No topk or fixed_ortho run in this group: no differences.", commands]
+        return parts + ["No differences in this group: they need a topk or fixed_ortho run and another "
+                        "setting.", commands]
     caption = (f"**Differences, group {label}:** the row's seed mean − the reference's. ± = standard "
                "error of the difference, sqrt(s1²/n1 + s2²/n2) (Welch; s = sample std over seeds; "
                "n/a where a side has < 2 seeds); (n n1 vs n2) = the seeds on each side. Paired by seed: "
@@ -914,8 +912,8 @@ def main(argv=None) -> dict:
     """Write the figures and results.md; returns {"groups": {label: run names}, "figures": {file: run
     names}}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="*", help="run folders or globs (default: every run_* beside plot.py "
-                                                "and the study's runs/*)")
+    parser.add_argument("runs", nargs="*", help="run folders or globs (default: run_0 beside plot.py and "
+                                                "the study's runs, `python study.py --list`)")
     parser.add_argument("--out_dir", default=str(HERE / "plots"), help="folder for the PNGs and results.md")
     parser.add_argument("--per-run", action="store_true",
                         help=f"also the figures with one series per run ({', '.join(PER_RUN_FIGURES)})")

@@ -205,6 +205,22 @@ def test_mcq_scores_that_are_not_meaningful_are_left_out_not_zero():
     assert plot.fmt(None) == "n/a"
 
 
+def test_the_default_set_is_run_0_and_the_study_manifests_runs(tmp_path, monkeypatch):
+    """With no folders named, plot.py reads run_0 and the manifest's runs that exist, in manifest order; a
+    user's own folders beside them (run_37, another folder under runs/, out/...) are read only when named."""
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    first, second = list(plot.study.manifest())[:2]
+    write_run(tmp_path / "run_0", "topk")
+    write_run(tmp_path / second, "fixed_ortho")
+    write_run(tmp_path / first, "topk")
+    default = plot.find_run_dirs([])
+    assert default == [tmp_path / "run_0", tmp_path / first, tmp_path / second]
+    for extra in ("run_37", "runs/mine_s0", "out/run_20261205-000000"):
+        write_run(tmp_path / extra, "adaptive_ortho", alpha=0.1)
+    assert plot.find_run_dirs([]) == default
+    assert plot.find_run_dirs([str(tmp_path / "run_*")]) == [tmp_path / "run_0", tmp_path / "run_37"]
+
+
 def test_nothing_to_plot_is_an_error(tmp_path):
     (tmp_path / "run_1").mkdir()
     with pytest.raises(SystemExit):
@@ -335,14 +351,10 @@ def test_the_retired_text_score_is_neither_read_nor_shown(tmp_path):
     ({"variant": "fixed_ortho", "lambda2_max": 10.0, "lambda2_default": 1000.0}, "fixed_ortho λ2=10"),
     ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0, "group_biases": False},
      "fixed_ortho no-group-biases"),
-    # older
-    ({"variant": "fixed_ortho", "lambda2_max": 1000.0, "group_biases": False}, "fixed_ortho λ2=1000"),
     ({"variant": "allpairs_ortho", "lambda2_max": 15.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=15"),
     ({"variant": "allpairs_ortho", "lambda2_max": 30.0, "lambda2_default": 15.0}, "allpairs_ortho λ2=30"),
     ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0,
       "ortho_target": "partner", "group_biases": True}, "adaptive_ortho"),
-    ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "ortho_target": "partner"},
-     "adaptive_ortho λ2=1000"),  # older: no record of the default
     ({"variant": "adaptive_ortho", "lambda2_max": 1000.0, "lambda2_default": 1000.0,
       "ortho_target": "partner", "group_biases": False}, "adaptive_ortho no-group-biases"),
     ({"variant": "adaptive_ortho", "lambda2_max": 0.0, "lambda2_default": 1000.0, "ortho_target": "partner",

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import plot
+import study
 from test_plot import write_run
 
 HERE = Path(plot.__file__).resolve().parent
@@ -15,19 +16,22 @@ L15, L3 = "smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"
 
 
 def test_results_md_is_what_plot_py_computes_from_the_run_folders():
-    """RESULTS.md's block between the markers equals results_block of every run_* folder, as plot.py --results
-    RESULTS.md writes it: a typed or stale number fails."""
+    """RESULTS.md's block between the markers equals results_block of plot.py's default set (run_0 and the
+    study manifest's runs), as plot.py --results RESULTS.md writes it: a typed or stale number fails."""
     text = RESULTS.read_bytes().decode()
     try:
         start, end = plot.results_span(text)
     except ValueError as err:
         pytest.fail(f"RESULTS.md has no generated results block ({err}): {REGENERATE}")
-    runs, _ = plot.load_runs(plot.find_run_dirs([]))
-    assert runs, "no finished run_* folder beside plot.py"
+    dirs = plot.find_run_dirs([])
+    manifest = [HERE / name for name in study.manifest()]
+    assert dirs == [d for d in [HERE / "run_0", *manifest] if d.is_dir()]  # no other folder
+    runs, _ = plot.load_runs(dirs)
+    assert {run["dir"] for run in runs} >= {d for d in manifest if (d / "final_info.json").is_file()}
     expected = plot.replace_results(text, plot.results_block(plot.group_runs(runs)))
     e_start, e_end = plot.results_span(expected)
     assert text[start:end] == expected[e_start:e_end], \
-        f"RESULTS.md's results block is not what plot.py computes from the run_* folders: {REGENERATE}"
+        f"RESULTS.md's results block is not what plot.py computes from run_0 and runs/: {REGENERATE}"
 
 
 def test_readme_stays_short():
@@ -108,7 +112,7 @@ def test_rows_order_references_and_groups(block):
     assert len(lines_starting(block, "| adaptive_ortho no-group-biases | 0.3 | − ")) == 2
     assert f"**Group {L15}**" in block and f"**Group {L3}**" in block
     assert block.rstrip().endswith("`run_10`: `python experiment.py --out_dir=run_10` (commit 0000000)")
-    assert "No topk or fixed_ortho run in this group: no differences." in block
+    assert "No differences in this group: they need a topk or fixed_ortho run and another setting." in block
     prose = block.replace("\n", " ")
     assert prose.count("± = sample std over seeds") == 2
     assert prose.count("± = standard error of the difference") == 1
