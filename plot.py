@@ -32,6 +32,7 @@ from scipy.stats import t as student_t  # noqa: E402
 
 import results  # noqa: E402
 import study  # noqa: E402
+import unlearning  # noqa: E402
 import variants  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
@@ -772,6 +773,76 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     return [r["name"] for r in runs if r["setting"] in colors]
 
 
+CURVES = {"held_out_curve": "static clamp (every position)",
+          "conditional_curve": "conditional clamp (where the rate_groups detector fires)"}
+
+
+def curve_at(curve: list, retain: float):
+    """The forget ΔCE where a recorded curve ([{knob, forget_delta_ce, retain_delta_ce}], knobs ascending)
+    first reaches retain ΔCE `retain`, linear between the bracketing knobs: the reading of the held-out
+    score (unlearning.tolerance_point). None outside the measured range."""
+    i, t, flag = unlearning.tolerance_point([p["retain_delta_ce"] for p in curve], retain)
+    if flag is not None:
+        return None
+    return (1 - t) * curve[i]["forget_delta_ce"] + t * curve[i + 1]["forget_delta_ce"]
+
+
+def mean_curve(seeds: dict, key: str, grid) -> "tuple | None":
+    """(x, mean, 95% CI half-width) of one setting's recorded curves ({seed: runs}; a seed's repeats
+    averaged first, as in the tables) at the retain ΔCE values of `grid` where every seed's curve was
+    measured; None when a run has no recorded curve or the seeds share no point."""
+    runs = [r for rs in seeds.values() for r in rs]
+    if not runs or any(r[key] is None for r in runs):
+        return None
+    rows = []
+    for x in grid:
+        values = [[curve_at(r[key], x) for r in rs] for rs in seeds.values()]
+        if all(v is not None for vs in values for v in vs):
+            mean, half, _ = ci95([float(np.mean(vs)) for vs in values])
+            rows.append((x, mean, half or 0.0))
+    return tuple(map(np.array, zip(*rows))) if rows else None
+
+
+def plot_unlearning_by_variant(runs: list, path: Path, label: str) -> list:
+    """The report split's unlearning curves by variant: forget ΔCE against retain ΔCE, the seed mean of the
+    curves the held-out and conditional scores are read on, with its 95% CI band; at the tolerance the
+    seed mean is the table's score. At most MAX_SERIES settings per panel, the most-seeded first."""
+    tolerances = sorted({r["ce_tolerance"] for r in runs if r["ce_tolerance"] is not None})
+    grid = np.unique(np.concatenate([np.geomspace(1e-4, 1.0, 81), tolerances]))
+    groups = by_seed(runs)
+    panels = {key: {k: c for k, seeds in groups.items() if (c := mean_curve(seeds, key, grid))}
+              for key in CURVES}
+    if not any(panels.values()):
+        print(f"{path.name}: not written, no run in group {label} records its report-split curves")
+        return []
+    name = lambda k: k[0] + (f" α={k[1]:g}" if k[1] is not None else "") + f" (n={len(groups[k])})"
+    shown = {key: sorted(sorted(curves, key=lambda k: (-len(groups[k]), setting_order(*k)))[:MAX_SERIES],
+                         key=lambda k: setting_order(*k)) for key, curves in panels.items()}
+    colors = label_colors([name(k) for k in groups if any(k in keys for keys in shown.values())])
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(14, 6), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, (key, title) in zip(axes[0], CURVES.items()):
+        for k in shown[key]:
+            x, mean, half = panels[key][k]
+            ax.plot(x, mean, color=colors[name(k)], label=name(k))
+            ax.fill_between(x, mean - half, mean + half, color=colors[name(k)], alpha=0.15, lw=0)
+        for tolerance in tolerances:
+            ax.axvline(tolerance, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set(title=title, xlabel="retain ΔCE (nats/token), report split")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("forget ΔCE (nats/token), report split")
+    handles = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=4, fontsize=9)
+    left_out = sorted({name(k) for k in groups} - set(handles), key=str)
+    save(fig, path, f"Unlearning curves by variant, group {label}\nseed means, bands: 95% CI over seeds, "
+                    f"drawn where every seed's curve was measured; dotted: the retain ΔCE tolerance"
+                    + (f"\nnot drawn (no recorded curve, or more than {MAX_SERIES} settings): "
+                       + ", ".join(left_out) if left_out else ""))
+    drawn = {k for keys in shown.values() for k in keys}
+    return [r["name"] for r in runs if (r["setting"], r["alpha"]) in drawn]
+
+
 def smooth(values: np.ndarray, window: int = 20) -> np.ndarray:
     """Trailing mean over `window` steps (fewer at the start)."""
     cumulative = np.insert(np.cumsum(values), 0, 0.0)
@@ -900,7 +971,8 @@ def plot_unlearning_curves(runs: list, path: Path, label: str) -> list:
 
 
 # by variant (seed means), always; one series per run, on request (--per-run)
-FIGURES = {"headline": plot_headline, "alpha_sweep": plot_alpha_sweep}
+FIGURES = {"headline": plot_headline, "alpha_sweep": plot_alpha_sweep,
+           "unlearning_by_variant": plot_unlearning_by_variant}
 PER_RUN_FIGURES = {"tradeoff": plot_tradeoff, "training": plot_training,
                    "unlearning_curves": plot_unlearning_curves}
 

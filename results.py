@@ -73,7 +73,22 @@ def flatten(info: dict) -> dict:
         "conditional_auroc": conditional.get("detector_auroc_report"),
         "conditional_trained_score": trained.get("score"),
         "conditional_trained_lower_bound": trained.get("lower_bound"),
+        # the report split's curves the scores are read on, [{knob, forget_delta_ce, retain_delta_ce}]:
+        # None for a run written before they were recorded
+        "held_out_curve": point(scores, "held_out", "report").get("curve"),
+        "conditional_curve": conditional.get("curve"),
+        "retain_threshold": point(scores, "held_out", "report").get("retain_threshold"),
+        # every sweep config's point at the tolerance on the selection split, where no choice is made
+        # between configs: {"<retain threshold>/<n features>": (score, lower bound)}
+        "config_scores": {f"{c['retain_threshold']:g}/{c['n_features']}": (c.get("score"), c.get("lower_bound"))
+                          for c in scores.get("curves_at_tolerance") or ()},
         "random_score": rand.get("score"), "random_score_std": rand.get("score_std"),
+        # how far ranking by forget rate beats random features drawn from the same eligible pool (the
+        # retain threshold's); None where either is missing or a lower bound (their difference is no bound)
+        "over_random_score": (scores["held_out_score"] - rand["score"]
+                              if scores.get("held_out_score") is not None and rand.get("score") is not None
+                              and not held_out_lower_bound(scores) and not rand.get("n_lower_bounds")
+                              else None),
         "random_lower_bound": rand["n_lower_bounds"] > 0 if "n_lower_bounds" in rand else None,
         "dom_score": dom.get("score"), "dom_lower_bound": dom.get("lower_bound"),
         "leace_score": leace.get("score"), "leace_lower_bound": leace.get("lower_bound"),

@@ -12,6 +12,7 @@ out_dir under runs/ per (setting, seed): the compared settings seed by seed firs
 interrupted study holds whole seeds of them.
 """
 import argparse
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -119,27 +120,50 @@ COLUMNS = [("held_out_score", "held_out_lower_bound", "held-out score"),
            ("conditional_score", "conditional_lower_bound", "conditional clamp"),
            ("conditional_auroc", None, "its detector's AUROC"),
            ("random_score", "random_lower_bound", "random features"),
+           ("over_random_score", None, "score − random features"),
            ("qa_score", "qa_lower_bound", "question-answer text"),
            ("conv_ev_typical", None, "EV (outliers dropped)"), ("val_ev", None, "val EV")]
 
 
-def _cell(runs: list, field: str, flag) -> str:
-    """mean ± sample std over the runs (one per seed); ≥ when some run's value is a lower bound."""
-    values = [r[field] for r in runs if r[field] is not None]
+def _stat(values: list, bound: bool) -> str:
+    """mean ± sample std; ≥ when some value is a lower bound."""
     if not values:
         return "n/a"
-    bound = "≥ " if flag and any(r[flag] for r in runs if r[field] is not None) else ""
     spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{bound}{np.mean(values):.3f}{spread}"
+    return f"{'≥ ' if bound else ''}{np.mean(values):.3f}{spread}"
+
+
+def _cell(runs: list, field: str, flag) -> str:
+    """_stat over the runs (one per seed) that have the field."""
+    have = [r for r in runs if r[field] is not None]
+    return _stat([r[field] for r in have], bool(flag) and any(r[flag] for r in have))
+
+
+def _thresholds(runs: list) -> str:
+    """How often each retain threshold was chosen (on the selection split) over the runs."""
+    counts = collections.Counter(r["retain_threshold"] for r in runs if r["retain_threshold"] is not None)
+    return ", ".join(f"{th:g} ×{n}" for th, n in sorted(counts.items())) or "n/a"
+
+
+def display(label: str) -> str:
+    """A row label as the tables print it ("adaptive_a0.1 conditional" → "adaptive α=0.1 conditional")."""
+    return " ".join(NAMES.get(part, part) for part in label.split(" "))
+
+
+def _contrast_lines(rows: list) -> list:
+    return ["| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |",
+            "|---|---|---|---|---|---|---|"] + [
+        f"| {display(r['a'])} − {display(r['b'])} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
+        f"{r['ci95'][1]:+.3f}] | {r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {r['p_holm']:.3g} | "
+        f"{'yes' if r['significant'] else 'no'} |" for r in rows]
 
 
 def _family_markdown(runs: dict, endpoint: str) -> str:
-    name = lambda label: " ".join(NAMES.get(part, part) for part in label.split(" "))
     seeds = {label: sorted(scores) for label, scores in family_table(runs, endpoint).items()}
     if len(set.intersection(*map(set, seeds.values()))) < 2:
         return (f"**{endpoint}**: no test yet: it needs seeds that every row of its table has, two at least "
                 f"(eight pre-registered). Seeds so far: "
-                + "; ".join(f"{name(label)} {s}" for label, s in seeds.items()) + ".")
+                + "; ".join(f"{display(label)} {s}" for label, s in seeds.items()) + ".")
     fam = contrast_family(runs, endpoint)  # a control that differs between runs is an error, not a note
     interim = ("" if len(fam["seeds"]) == len(MAIN_SEEDS) else
                f" INTERIM: {len(fam['seeds'])} of the {len(MAIN_SEEDS)} pre-registered seeds; "
@@ -147,12 +171,39 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
     head = (f"**Pre-registered contrasts, {endpoint}.** Seeds {fam['seeds']} (those every compared setting "
             f"has).{interim} Pooled residual variance {fam['residual_variance']:.4f} on {fam['df']} df: "
             f"SE of a paired contrast {fam['se']:.3f}. Control contrasts: one-sample t over the best setting's "
-            f"seeds ({name(fam['best'])}). Holm over the {len(fam['contrasts'])} contrasts.")
-    rows = [f"| {name(r['a'])} − {name(r['b'])} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
-            f"{r['ci95'][1]:+.3f}] | {r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {r['p_holm']:.3g} | "
-            f"{'yes' if r['significant'] else 'no'} |" for r in fam["contrasts"]]
-    header = "| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |"
-    return "\n".join([head, "", header, "|---|---|---|---|---|---|---|", *rows])
+            f"seeds ({display(fam['best'])}). Holm over the {len(fam['contrasts'])} contrasts.")
+    return "\n".join([head, "", *_contrast_lines(fam["contrasts"])])
+
+
+def _exploratory_markdown(runs: dict) -> str:
+    """What the held-out score is made of; added after the interim look at seeds 0–3, so not
+    pre-registered: per setting the retain threshold chosen, and every sweep config's point on the
+    selection split (where no choice between configs is made); the pre-registered contrasts on
+    score − random features (features drawn from the chosen threshold's eligible pool), Holm within."""
+    configs = sorted({c for r in runs.values() for c in r["config_scores"]},
+                     key=lambda c: tuple(map(float, c.split("/"))))
+    lines = ["| setting | seeds | retain threshold chosen | " + " | ".join(configs) + " |",
+             "|---|---|---|" + "---|" * len(configs)]
+    for label in SETTINGS:
+        rs = [runs[run_name(label, seed)] for seed in MAIN_SEEDS if run_name(label, seed) in runs]
+        points = [[r["config_scores"][c] for r in rs if r["config_scores"].get(c, (None,))[0] is not None]
+                  for c in configs]
+        if rs:
+            lines.append(f"| {display(label)} | {len(rs)} | {_thresholds(rs)} | "
+                         + " | ".join(_stat([v for v, _ in p], any(b for _, b in p)) for p in points) + " |")
+    head = ("**Exploratory (not pre-registered; added after the interim look at seeds 0–3): what the score "
+            "is made of.** Each sweep config (retain threshold / n features) read at the tolerance on the "
+            "selection split, where no choice between configs is made: mean ± sample std over seeds, and how "
+            "often each retain threshold won the selection.")
+    table = {label: seed_scores(runs, label, "over_random_score") for label in COMPARED}
+    if len(set.intersection(*(set(t) for t in table.values()))) < 2:
+        return "\n\n".join([head, "\n".join(lines)])
+    fam = study_stats.pooled_contrasts(table, CONTRASTS)
+    contrasts = (f"The pre-registered SAE contrasts on score − random features, seeds {fam['seeds']}: pooled "
+                 f"residual variance {fam['residual_variance']:.4f} on {fam['df']} df, SE of a paired contrast "
+                 f"{fam['se']:.3f}; Holm over these {len(fam['contrasts'])} only.")
+    return "\n\n".join([head, "\n".join(lines), contrasts,
+                         "\n".join(_contrast_lines(fam["contrasts"]))])
 
 
 def results_section(runs: dict) -> str:
@@ -166,7 +217,7 @@ def results_section(runs: dict) -> str:
     for label in SETTINGS:
         rs = [runs[run_name(label, seed)] for seed in MAIN_SEEDS if run_name(label, seed) in runs]
         if rs:
-            table.append(f"| {NAMES.get(label, label)} | {len(rs)} | "
+            table.append(f"| {display(label)} | {len(rs)} | "
                          + " | ".join(_cell(rs, *c[:2]) for c in COLUMNS) + " |")
     controls = "; ".join(f"{endpoint}: " + ", ".join(
         f"{name} {_cell(list(runs.values()), metric, metric.replace('score', 'lower_bound'))}"
@@ -176,7 +227,8 @@ def results_section(runs: dict) -> str:
                "rate_groups detector, for every SAE; its AUROC separates forget from retain tokens on the "
                "report split (1 = the two text sources apart). Non-SAE controls (the same for every run): "
                + controls + ".")
-    return "\n\n".join([done, *(_family_markdown(runs, e) for e in ENDPOINTS), caption, "\n".join(table)])
+    return "\n\n".join([done, *(_family_markdown(runs, e) for e in ENDPOINTS), caption, "\n".join(table),
+                         _exploratory_markdown(runs)])
 
 
 def state(out_dir: Path) -> str:

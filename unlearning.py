@@ -653,8 +653,9 @@ class Curve(NamedTuple):
         return base[0] / 2 ** max_extensions, base[-1] * 2 ** max_extensions
 
 
-def retain_mean(deltas: dict, edit, split: str) -> float:
-    return float(deltas[edit][f"retain_{split}"].double().mean())
+def mean_delta(deltas: dict, edit, side: str, split: str) -> float:
+    """The edit's ΔCE on one side ("forget" or "retain") of a split, averaged over its contexts."""
+    return float(deltas[edit][f"{side}_{split}"].double().mean())
 
 
 def extend(curves: list, deltas: dict, split: str, measure, cfg: UnlearningConfig) -> list:
@@ -670,7 +671,7 @@ def extend(curves: list, deltas: dict, split: str, measure, cfg: UnlearningConfi
         measure(todo)
         todo = []
         for i, c in enumerate(curves):
-            flag = tolerance_point([retain_mean(deltas, c.make(k), split) for k in c.knobs],
+            flag = tolerance_point([mean_delta(deltas, c.make(k), "retain", split) for k in c.knobs],
                                    cfg.ce_tolerance)[2]
             low, high = c.limits(cfg.max_extensions)
             knob = c.knobs[-1] * 2 if flag == BELOW else c.knobs[0] / 2
@@ -687,11 +688,15 @@ def at_tolerance(curve: Curve, deltas: dict, tolerance: float, split: str) -> di
     """The curve's point on `split` where its retain ΔCE there reaches `tolerance` (tolerance_point):
     `score` is the forget ΔCE, per context (1 − t)·d_i + t·d_{i+1}, with its paired SE over contexts
     (t taken as fixed), and `knob` = (1 − t)·knob_i + t·knob_{i+1}. A curve below the tolerance at every
-    knob gives its last point as a lower bound (`lower_bound`); one above at its smallest gives None."""
+    knob gives its last point as a lower bound (`lower_bound`); one above at its smallest gives None.
+    `curve` holds each knob's mean forget and retain ΔCE on `split`: the curve the point is read on."""
     edits = [curve.make(k) for k in curve.knobs]
-    i, t, flag = tolerance_point([retain_mean(deltas, e, split) for e in edits], tolerance)
+    i, t, flag = tolerance_point([mean_delta(deltas, e, "retain", split) for e in edits], tolerance)
     out = curve.label | {"split": split, "knobs_run": list(curve.knobs), "flag": flag,
-                         "lower_bound": flag == BELOW}
+                         "lower_bound": flag == BELOW,
+                         "curve": [{"knob": k, **{f"{side}_delta_ce": mean_delta(deltas, e, side, split)
+                                                  for side in ("forget", "retain")}}
+                                   for k, e in zip(curve.knobs, edits)]}
     if i is None:
         return out | dict.fromkeys(("knob", "score", "score_se", "retain_delta_ce", "retain_delta_ce_se"))
     j = min(i + 1, len(edits) - 1)
@@ -708,7 +713,8 @@ def around_crossing(curve: Curve, deltas: dict, split: str, tolerance: float) ->
     never crosses), keeping its base grid: where a related curve (a gate, a random draw) starts its
     search, which extend then continues x2 or ÷2. Retain ΔCE rises with the multiplier, so the crossing
     such a search finds is the first one of the whole sequence."""
-    i, _, _ = tolerance_point([retain_mean(deltas, curve.make(k), split) for k in curve.knobs], tolerance)
+    i, _, _ = tolerance_point([mean_delta(deltas, curve.make(k), "retain", split) for k in curve.knobs],
+                              tolerance)
     j = 0 if i is None else min(i + 1, len(curve.knobs) - 1)  # above at every knob: the smallest
     return curve._replace(knobs=curve.knobs[j:j + 1], base=curve.base or curve.knobs)
 

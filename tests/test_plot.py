@@ -461,3 +461,56 @@ def test_alpha_sweep_draws_at_most_8_series_each_its_own_colour(tmp_path, monkey
     left_out = title.split("at most 8 series): ")[1].split(", ")
     assert len(left_out) == 3 and all(s.startswith("allpairs_ortho λ2=") for s in left_out)
     assert {"run_t0", "run_t1", "run_a0", "run_a1", "run_a2"} <= set(drawn) and len(drawn) == 2 + 3 + 6
+
+
+def test_unlearning_by_variant_draws_seed_mean_curves_through_the_tables_scores(tmp_path, monkeypatch):
+    """Planted report-split curves, forget ΔCE = slope·retain ΔCE up to retain 0.04 (×25, ×50, ×100, ×200;
+    the conditional's slope doubled): topk at three seeds, adaptive α=0.1 at two (seed 1 twice: averaged
+    first), nine α of one seed each, and fixed_ortho without recorded curves. Each panel holds at most 8
+    series; at the tolerance (0.02) a series' mean is the table's held-out score (the score each run
+    records is its curve's reading there), its band t(0.975, n−1)·s/√n; fixed_ortho is named as not drawn."""
+    from scipy.stats import t as student_t
+    root = tmp_path / "runs"
+
+    def curve(slope):
+        return [{"knob": k, "forget_delta_ce": slope * r, "retain_delta_ce": r}
+                for k, r in zip((25, 50, 100, 200), (0.005, 0.01, 0.03, 0.04))]
+
+    def run(name, variant, slope, **kw):
+        v3 = {"held_out": {"report": {"curve": curve(slope)}},
+              "conditional": {"rate_groups": {"curve": curve(2 * slope), "score": 0.04 * slope}}}
+        write_run(root / name, variant, held_out=0.02 * slope, v3=v3, **kw)
+
+    for seed, slope in enumerate([10.0, 20.0, 40.0]):
+        run(f"run_t{seed}", "topk", slope, seed=seed)
+    run("run_a0", "adaptive_ortho", 30.0, alpha=0.1, seed=0)
+    run("run_a1", "adaptive_ortho", 50.0, alpha=0.1, seed=1)
+    run("run_a1b", "adaptive_ortho", 70.0, alpha=0.1, seed=1)
+    for i, alpha in enumerate([0.0, 0.05, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5]):
+        run(f"run_s{i}", "adaptive_ortho", 15.0, alpha=alpha)
+    write_run(root / "run_f0", "fixed_ortho", held_out=0.6)  # written before curves were recorded
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    figures = {}
+    monkeypatch.setattr(plot, "save", lambda fig, path, title: figures.update({path.name: (fig, title)}))
+    drawn = plot.plot_unlearning_by_variant(runs, tmp_path / "by_variant.png", "L15")
+    fig, title = figures["by_variant.png"]
+    static, conditional = fig.axes
+    table = {(a["setting"], a["alpha"]): a for a in plot.aggregate(runs)}
+    for ax, factor in ((static, 1), (conditional, 2)):
+        assert len(ax.lines) - 1 == plot.MAX_SERIES  # the series and one tolerance line
+        for line in ax.lines[:-1]:
+            x, y = line.get_xdata(), line.get_ydata()
+            at = int(np.flatnonzero(np.isclose(x, 0.02))[0])
+            label = line.get_label()
+            key = ("topk", None) if label.startswith("topk") else (
+                ("adaptive_ortho", float(label.split("α=")[1].split(" ")[0])))
+            expected = table[key]["held_out_score"][0] * factor
+            assert y[at] == pytest.approx(expected)
+            assert x.min() == pytest.approx(0.005, rel=0.1) and x.max() <= 0.04  # the measured range only
+    topk_band = static.collections[0].get_paths()[0].vertices[:, 1]
+    seeds = [0.2, 0.4, 0.8]
+    half = student_t.ppf(0.975, 2) * np.std(seeds, ddof=1) / np.sqrt(3)
+    assert topk_band.max() >= np.mean(seeds) + half - 1e-9
+    assert table["adaptive_ortho", 0.1]["held_out_score"][0] == pytest.approx((0.6 + 1.2) / 2)
+    assert "fixed_ortho" in title.split("not drawn")[1]
+    assert "run_f0" not in drawn and {"run_t0", "run_a1b"} <= set(drawn)

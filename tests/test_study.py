@@ -46,7 +46,9 @@ def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
     """{manifest name: a results.flatten-like run}: score = effect + seed/10 ± 0.05 (the sign alternating
     over seeds, so that it averages out of every setting's mean over an even number of seeds),
     conditional = score + 0.5 ± 0.05 (alternating in pairs of seeds), question-answer score = score / 2,
-    and one fixed pair of non-SAE controls."""
+    random features 0.1, retain threshold 0.001 at even seeds and 0.01 at odd ones, selection-split
+    config points score + 1 (0.001/10) and score − 0.2 (0.01/10, a lower bound at seed 0), and one fixed
+    pair of non-SAE controls."""
     runs = {}
     for i, (label, effect) in enumerate(effects.items()):
         for seed in seeds:
@@ -55,6 +57,8 @@ def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
                 "held_out_score": score, "held_out_lower_bound": False,
                 "conditional_score": score + 0.5 + 0.05 * (-1) ** (seed // 2 + i),
                 "conditional_lower_bound": False, "conditional_auroc": 0.9, "random_score": 0.1,
+                "over_random_score": score - 0.1, "retain_threshold": 0.01 if seed % 2 else 0.001,
+                "config_scores": {"0.01/10": (score - 0.2, seed == 0), "0.001/10": (score + 1, False)},
                 "random_lower_bound": False, "qa_score": score / 2, "qa_lower_bound": False,
                 "conv_ev_typical": 0.8, "val_ev": 0.78, "dom_score": 1.8, "dom_lower_bound": False,
                 "leace_score": 0.07, "leace_lower_bound": False, "qa_dom_score": 0.9,
@@ -105,3 +109,15 @@ def test_readme_section_says_interim_until_every_seed_is_in():
     one_seed = study.results_section(flat_runs(EFFECTS, seeds=range(1)))
     assert ("held-out score**: no test yet: it needs seeds that every row of its table has" in one_seed
             and "topk [0]; fixed_ortho [0]" in one_seed)
+
+
+def test_the_exploratory_section_reads_each_config_and_the_score_over_random_features():
+    section = study.results_section(flat_runs(EFFECTS))
+    exploratory = section.split("**Exploratory")[1]
+    topk = [0.5 + s / 10 + 0.05 * (-1) ** s for s in range(8)]  # topk is the first setting (i = 0)
+    row = next(line for line in exploratory.splitlines() if line.startswith("| topk |"))
+    assert row == (f"| topk | 8 | 0.001 ×4, 0.01 ×4 | {np.mean(topk) + 1:.3f} ± {np.std(topk, ddof=1):.3f} | "
+                   f"≥ {np.mean(topk) - 0.2:.3f} ± {np.std(topk, ddof=1):.3f} |")
+    assert "| 0.001/10 | 0.01/10 |" in exploratory  # configs in numeric order
+    # random features are 0.1 everywhere: the contrasts on score − random are those on the score
+    assert "| adaptive α=0.1 − topk | +0.500 |" in exploratory and "Holm over these 5 only" in exploratory

@@ -374,6 +374,9 @@ def test_score_at_tolerance_interpolates_between_the_bracketing_multipliers():
     assert p["knob"] == pytest.approx(62.5) and p["flag"] is None and not p["lower_bound"]
     assert p["score"] == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
     assert p["retain_delta_ce"] == pytest.approx(0.02)
+    # the curve it is read on: each multiplier's mean ΔCEs, as planted
+    assert [v for c in p["curve"] for v in (c["knob"], c["forget_delta_ce"], c["retain_delta_ce"])] == \
+        pytest.approx([25, 0.2, 0.0, 50, 1.0, 0.01, 100, 3.0, 0.05, 200, 6.0, 0.4])
     # per context (0.75 d_50 + 0.25 d_100) = mean ± 0.1: the SE of 6 values ±0.1
     expected_se = np.std([0.1 * (1 if i % 2 else -1) for i in range(6)], ddof=1) / np.sqrt(6)
     assert p["score_se"] == pytest.approx(expected_se)
