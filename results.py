@@ -32,6 +32,11 @@ def point(scores: dict, *path: str) -> dict:
     return scores or {}
 
 
+def config_key(point: dict) -> str:
+    """A sweep config's name, "<retain threshold>/<n features>"."""
+    return f"{point['retain_threshold']:g}/{point['n_features']}"
+
+
 def flatten(info: dict) -> dict:
     """{metric: value} for one run; None where the run has no such number (an eval that was off or refused, a
     field an older run did not write)."""
@@ -80,7 +85,7 @@ def flatten(info: dict) -> dict:
         "retain_threshold": point(scores, "held_out", "report").get("retain_threshold"),
         # every sweep config's point at the tolerance on the selection split, where no choice is made
         # between configs: {"<retain threshold>/<n features>": (score, lower bound)}
-        "config_scores": {f"{c['retain_threshold']:g}/{c['n_features']}": (c.get("score"), c.get("lower_bound"))
+        "config_scores": {config_key(c): (c.get("score"), c.get("lower_bound"))
                           for c in scores.get("curves_at_tolerance") or ()},
         "random_score": rand.get("score"), "random_score_std": rand.get("score_std"),
         # how far ranking by forget rate beats random features drawn from the same eligible pool (the

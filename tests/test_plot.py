@@ -464,11 +464,12 @@ def test_alpha_sweep_draws_at_most_8_series_each_its_own_colour(tmp_path, monkey
 
 
 def test_unlearning_by_variant_draws_seed_mean_curves_through_the_tables_scores(tmp_path, monkeypatch):
-    """Planted report-split curves, forget ΔCE = slope·retain ΔCE up to retain 0.04 (×25, ×50, ×100, ×200;
-    the conditional's slope doubled): topk at three seeds, adaptive α=0.1 at two (seed 1 twice: averaged
+    """Planted report-split curves, forget ΔCE = slope·retain ΔCE up to retain 0.04 (×25, ×50, ×100,
+    ×200; the conditional's slope doubled): topk at three seeds, adaptive α=0.1 at two (seed 1 twice: averaged
     first), nine α of one seed each, and fixed_ortho without recorded curves. Each panel holds at most 8
     series; at the tolerance (0.02) a series' mean is the table's held-out score (the score each run
-    records is its curve's reading there), its band t(0.975, n−1)·s/√n; fixed_ortho is named as not drawn."""
+    records is its curve's reading there), its band t(0.975, n−1)·s/√n; fixed_ortho is named as not
+    drawn."""
     from scipy.stats import t as student_t
     root = tmp_path / "runs"
 
