@@ -81,6 +81,16 @@ def seed_scores(runs: dict, label: str, metric: str) -> dict:
             if (name := run_name(label, seed)) in runs and runs[name][metric] is not None}
 
 
+def setting_runs(runs: dict, label: str) -> list:
+    """One setting's finished runs, by seed."""
+    return [runs[name] for seed in MAIN_SEEDS if (name := run_name(label, seed)) in runs]
+
+
+def testable(table: dict) -> bool:
+    """Whether a {row: {seed: score}} table has the two shared seeds a pooled test needs."""
+    return len(set.intersection(*(set(scores) for scores in table.values()))) >= 2
+
+
 def control_value(runs: dict, metric: str) -> float:
     """A non-SAE control's score: it does not depend on the SAE, so every run must carry the same one."""
     values = {name: r[metric] for name, r in runs.items() if r.get(metric) is not None}
@@ -159,8 +169,9 @@ def _contrast_lines(rows: list) -> list:
 
 
 def _family_markdown(runs: dict, endpoint: str) -> str:
-    seeds = {label: sorted(scores) for label, scores in family_table(runs, endpoint).items()}
-    if len(set.intersection(*map(set, seeds.values()))) < 2:
+    table = family_table(runs, endpoint)
+    seeds = {label: sorted(scores) for label, scores in table.items()}
+    if not testable(table):
         return (f"**{endpoint}**: no test yet: it needs seeds that every row of its table has, two at least "
                 f"(eight pre-registered). Seeds so far: "
                 + "; ".join(f"{display(label)} {s}" for label, s in seeds.items()) + ".")
@@ -186,7 +197,7 @@ def _exploratory_markdown(runs: dict) -> str:
     lines = ["| setting | seeds | retain threshold chosen | " + " | ".join(configs) + " |",
              "|---|---|---|" + "---|" * len(configs)]
     for label in SETTINGS:
-        rs = [runs[run_name(label, seed)] for seed in MAIN_SEEDS if run_name(label, seed) in runs]
+        rs = setting_runs(runs, label)
         points = [[r["config_scores"][c] for r in rs if r["config_scores"].get(c, (None,))[0] is not None]
                   for c in configs]
         if rs:
@@ -202,7 +213,7 @@ def _exploratory_markdown(runs: dict) -> str:
                                             "rows)"),
                          ("over_random_score", "score − random features")):
         table = {label: seed_scores(runs, label, metric) for label in COMPARED}
-        if len(set.intersection(*(set(t) for t in table.values()))) < 2:
+        if not testable(table):
             continue
         fam = study_stats.pooled_contrasts(table, CONTRASTS)
         parts += [f"The pre-registered SAE contrasts on {what}, seeds {fam['seeds']}: pooled residual "
@@ -221,7 +232,7 @@ def results_section(runs: dict) -> str:
     table = ["| setting | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
     for label in SETTINGS:
-        rs = [runs[run_name(label, seed)] for seed in MAIN_SEEDS if run_name(label, seed) in runs]
+        rs = setting_runs(runs, label)
         if rs:
             table.append(f"| {display(label)} | {len(rs)} | "
                          + " | ".join(_cell(rs, *c[:2]) for c in COLUMNS) + " |")
