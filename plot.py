@@ -682,9 +682,9 @@ def plot_headline(runs: list, path: Path, label: str) -> list:
     """Does orthogonality help, and what does it cost: per variant the held-out score against the EV lost
     relative to topk, seed means with 95% CI crosses; the non-SAE controls as horizontal lines."""
     points = headline_points(runs)
-    if not points:
-        print(f"{path.name}: not written, group {label} has no variant with a held-out score and an "
-              f"outlier-dropped EV beside a topk run that has one")
+    if len(points) < 2:  # topk alone is one point at Δ EV 0: nothing compared
+        print(f"{path.name}: not written, group {label} has no variant besides topk with a held-out "
+              f"score and an outlier-dropped EV beside a topk run that has them")
         return []
     names = [p["setting"] + (f" α={p['alpha']:g}" if p["alpha"] is not None else "")
              + f" (n={p['score'][2]})" for p in points]
@@ -712,6 +712,9 @@ def plot_headline(runs: list, path: Path, label: str) -> list:
 def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     """Each key metric against α for adaptive_ortho (mean ± std over seeds), other variants as reference
     lines; a mean that includes a lower bound an open marker (a "≥" on a reference line)."""
+    if not any(r["variant"] == "adaptive_ortho" for r in runs):
+        print(f"{path.name}: not written, group {label} has no adaptive_ortho run (no α to sweep)")
+        return []
     metrics = [m for m in SWEEP_METRICS if any(r[m] is not None for r in runs)]
     rows = aggregate(runs)
     seeds_of = lambda s: max(len(a["runs"]) for a in rows if a["setting"] == s)
@@ -763,8 +766,6 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     bounds = any(a["lower_bounds"] & set(metrics) for a in rows)
     notes = ([HELD_OUT_SCORE]
              + ([f"open marker (≥ on a reference line): a seed's value is {LOWER_BOUND}"] if bounds else [])
-             + ([] if any(r["variant"] == "adaptive_ortho" for r in runs) else
-                ["no adaptive_ortho run in this group: reference lines only"])
              + ([] if "mcq" in metrics else ["MCQ score not meaningful for any run: not shown"]))
     left_out = sorted({a["setting"] for a in rows} - set(shown), key=setting_order)
     if left_out:

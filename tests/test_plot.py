@@ -134,12 +134,16 @@ def is_png(path: Path) -> bool:
 
 
 def test_every_figure_and_the_table_are_written(result, runs, tmp_path):
-    summary, out, _ = result
+    summary, out, printed = result
     assert set(summary["groups"]) == {"smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"}
     for label in summary["groups"]:
         # not the headline nor the curves by variant: these runs predate the EV and the curves they plot
-        for name in ["alpha_sweep"] + PER_RUN_FIGURES:
+        for name in PER_RUN_FIGURES:
             assert is_png(out / f"{name}_{label}.png"), f"{name}_{label}.png"
+    assert is_png(out / "alpha_sweep_smollm2-135m-instruct_L15.png")
+    # L3 holds one topk run: no α to sweep, so no figure (and none left from an earlier call)
+    assert not (out / "alpha_sweep_smollm2-135m-instruct_L3.png").exists()
+    assert "alpha_sweep_smollm2-135m-instruct_L3.png: not written" in printed
     assert (out / "results.md").is_file()
     by_variant = plot.main([str(runs / "run_*"), f"--out_dir={tmp_path / 'default'}"])  # no --per-run
     assert {name.split("_smollm2")[0] for name in by_variant["figures"]} == {"alpha_sweep"}
@@ -435,6 +439,19 @@ def test_headline_draws_seed_means_with_95_cis_that_equal_the_tables(tmp_path, m
     drawn = {round(line.get_ydata()[0], 6) for line in ax.lines if line.get_linestyle() in ("--", ":")}
     assert drawn == {1.8, 0.07}
     assert "95% CI" in title
+
+
+def test_headline_is_not_drawn_for_topk_alone(tmp_path, monkeypatch, capsys):
+    """A group with topk runs only (run_0's) has one point at Δ EV 0: no headline figure."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_run(root / f"run_t{seed}", "topk", seed=seed, held_out=0.3 + seed, typical_ev=0.8)
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    assert len(plot.headline_points(runs)) == 1
+    monkeypatch.setattr(plot, "save", lambda *a: pytest.fail("drawn"))
+    assert plot.plot_headline(runs, tmp_path / "headline.png", "L15") == []
+    assert plot.plot_alpha_sweep(runs, tmp_path / "alpha_sweep.png", "L15") == []
+    assert "no variant besides topk" in capsys.readouterr().out
 
 
 def test_alpha_sweep_draws_at_most_8_series_each_its_own_colour(tmp_path, monkeypatch):
