@@ -32,7 +32,6 @@ from scipy.stats import t as student_t  # noqa: E402
 
 import results  # noqa: E402
 import study  # noqa: E402
-import unlearning  # noqa: E402
 import variants  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
@@ -781,8 +780,8 @@ CURVES = {"held_out_curve": "static clamp (every position)",
 def curve_at(curve: list, retain: float):
     """The forget ΔCE where a recorded curve ([{knob, forget_delta_ce, retain_delta_ce}], knobs ascending)
     first reaches retain ΔCE `retain`, linear between the bracketing knobs: the reading of the held-out
-    score (unlearning.tolerance_point). None outside the measured range."""
-    i, t, flag = unlearning.tolerance_point([p["retain_delta_ce"] for p in curve], retain)
+    score (results.tolerance_point). None outside the measured range."""
+    i, t, flag = results.tolerance_point([p["retain_delta_ce"] for p in curve], retain)
     if flag is not None:
         return None
     return (1 - t) * curve[i]["forget_delta_ce"] + t * curve[i + 1]["forget_delta_ce"]

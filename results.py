@@ -1,5 +1,22 @@
-"""A run's final_info.json, flat: the one reading of its headline numbers that notes.txt and plot.py share."""
+"""A run's final_info.json, flat: the one reading of its headline numbers that notes.txt and plot.py share,
+and the one reading of a curve at a retain tolerance that the scores (unlearning.py) and the figures share."""
 import variants
+
+BELOW = "below_tolerance_at_every_multiplier"   # a lower bound: the curve never costs the tolerance
+ABOVE = "above_tolerance_at_smallest_multiplier"
+
+
+def tolerance_point(retain: list, tolerance: float) -> tuple:
+    """Where a curve's retain ΔCE (ascending knobs) first reaches `tolerance`: (i, t, flag), the point
+    (1 − t)·point_i + t·point_{i+1}, linear between the two bracketing knobs (no extrapolation).
+    A curve that stays below gives its last point, flag BELOW; one already above at the smallest knob
+    gives (None, None, ABOVE)."""
+    if retain[0] > tolerance:
+        return None, None, ABOVE
+    for i in range(len(retain) - 1):
+        if retain[i + 1] > tolerance:
+            return i, (tolerance - retain[i]) / (retain[i + 1] - retain[i]), None
+    return len(retain) - 1, 0.0, BELOW
 
 
 def training_section(info: dict) -> dict:
@@ -17,11 +34,11 @@ def absorption_fraction(info: dict):
 def held_out_lower_bound(scores: dict):
     """Whether the held-out score is only a lower bound (the curve's retain ΔCE stays below the tolerance
     on the report split at every multiplier up to the cap): the run's own flag, or for a run written
-    before it, held_out.report.flag == "below_tolerance_at_every_multiplier" (None without either)."""
+    before it, held_out.report.flag == BELOW (None without either)."""
     if "held_out_lower_bound" in scores:
         return scores["held_out_lower_bound"]
     report = (scores.get("held_out") or {}).get("report")
-    return None if report is None else report.get("flag") == "below_tolerance_at_every_multiplier"
+    return None if report is None else report.get("flag") == BELOW
 
 
 def point(scores: dict, *path: str) -> dict:

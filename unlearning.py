@@ -101,6 +101,7 @@ from files import json_safe, write_json_atomic
 from interventions import (CONTROLS, BatchEdits, Clamp, ControlEdit, Controls, causal_detector,
                            encode_for_clamp, fit_controls)
 from models import bos_token_id, special_token_ids
+from results import ABOVE, BELOW, tolerance_point
 
 PRE_QUESTION_FORMAT = "The following are multiple choice questions (with answers) about {subject}.\n"
 PRE_WMDP_BIO = "The following are multiple choice questions (with answers) about biology.\n"
@@ -579,8 +580,6 @@ def _ce_mean(batches: list) -> float:
 # Scores: ΔCE per context, its paired standard error, the forget ΔCE at the retain tolerance
 
 SPLITS = ("select", "report")  # ΔCE text that picks a curve, and text that scores the picked curve
-BELOW = "below_tolerance_at_every_multiplier"   # a lower bound: the curve never costs the tolerance
-ABOVE = "above_tolerance_at_smallest_multiplier"
 
 
 def held_out_text(tokenizer, docs: list, cfg: UnlearningConfig, bos: int, eos: int, side: str,
@@ -624,19 +623,6 @@ def mean_and_se(d: torch.Tensor) -> tuple:
     difference of two means over the same contexts (None for n < 2)."""
     d = d.double()
     return float(d.mean()), (float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None)
-
-
-def tolerance_point(retain: list, tolerance: float) -> tuple:
-    """Where a curve's retain ΔCE (ascending knobs) first reaches `tolerance`: (i, t, flag), the point
-    (1 − t)·point_i + t·point_{i+1}, linear between the two bracketing knobs (no extrapolation).
-    A curve that stays below gives its last point, flag BELOW; one already above at the smallest knob
-    gives (None, None, ABOVE)."""
-    if retain[0] > tolerance:
-        return None, None, ABOVE
-    for i in range(len(retain) - 1):
-        if retain[i + 1] > tolerance:
-            return i, (tolerance - retain[i]) / (retain[i + 1] - retain[i]), None
-    return len(retain) - 1, 0.0, BELOW
 
 
 class Curve(NamedTuple):
