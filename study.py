@@ -1,7 +1,8 @@
 """The study: every run's arguments (the manifest) and one command that makes whatever is missing.
 
     python study.py                 # train and evaluate each missing or unfinished run, one at a time,
-                                    # then regenerate the figures and RESULTS.md's generated block
+                                    # then regenerate the figures, RESULTS.md's generated block and
+                                    # the README's headline
     python study.py --list          # the manifest, each run with its state
     python study.py --only runs/topk_s0 runs/topk_s1
 
@@ -248,6 +249,16 @@ def results_section(runs: dict) -> str:
                          _exploratory_markdown(runs)])
 
 
+def headline_section(runs: dict) -> str:
+    """The README's part of the study ({manifest name: flattened run}): how far it is and the
+    pre-registered test on the held-out score; the rest is in RESULTS.md."""
+    if not runs:
+        return ""
+    done = (f"**Study v3**: {len(runs)} of the {len(manifest())} runs finished. Every setting beside the "
+            f"controls, the secondary endpoint and the exploratory analyses: [RESULTS.md](RESULTS.md).")
+    return "\n\n".join([done, _family_markdown(runs, next(iter(ENDPOINTS)))])
+
+
 def state(out_dir: Path) -> str:
     if (out_dir / "final_info.json").exists():
         return "finished"
@@ -255,7 +266,8 @@ def state(out_dir: Path) -> str:
 
 
 def main(argv=None) -> list:
-    """Runs what is not finished (in manifest order), then plot.py --results; returns the out_dirs run."""
+    """Runs what is not finished (in manifest order), then plot.py --results --readme; returns the out_dirs
+    run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true", help="print the manifest and each run's state")
     parser.add_argument("--only", nargs="+", help="these out_dirs of the manifest only")
@@ -273,7 +285,8 @@ def main(argv=None) -> list:
     for i, name in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] python experiment.py {' '.join(chosen[name])}", flush=True)
         subprocess.run([sys.executable, "experiment.py", *chosen[name]], cwd=HERE, check=True)
-    subprocess.run([sys.executable, "plot.py", "--results=RESULTS.md"], cwd=HERE, check=True)
+    subprocess.run([sys.executable, "plot.py", "--results=RESULTS.md", "--readme=README.md"], cwd=HERE,
+                   check=True)
     return todo
 
 

@@ -3,6 +3,7 @@ results_block and plot.py --results on synthetic runs (test_plot.write_run's fak
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import plot
@@ -32,6 +33,22 @@ def test_results_md_is_what_plot_py_computes_from_the_run_folders():
     e_start, e_end = plot.results_span(expected)
     assert text[start:end] == expected[e_start:e_end], \
         f"RESULTS.md's results block is not what plot.py computes from run_0 and runs/: {REGENERATE}"
+
+
+def test_readme_headline_is_what_plot_py_computes_from_the_run_folders():
+    """The README's generated headline equals headline_block of plot.py's default set, with the figure in
+    plots/, as plot.py --readme README.md writes it."""
+    text = README.read_bytes().decode()
+    try:
+        start, end = plot.results_span(text, plot.HEADLINE_MARKERS)
+    except ValueError as err:
+        pytest.fail(f"README.md has no generated headline ({err}): {REGENERATE} --readme README.md")
+    runs, _ = plot.load_runs(plot.find_run_dirs([]))
+    block = plot.headline_block(plot.group_runs(runs), HERE / "plots", README)
+    assert text[start:end] == "\n" + block.strip("\n") + "\n\n", \
+        f"README.md's headline is not what plot.py computes from the runs: {REGENERATE} --readme README.md"
+    figure = text[start:end].split("](", 1)[1].split(")", 1)[0]
+    assert (HERE / figure).is_file()
 
 
 def test_readme_stays_short():
@@ -172,3 +189,38 @@ def test_paired_difference_is_the_mean_per_seed_difference():
     assert (d, n) == (pytest.approx(0.3), 3) and se == pytest.approx(0.2 / math.sqrt(3))
     assert plot.paired_difference({0: [run(0, 1.0)]}, {0: [run(0, 0.5)]}, "held_out_score")[:2] == (0.5, None)
     assert plot.paired_difference({0: [run(0, 1.0)]}, {1: [run(1, 0.5)]}, "held_out_score") is None
+
+
+def test_readme_headline_holds_the_figures_points_and_the_controls(root, tmp_path):
+    """Group L15 (more runs than L3): one row per headline point, its score the seed mean with the
+    95% CI t(0.975, n−1)·s/√n and the EV minus topk's paired by seed; topk is the reference. adaptive
+    α = 0.3: seeds 2.0 (seed 0's two runs averaged) and 5.0; EV 0.76 and 0.78 against topk's 0.80, 0.81."""
+    from scipy.stats import t as student_t
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# Title\n{plot.HEADLINE_MARKERS[0]}\nold 9.99\n{plot.HEADLINE_MARKERS[1]}\nafter\n")
+    out = tmp_path / "plots"
+    plot.main([str(root / "run_*"), f"--out_dir={out}", "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old 9.99" not in text and text.startswith("# Title\n") and text.endswith("\nafter\n")
+    assert f"](../plots/headline_{L15}.png)" in text and (out / f"headline_{L15}.png").is_file()
+    half = lambda values: (student_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1)
+                           / np.sqrt(len(values)))
+    h, e = half([2.0, 5.0]), half([-0.04, -0.03])
+    row, = lines_starting(text, "| adaptive_ortho α=0.3 |")
+    assert row == (f"| adaptive_ortho α=0.3 | 2 | 3.500 [{3.5 - h:.3f}, {3.5 + h:.3f}] | "
+                   f"-0.0350 [{-0.035 - e:.4f}, {-0.035 + e:.4f}] |")
+    topk, = lines_starting(text, "| topk |")
+    t = half([0.3, 0.5, 0.7])
+    assert topk == f"| topk | 3 | 0.500 [{0.5 - t:.3f}, {0.5 + t:.3f}] | the reference |"
+    fixed, = lines_starting(text, "| fixed_ortho |")
+    assert fixed.startswith("| fixed_ortho | 1 | 0.600 | ")  # one seed: no interval
+    assert not lines_starting(text, "| allpairs_ortho")  # no EV with outliers dropped: not a point
+
+
+def test_readme_headline_says_when_there_is_nothing_to_compare(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "run_0", "topk", held_out=0.5, typical_ev=0.8)
+    runs, _ = plot.load_runs(plot.find_run_dirs([str(root / "run_*")]))
+    block = plot.headline_block(plot.group_runs(runs), tmp_path / "plots", tmp_path / "README.md")
+    assert block == f"No headline yet: group {L15} has no variant beside a topk run.\n"

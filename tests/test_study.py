@@ -37,7 +37,8 @@ def test_only_unfinished_runs_are_run_then_the_results_regenerated(tmp_path, mon
     done = study.main(["--only", "runs/topk_s0", "runs/topk_s1", "runs/topk_s2"])
     assert done == ["runs/topk_s1", "runs/topk_s2"]
     assert [c[0] for c in calls] == ["experiment.py", "experiment.py", "plot.py"]
-    assert calls[0][1] == "--out_dir=runs/topk_s1" and calls[-1] == ["plot.py", "--results=RESULTS.md"]
+    assert calls[0][1] == "--out_dir=runs/topk_s1" and calls[-1] == ["plot.py", "--results=RESULTS.md",
+                                                                           "--readme=README.md"]
     assert [study.state(tmp_path / f"runs/topk_s{s}") for s in range(3)] == [
         "finished", "unfinished", "missing"]
 
