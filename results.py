@@ -67,6 +67,7 @@ def flatten(info: dict) -> dict:
     absorbed = info.get("absorption evaluation results")
     qa = unlearning["eval_result_metrics"].get("unlearning_question_answer_text") or {} if unlearning else {}
     conditional, trained = (point(scores, "conditional", g) for g in ("rate_groups", "trained_groups"))
+    rates = unlearning["eval_result_details"]["firing_rates"] if unlearning else {"forget": {}, "retain": {}}
     rand, dom, leace = (point(scores, "controls", c)
                         for c in ("random_features", "difference_of_means", "leace"))
     return {
@@ -112,6 +113,10 @@ def flatten(info: dict) -> dict:
                               and not held_out_lower_bound(scores) and not rand.get("n_lower_bounds")
                               else None),
         "random_lower_bound": rand["n_lower_bounds"] > 0 if "n_lower_bounds" in rand else None,
+        # latents by firing rate on the rate split's text: none on a side, retain rate < 0.001
+        "silent_forget": rates["forget"].get("n_zero"), "silent_retain": rates["retain"].get("n_zero"),
+        "retain_below_0.001": rates["retain"].get("n_below_0.001"),
+        "dead_latents": train_info.get("final_dead_latents"),
         "dom_score": dom.get("score"), "dom_lower_bound": dom.get("lower_bound"),
         "leace_score": leace.get("score"), "leace_lower_bound": leace.get("lower_bound"),
         "ce_tolerance": scores.get("ce_tolerance"), "mcq": scores.get("unlearning_score"),

@@ -136,18 +136,18 @@ COLUMNS = [("held_out_score", "held_out_lower_bound", "held-out score"),
            ("conv_ev_typical", None, "EV (outliers dropped)"), ("val_ev", None, "val EV")]
 
 
-def _stat(values: list, bound: bool) -> str:
+def _stat(values: list, bound: bool, digits: int = 3) -> str:
     """mean ± sample std; ≥ when some value is a lower bound."""
     if not values:
         return "n/a"
-    spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{'≥ ' if bound else ''}{np.mean(values):.3f}{spread}"
+    spread = f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else ""
+    return f"{'≥ ' if bound else ''}{np.mean(values):.{digits}f}{spread}"
 
 
-def _cell(runs: list, field: str, flag) -> str:
+def _cell(runs: list, field: str, flag, digits: int = 3) -> str:
     """_stat over the runs (one per seed) that have the field."""
     have = [r for r in runs if r[field] is not None]
-    return _stat([r[field] for r in have], bool(flag) and any(r[flag] for r in have))
+    return _stat([r[field] for r in have], bool(flag) and any(r[flag] for r in have), digits)
 
 
 def _thresholds(runs: list) -> str:
@@ -208,7 +208,11 @@ def _exploratory_markdown(runs: dict) -> str:
             "is made of.** Each sweep config (retain threshold / n features) read at the tolerance on the "
             "selection split, where no choice between configs is made: mean ± sample std over seeds, and how "
             "often each retain threshold won the selection.")
-    parts = [head, "\n".join(lines)]
+    census = ("**Rare latents** (exploratory, as above): how many of the SAE's latents fire on none of the "
+              "rate split's tokens of a side, how many have a retain rate < 0.001 (the features at that "
+              "threshold are chosen from these), and how many training counted dead (no firing in its last "
+              "dead_window_tokens); mean ± sample std over seeds.")
+    parts = [head, "\n".join(lines), census, _census_table(runs)]
     for metric, what in (("held_out_score", "the held-out score, its variance pooled over the five static "
                                             "rows only (the pre-registered table adds the three conditional "
                                             "rows)"),
@@ -222,6 +226,20 @@ def _exploratory_markdown(runs: dict) -> str:
                   f"{fam['se']:.3f}; Holm over these {len(fam['contrasts'])} only.",
                   "\n".join(_contrast_lines(fam["contrasts"]))]
     return "\n\n".join(parts)
+
+
+CENSUS = [("silent_forget", "silent on forget text"), ("silent_retain", "silent on retain text"),
+          ("retain_below_0.001", "retain rate < 0.001"), ("dead_latents", "dead in training")]
+
+
+def _census_table(runs: dict) -> str:
+    lines = ["| setting | seeds | " + " | ".join(header for _, header in CENSUS) + " |",
+             "|---|---|" + "---|" * len(CENSUS)]
+    for label in SETTINGS:
+        if rs := setting_runs(runs, label):
+            lines.append(f"| {display(label)} | {len(rs)} | "
+                         + " | ".join(_cell(rs, field, None, digits=0) for field, _ in CENSUS) + " |")
+    return "\n".join(lines)
 
 
 def results_section(runs: dict) -> str:

@@ -48,8 +48,9 @@ def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
     over seeds, so that it averages out of every setting's mean over an even number of seeds),
     conditional = score + 0.5 ± 0.05 (alternating in pairs of seeds), question-answer score = score / 2,
     random features 0.1, retain threshold 0.001 at even seeds and 0.01 at odd ones, selection-split
-    config points score + 1 (0.001/10) and score − 0.2 (0.01/10, a lower bound at seed 0), and one fixed
-    pair of non-SAE controls."""
+    config points score + 1 (0.001/10) and score − 0.2 (0.01/10, a lower bound at seed 0), one fixed
+    pair of non-SAE controls, and a latent census (silent on forget text 10·i + 2·seed for the i-th
+    setting, retain rate < 0.001 400 + i, missing at seed 0)."""
     runs = {}
     for i, (label, effect) in enumerate(effects.items()):
         for seed in seeds:
@@ -63,7 +64,9 @@ def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
                 "random_lower_bound": False, "qa_score": score / 2, "qa_lower_bound": False,
                 "conv_ev_typical": 0.8, "val_ev": 0.78, "dom_score": 1.8, "dom_lower_bound": False,
                 "leace_score": 0.07, "leace_lower_bound": False, "qa_dom_score": 0.9,
-                "qa_dom_lower_bound": False, "qa_leace_score": 0.05, "qa_leace_lower_bound": True} | extra
+                "qa_dom_lower_bound": False, "qa_leace_score": 0.05, "qa_leace_lower_bound": True,
+                "silent_forget": 10 * i + 2 * seed, "silent_retain": 5,
+                "retain_below_0.001": 400 + i if seed else None, "dead_latents": 1} | extra
     return runs
 
 
@@ -123,3 +126,14 @@ def test_the_exploratory_section_reads_each_config_and_the_score_over_random_fea
     # random features are 0.1 everywhere: the contrasts on score − random are those on the score
     assert exploratory.count("| adaptive α=0.1 − topk | +0.500 |") == 2  # the score, and score − random
     assert "rows only" in exploratory and "Holm over these 5 only" in exploratory
+
+
+def test_the_latent_census_is_the_mean_and_std_over_seeds():
+    """topk (i = 0): silent on forget text 0, 2, …, 14 → 7 ± 4.9; adaptive (i = 2) 27 ± 4.9; retain
+    rate < 0.001 misses seed 0, so 7 seeds of a constant: ± 0."""
+    text = study._exploratory_markdown(flat_runs(EFFECTS))
+    table = text.split("**Rare latents**", 1)[1]
+    row = next(line for line in table.splitlines() if line.startswith("| topk |"))
+    assert row == "| topk | 8 | 7 ± 5 | 5 ± 0 | 400 ± 0 | 1 ± 0 |"
+    row = next(line for line in table.splitlines() if line.startswith("| adaptive α=0.1 |"))
+    assert row == "| adaptive α=0.1 | 8 | 27 ± 5 | 5 ± 0 | 402 ± 0 | 1 ± 0 |"
