@@ -31,10 +31,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
-from scipy.stats import t as student_t  # noqa: E402
 
 import results  # noqa: E402
 import study  # noqa: E402
+import study_stats  # noqa: E402
 import variants  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
@@ -536,23 +536,17 @@ def headline_block(groups: dict, figures: Path, readme: Path) -> str:
     label, runs = max(groups.items(), key=lambda item: (len(study_runs(item[1])), len(item[1])))
     points = compared_points(runs)
     rows = [[p["setting"] + (f" α={p['alpha']:g}" if p["alpha"] is not None else ""), p["score"][2],
-             interval_cell(p["score"], 3, "≥ " if p["lower_bound"] else ""),
+             study.interval_text(p["score"], 3, "≥ " if p["lower_bound"] else ""),
              "the reference" if (p["setting"], p["alpha"]) == ("topk", None)
-             else interval_cell(p["delta_ev"], 4)] for p in points]
-    rows += [[f"{name} (no SAE)", "–", f"{value:.3f}", "–"] for name, value in control_lines(runs).items()]
+             else study.interval_text(p["delta_ev"], 4)] for p in points]
+    rows += [[f"{name} (no SAE)", "–", f"{value:.3f}", "–"]
+             for name, value in control_lines(runs).items()]
     header = ["variant", "seeds", "held-out score (nats), mean [95% CI]",
               "EV (outliers dropped) − topk's, paired by seed, mean [95% CI]"]
     figure = Path(os.path.relpath(figures / f"headline_{label}.png", readme.parent)).as_posix()
     parts = ([f"![held-out score against reconstruction cost]({figure})", markdown_table(header, rows)]
              if points else [f"No headline yet: group {label} has no variant beside a topk run."])
     return "\n\n".join(part for part in [*parts, study.headline_section(study_runs(runs))] if part) + "\n"
-
-
-def interval_cell(stat: tuple, digits: int, bound: str = "") -> str:
-    """A ci95 triple as "mean [low, high]" ("mean" alone with one seed)."""
-    mean, half, _ = stat
-    return f"{bound}{mean:.{digits}f}" + ("" if half is None else
-                                          f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]")
 
 
 # -----------------------------------------------------------------------------
@@ -669,16 +663,6 @@ def plot_tradeoff(runs: list, path: Path, label: str) -> list:
 MAX_SERIES = 8  # series on one axis, at most
 
 
-def ci95(values: list):
-    """(mean, half-width of its 95% CI, n) of per-seed values: t_{0.975, n−1}·s/√n, s the sample std; half
-    None for one value; None for none."""
-    if not values:
-        return None
-    half = (float(student_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
-            if len(values) > 1 else None)
-    return float(np.mean(values)), half, len(values)
-
-
 def headline_points(runs: list) -> list:
     """Per (setting, α), at most MAX_SERIES (those with the most seeds, then in table order): the held-out
     score's seed mean with its 95% CI, and the outlier-dropped EV minus topk's, paired by seed, with its
@@ -689,10 +673,11 @@ def headline_points(runs: list) -> list:
         return []
     points = []
     for (setting, alpha), seeds in groups.items():
-        score = ci95(seed_values(seeds, "held_out_score"))
+        score = study_stats.ci95(seed_values(seeds, "held_out_score"))
         d = seed_differences(seeds, reference, "conv_ev_typical")
         if score is not None and d:
-            points.append({"setting": setting, "alpha": alpha, "score": score, "delta_ev": ci95(d),
+            points.append({"setting": setting, "alpha": alpha, "score": score,
+                           "delta_ev": study_stats.ci95(d),
                            "lower_bound": any(is_lower_bound(r, "held_out_score")
                                               for rs in seeds.values() for r in rs)})
     points.sort(key=lambda p: (-p["score"][2], setting_order(p["setting"], p["alpha"])))
@@ -837,7 +822,7 @@ def mean_curve(seeds: dict, key: str, grid) -> "tuple | None":
     for x in grid:
         values = [[curve_at(r[key], x) for r in rs] for rs in seeds.values()]
         if all(v is not None for vs in values for v in vs):
-            mean, half, _ = ci95([float(np.mean(vs)) for vs in values])
+            mean, half, _ = study_stats.ci95([float(np.mean(vs)) for vs in values])
             rows.append((x, mean, half or 0.0))
     return tuple(map(np.array, zip(*rows))) if rows else None
 

@@ -187,6 +187,81 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
     return "\n".join([head, "", *_contrast_lines(fam["contrasts"])])
 
 
+def interval_text(stat: tuple, digits: int, bound: str = "") -> str:
+    """A study_stats.ci95 triple as "mean [low, high]" ("mean" alone with one seed)."""
+    mean, half, _ = stat
+    return f"{bound}{mean:.{digits}f}" + ("" if half is None else
+                                          f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]")
+
+
+def _contrast_text(r: dict) -> str:
+    return (f"{display(r['a'])} − {display(r['b'])} {r['estimate']:+.3f} [{r['ci95'][0]:+.3f}, "
+            f"{r['ci95'][1]:+.3f}] (p, Holm {r['p_holm']:.3g})")
+
+
+def _endpoint_findings(runs: dict, endpoint: str) -> list:
+    """Which pre-registered contrasts survive Holm and which do not; the compared settings ordered by
+    their mean over the family's seeds; how many settings' means exceed each non-SAE control."""
+    if not testable(family_table(runs, endpoint)):
+        return [f"- **{endpoint}**: no test yet (it needs two seeds that every compared setting has)."]
+    fam = contrast_family(runs, endpoint)
+    survive = [r for r in fam["contrasts"] if r["significant"]]
+    rest = [r for r in fam["contrasts"] if not r["significant"]]
+    interim = ("" if len(fam["seeds"]) == len(MAIN_SEEDS) else
+               f" (INTERIM: seeds {fam['seeds']}, not the pre-registered test)")
+    score = ENDPOINTS[endpoint][0]
+    means = {label: float(np.mean([seed_scores(runs, label, score)[s] for s in fam["seeds"]]))
+             for label in COMPARED}
+    order = sorted(COMPARED, key=lambda label: -means[label])
+    controls = [f"{name} (no SAE) {value:.3f}: {sum(means[label] > value for label in COMPARED)} of the "
+                f"{len(COMPARED)} settings' means above it"
+                for name, value in ((name, control_value(runs, metric))
+                                    for name, metric in ENDPOINTS[endpoint][2].items())]
+    return [f"- **{endpoint}**{interim}: {len(survive)} of the {len(fam['contrasts'])} pre-registered "
+            f"contrasts survive Holm" + (": " + "; ".join(map(_contrast_text, survive)) if survive else "")
+            + ". Not surviving: " + ("; ".join(map(_contrast_text, rest)) or "none") + ".",
+            "  Settings by mean: " + " > ".join(f"{display(label)} {means[label]:.3f}" for label in order)
+            + ". " + "; ".join(controls) + "."]
+
+
+def _long_training_findings(runs: dict) -> str:
+    """adaptive α=0.1 − topk, paired by seed, at the default length and at 4× the tokens (seeds both
+    lengths have), with each setting's validation EV."""
+    pairs = {"default length": ("adaptive_a0.1", "topk"), "4× tokens": ("long_adaptive_a0.1", "long_topk")}
+    n_long = sum(run_name(label, seed) in runs for label in pairs["4× tokens"] for seed in SWEEP_SEEDS)
+    long_seeds = [s for s in SWEEP_SEEDS if all(run_name(label, s) in runs for pair in pairs.values()
+                                                for label in pair)]
+    if len(long_seeds) < 2:
+        return (f"- **Longer training**: {n_long} of the {2 * len(SWEEP_SEEDS)} runs at 4× tokens finished; "
+                f"no comparison yet.")
+    parts = []
+    for length, (a, b) in pairs.items():
+        score = lambda label, seed: runs[run_name(label, seed)]["held_out_score"]
+        gain = study_stats.ci95([score(a, s) - score(b, s) for s in long_seeds])
+        ev = [float(np.mean([runs[run_name(label, s)]["val_ev"] for s in long_seeds])) for label in (a, b)]
+        parts.append(f"{length} {interval_text(gain, 3, '+' if gain[0] >= 0 else '')} (val EV {ev[0]:.3f} "
+                     f"and {ev[1]:.3f})")
+    return (f"- **Longer training** (descriptive; seeds {long_seeds}): adaptive α=0.1 − topk held-out "
+            f"score, paired by seed, mean [95% CI]: " + "; ".join(parts) + ".")
+
+
+def findings_markdown(runs: dict) -> str:
+    """The generated findings ({manifest name: flattened run}): per endpoint what survives Holm, the order
+    of the settings and the controls; the conditional clamp's detector AUROC; the longer training."""
+    auroc = {label: [r["conditional_auroc"] for r in setting_runs(runs, label) if r["conditional_auroc"]]
+             for label in GATED}
+    lines = ["**Findings** (generated from the runs; estimates in nats/token with 95% CIs)."]
+    for endpoint in ENDPOINTS:
+        lines += _endpoint_findings(runs, endpoint)
+    if all(auroc.values()):
+        lines.append("- **Conditional clamp**: its detector (`rate_groups`) tells forget from retain tokens "
+                     "on the report split with AUROC " + ", ".join(
+                         f"{np.mean(values):.3f} ({display(label)})" for label, values in auroc.items())
+                     + " (seed means; 1 = the two text sources apart).")
+    lines.append(_long_training_findings(runs))
+    return "\n".join(lines)
+
+
 def _exploratory_markdown(runs: dict) -> str:
     """What the held-out score is made of; added after the interim look at seeds 0–3, so not
     pre-registered: per setting the retain threshold chosen, and every sweep config's point on the
@@ -263,7 +338,8 @@ def results_section(runs: dict) -> str:
                "rate_groups detector, for every SAE; its AUROC separates forget from retain tokens on the "
                "report split (1 = the two text sources apart). Non-SAE controls (the same for every run): "
                + controls + ".")
-    return "\n\n".join([done, *(_family_markdown(runs, e) for e in ENDPOINTS), caption, "\n".join(table),
+    return "\n\n".join([done, findings_markdown(runs), *(_family_markdown(runs, e) for e in ENDPOINTS),
+                         caption, "\n".join(table),
                          _exploratory_markdown(runs)])
 
 
@@ -274,7 +350,7 @@ def headline_section(runs: dict) -> str:
         return ""
     done = (f"**Study v3**: {len(runs)} of the {len(manifest())} runs finished. Every setting beside the "
             f"controls, the secondary endpoint and the exploratory analyses: [RESULTS.md](RESULTS.md).")
-    return "\n\n".join([done, _family_markdown(runs, next(iter(ENDPOINTS)))])
+    return "\n\n".join([done, findings_markdown(runs)])
 
 
 def state(out_dir: Path) -> str:

@@ -98,6 +98,16 @@ def pooled_contrasts(table: dict[str, dict[int, float]],
             "residual_variance": s2, "se": se, "contrasts": rows}
 
 
+def ci95(values: list):
+    """(mean, half-width of its 95% CI, n) of per-seed values: t_{0.975, n-1} s / sqrt(n), s the sample
+    std; half None for one value; None for none."""
+    if not values:
+        return None
+    half = (float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+            if len(values) > 1 else None)
+    return float(np.mean(values)), half, len(values)
+
+
 def holm(rows: list[dict]) -> list[dict]:
     """Adds p_holm (Holm's step-down adjustment of the rows' p over the whole list) and significant
     (p_holm < 0.05) to each row, in place."""

@@ -137,3 +137,26 @@ def test_the_latent_census_is_the_mean_and_std_over_seeds():
     assert row == "| topk | 8 | 7 ± 5 | 5 ± 0 | 400 ± 0 | 1 ± 0 |"
     row = next(line for line in table.splitlines() if line.startswith("| adaptive α=0.1 |"))
     assert row == "| adaptive α=0.1 | 8 | 27 ± 5 | 5 ± 0 | 402 ± 0 | 1 ± 0 |"
+
+
+def test_findings_name_what_survives_and_the_longer_training_gain():
+    """Planted: adaptive α=0.1 is 0.5 above the other four settings, so its contrasts with topk and
+    fixed_ortho are listed as surviving, fixed_ortho − topk (0) as not. At 4× tokens long_adaptive −
+    long_topk = 1.0 + 0.1·(−1)^seed: 1.1, 0.9, 1.1 over seeds 0–2; at the default length adaptive −
+    topk = 0.5 at every seed."""
+    from scipy.stats import t as student_t
+    runs = flat_runs(EFFECTS | {"long_topk": 0.5, "long_adaptive_a0.1": 1.5})
+    text = study.findings_markdown(runs)
+    fam = study.contrast_family(runs, "held-out score")
+    survive = [r for r in fam["contrasts"] if r["significant"]]
+    assert f"{len(survive)} of the {len(fam['contrasts'])} pre-registered contrasts survive Holm" in text
+    assert ("adaptive α=0.1 − topk +0.500" in text.split("Not surviving")[0]
+            and "adaptive α=0.1 − fixed_ortho +0.500" in text.split("Not surviving")[0])
+    assert "fixed_ortho − topk +0.000" in text.split("Not surviving")[1].split("\n")[0]
+    assert "Settings by mean: adaptive α=0.1 " in text and "INTERIM" not in text
+    half = student_t.ppf(0.975, 2) * np.std([1.1, 0.9, 1.1], ddof=1) / np.sqrt(3)
+    mean = np.mean([1.1, 0.9, 1.1])
+    assert (f"default length +0.500 [0.500, 0.500] (val EV 0.780 and 0.780); 4× tokens "
+            f"+{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]") in text
+    partial = {name: run for name, run in runs.items() if not name.startswith("runs/long_adaptive")}
+    assert "3 of the 6 runs at 4× tokens finished; no comparison yet" in study.findings_markdown(partial)
