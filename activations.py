@@ -95,6 +95,7 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
     """
     tmp = entry.with_name(f"{entry.name}.tmp-{distributed.broadcast_object(os.getpid())}")
     if distributed.is_main():
+        remove_orphans(entry)
         tmp.mkdir(parents=True, exist_ok=True)
     files = {}
     try:
@@ -123,6 +124,26 @@ def build_cache(entry: Path, key_fields: dict, model, hook_name: str, layer: int
         else:
             tmp.rename(entry)
     distributed.barrier()  # no rank reads the entry before it is in place
+
+
+def remove_orphans(entry: Path) -> None:
+    """Remove the temporary folders `<entry>.tmp-<pid>` whose process is gone: a harvest killed outright
+    (SIGKILL, power loss) never reaches build_cache's cleanup, and its partial files would stay for good.
+    A folder whose pid is alive (another run harvesting the same key) is left alone."""
+    for tmp in entry.parent.glob(f"{entry.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _entry_bytes(splits: dict, model_cfg) -> int:

@@ -322,6 +322,25 @@ def test_disk_full_while_harvesting_removes_partial_files(tmp_path, monkeypatch)
     assert list(entry.parent.iterdir()) == []  # neither the entry nor its temporary folder is left
 
 
+def test_a_killed_harvests_folder_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A harvest killed outright leaves <entry>.tmp-<pid>; the next build_cache of that key removes it
+    when the pid is gone, and keeps a live run's folder (pid 1's)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setattr(activations, "harvest_split", lambda *args: None)
+    monkeypatch.setattr(activations, "sha256_file", lambda path: "")
+    monkeypatch.setattr(activations.np, "load", lambda *args, **kwargs: np.zeros(1))
+    entry = tmp_path / "activations" / "key"
+    orphan, live = entry.with_name(f"key.tmp-{dead}"), entry.with_name("key.tmp-1")  # pid 1: init, alive
+    other = entry.with_name(f"other.tmp-{dead}")  # another key's: not this harvest's business
+    for folder in (orphan, live, other):
+        folder.mkdir(parents=True)
+        (folder / "train_acts.npy").write_bytes(b"\0" * 100)
+    splits = {"train": (torch.zeros(4, 5, dtype=torch.long), torch.zeros(4))}
+    activations.build_cache(entry, {}, None, "hook", 0, splits, 2)
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted(["key", live.name, other.name])
+
+
 def test_interrupted_model_conversion_leaves_no_partial_copy_and_is_redone(tmp_path, monkeypatch):
     import models
 
