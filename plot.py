@@ -837,7 +837,9 @@ def plot_unlearning_by_variant(runs: list, path: Path, label: str) -> list:
     panels = {key: {k: c for k, seeds in groups.items() if (c := mean_curve(seeds, key, grid))}
               for key in CURVES}
     if not any(panels.values()):
-        print(f"{path.name}: not written, no run in group {label} records its report-split curves")
+        print(f"{path.name}: not written, no setting in group {label} has its report-split curves recorded "
+              f"by every one of its runs (a run evaluated before they were recorded gets them from "
+              f"`python experiment.py --out_dir=<run> --evaluate_only`)")
         return []
     name = lambda k: k[0] + (f" α={k[1]:g}" if k[1] is not None else "") + f" (n={len(groups[k])})"
     shown = {key: sorted(sorted(curves, key=lambda k: (-len(groups[k]), setting_order(*k)))[:MAX_SERIES],
