@@ -239,8 +239,8 @@ def _long_training_findings(runs: dict) -> str:
         score = lambda label, seed: runs[run_name(label, seed)]["held_out_score"]
         gain = study_stats.ci95([score(a, s) - score(b, s) for s in long_seeds])
         ev = [float(np.mean([runs[run_name(label, s)]["val_ev"] for s in long_seeds])) for label in (a, b)]
-        parts.append(f"{length} {interval_text(gain, 3, '+' if gain[0] >= 0 else '')} (val EV {ev[0]:.3f} "
-                     f"and {ev[1]:.3f})")
+        sign = "+" if gain[0] >= 0 else ""
+        parts.append(f"{length} {interval_text(gain, 3, sign)} (val EV {ev[0]:.3f} and {ev[1]:.3f})")
     return (f"- **Longer training** (descriptive; seeds {long_seeds}): adaptive α=0.1 − topk held-out "
             f"score, paired by seed, mean [95% CI]: " + "; ".join(parts) + ".")
 
@@ -344,8 +344,8 @@ def results_section(runs: dict) -> str:
 
 
 def headline_section(runs: dict) -> str:
-    """The README's part of the study ({manifest name: flattened run}): how far it is and the
-    pre-registered test on the held-out score; the rest is in RESULTS.md."""
+    """The README's part of the study ({manifest name: flattened run}): how far it is and the generated
+    findings; the tables are in RESULTS.md."""
     if not runs:
         return ""
     done = (f"**Study v3**: {len(runs)} of the {len(manifest())} runs finished. Every setting beside the "
