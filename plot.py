@@ -531,8 +531,7 @@ def replace_results(text: str, block: str, markers: tuple = RESULTS_MARKERS) -> 
 def headline_block(groups: dict, figures: Path, readme: Path) -> str:
     """The README's generated headline: the group holding most of the study's runs (then most runs), its
     headline figure (linked from the README's folder) and the figure's points as a table beside the
-    non-SAE controls, then the study's pre-registered test on the held-out score
-    (study.headline_section)."""
+    non-SAE controls, then the study's generated findings (study.headline_section)."""
     label, runs = max(groups.items(), key=lambda item: (len(study_runs(item[1])), len(item[1])))
     points = compared_points(runs)
     rows = [[p["setting"] + (f" α={p['alpha']:g}" if p["alpha"] is not None else ""), p["score"][2],
