@@ -103,11 +103,7 @@ def control_value(runs: dict, metric: str) -> float:
 def family_table(runs: dict, endpoint: str) -> dict:
     """{row: {seed: score}} of the two-way table: the compared settings' scores, and the gated settings'
     conditional-clamp scores where the endpoint has them."""
-    score, conditional, _ = ENDPOINTS[endpoint]
-    table = {label: seed_scores(runs, label, score) for label in COMPARED}
-    if conditional:
-        table |= {f"{label} conditional": seed_scores(runs, label, conditional) for label in GATED}
-    return table
+    return {row: seed_scores(runs, row.split(" ")[0], metric) for row, metric in family_rows(endpoint).items()}
 
 
 def contrast_family(runs: dict, endpoint: str) -> dict:
@@ -123,7 +119,21 @@ def contrast_family(runs: dict, endpoint: str) -> dict:
     rows = out["contrasts"] + [study_stats.constant_contrast(best, {s: table[best][s] for s in seeds}, name,
                                                              control_value(runs, metric))
                                for name, metric in controls.items()]
-    return out | {"contrasts": study_stats.holm(rows), "best": best}
+    return out | {"contrasts": study_stats.holm(rows), "best": best,
+                  "bounded": bounded_rows(runs, family_rows(endpoint), seeds)}
+
+
+def bounded_rows(runs: dict, rows: dict, seeds: list) -> set:
+    """The rows ({row: results.flatten score}) with a lower bound among the seeds' scores."""
+    return {row for row, metric in rows.items() for s in seeds
+            if runs[run_name(row.split(" ")[0], s)].get(metric.replace("_score", "_lower_bound"))}
+
+
+def family_rows(endpoint: str) -> dict:
+    """{row of the endpoint's two-way table: the results.flatten score it holds}."""
+    score, conditional, _ = ENDPOINTS[endpoint]
+    return {label: score for label in COMPARED} | (
+        {f"{label} conditional": conditional for label in GATED} if conditional else {})
 
 
 # the per-setting table's columns: (results.flatten field, its lower-bound flag or None, header)
@@ -161,12 +171,21 @@ def display(label: str) -> str:
     return " ".join(NAMES.get(part, part) for part in label.split(" "))
 
 
-def _contrast_lines(rows: list) -> list:
-    return ["| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |",
-            "|---|---|---|---|---|---|---|"] + [
-        f"| {display(r['a'])} − {display(r['b'])} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
+BOUND_NOTE = ("†: a seed's score in a row of this contrast is a lower bound (≥), entered as its value as "
+              "pre-registered; the contrast's CI and p treat it as measured.")
+
+
+def _contrast_name(r: dict, bounded=()) -> str:
+    return f"{display(r['a'])} − {display(r['b'])}" + (" †" if {r["a"], r["b"]} & set(bounded) else "")
+
+
+def _contrast_lines(rows: list, bounded=()) -> list:
+    lines = ["| contrast | estimate (nats) | 95% CI | t (df) | p | p, Holm | survives Holm |",
+             "|---|---|---|---|---|---|---|"] + [
+        f"| {_contrast_name(r, bounded)} | {r['estimate']:+.3f} | [{r['ci95'][0]:+.3f}, "
         f"{r['ci95'][1]:+.3f}] | {r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {r['p_holm']:.3g} | "
         f"{'yes' if r['significant'] else 'no'} |" for r in rows]
+    return lines + (["", BOUND_NOTE] if any({r["a"], r["b"]} & set(bounded) for r in rows) else [])
 
 
 def _family_markdown(runs: dict, endpoint: str) -> str:
@@ -183,8 +202,10 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
     head = (f"**Pre-registered contrasts, {endpoint}.** Seeds {fam['seeds']} (those every compared setting "
             f"has).{interim} Pooled residual variance {fam['residual_variance']:.4f} on {fam['df']} df: "
             f"SE of a paired contrast {fam['se']:.3f}. Control contrasts: one-sample t over the best setting's "
-            f"seeds ({display(fam['best'])}). Holm over the {len(fam['contrasts'])} contrasts.")
-    return "\n".join([head, "", *_contrast_lines(fam["contrasts"])])
+            f"seeds ({display(fam['best'])}), the control taken as a constant. Holm over the "
+            f"{len(fam['contrasts'])} contrasts. The CIs are over training seeds: every run is scored on the "
+            f"same evaluation text.")
+    return "\n".join([head, "", *_contrast_lines(fam["contrasts"], fam["bounded"])])
 
 
 def interval_text(stat: tuple, digits: int, bound: str = "") -> str:
@@ -194,8 +215,8 @@ def interval_text(stat: tuple, digits: int, bound: str = "") -> str:
                                           f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]")
 
 
-def _contrast_text(r: dict) -> str:
-    return (f"{display(r['a'])} − {display(r['b'])} {r['estimate']:+.3f} [{r['ci95'][0]:+.3f}, "
+def _contrast_text(r: dict, bounded=()) -> str:
+    return (f"{_contrast_name(r, bounded)} {r['estimate']:+.3f} [{r['ci95'][0]:+.3f}, "
             f"{r['ci95'][1]:+.3f}] (p, Holm {r['p_holm']:.3g})")
 
 
@@ -217,9 +238,11 @@ def _endpoint_findings(runs: dict, endpoint: str) -> list:
                 f"{len(COMPARED)} settings' means above it"
                 for name, value in ((name, control_value(runs, metric))
                                     for name, metric in ENDPOINTS[endpoint][2].items())]
+    text = lambda rows: "; ".join(_contrast_text(r, fam["bounded"]) for r in rows)
     return [f"- **{endpoint}**{interim}: {len(survive)} of the {len(fam['contrasts'])} pre-registered "
-            f"contrasts survive Holm" + (": " + "; ".join(map(_contrast_text, survive)) if survive else "")
-            + ". Not surviving: " + ("; ".join(map(_contrast_text, rest)) or "none") + ".",
+            f"contrasts survive Holm" + (": " + text(survive) if survive else "")
+            + ". Not surviving: " + (text(rest) or "none") + "."
+            + (" " + BOUND_NOTE if any({r["a"], r["b"]} & fam["bounded"] for r in fam["contrasts"]) else ""),
             "  Settings by mean: " + " > ".join(f"{display(label)} {means[label]:.3f}" for label in order)
             + ". " + "; ".join(controls) + "."]
 
@@ -250,7 +273,8 @@ def findings_markdown(runs: dict) -> str:
     of the settings and the controls; the conditional clamp's detector AUROC; the longer training."""
     auroc = {label: [r["conditional_auroc"] for r in setting_runs(runs, label) if r["conditional_auroc"]]
              for label in GATED}
-    lines = ["**Findings** (generated from the runs; estimates in nats/token with 95% CIs)."]
+    lines = ["**Findings** (generated from the runs; estimates in nats/token with 95% CIs over training seeds, "
+             "every run scored on the same evaluation text)."]
     for endpoint in ENDPOINTS:
         lines += _endpoint_findings(runs, endpoint)
     if all(auroc.values()):
@@ -296,11 +320,32 @@ def _exploratory_markdown(runs: dict) -> str:
         if not testable(table):
             continue
         fam = study_stats.pooled_contrasts(table, CONTRASTS)
+        bounded = bounded_rows(runs, {label: metric for label in COMPARED}, fam["seeds"])
         parts += [f"The pre-registered SAE contrasts on {what}, seeds {fam['seeds']}: pooled residual "
                   f"variance {fam['residual_variance']:.4f} on {fam['df']} df, SE of a paired contrast "
                   f"{fam['se']:.3f}; Holm over these {len(fam['contrasts'])} only.",
-                  "\n".join(_contrast_lines(fam["contrasts"]))]
-    return "\n\n".join(parts)
+                  "\n".join(_contrast_lines(fam["contrasts"], bounded))]
+    return "\n\n".join(parts + _conditional_paired(runs))
+
+
+def _conditional_paired(runs: dict) -> list:
+    """Conditional − static clamp per gated setting as a paired t-test on its own per-seed differences
+    (study_stats.constant_contrast of the differences against 0, df S − 1), Holm over the three: the
+    pre-registered table pools one residual variance over rows whose spreads differ several-fold."""
+    endpoint = next(iter(ENDPOINTS))
+    table = family_table(runs, endpoint)
+    if not testable(table):
+        return []
+    seeds = sorted(set.intersection(*(set(scores) for scores in table.values())))
+    rows = study_stats.holm([study_stats.constant_contrast(
+        f"{label} conditional", {s: table[f"{label} conditional"][s] - table[label][s] for s in seeds},
+        label, 0.0) for label in GATED])
+    spreads = ", ".join(f"{display(row)} {np.std([table[row][s] for s in seeds], ddof=1):.3f}"
+                        for row in table)
+    return [f"Conditional − static clamp, each as a paired t-test on its own per-seed differences (df "
+            f"{len(seeds) - 1}), Holm over these three, seeds {seeds}: the pre-registered table pools one "
+            f"residual variance over rows whose sample std over seeds differ ({spreads}).",
+            "\n".join(_contrast_lines(rows, bounded_rows(runs, family_rows(endpoint), seeds)))]
 
 
 CENSUS = [("silent_forget", "silent on forget text"), ("silent_retain", "silent on retain text"),

@@ -160,3 +160,36 @@ def test_findings_name_what_survives_and_the_longer_training_gain():
             f"+{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]") in text
     partial = {name: run for name, run in runs.items() if not name.startswith("runs/long_adaptive")}
     assert "3 of the 6 runs at 4× tokens finished; no comparison yet" in study.findings_markdown(partial)
+
+
+def test_a_lower_bound_marks_its_contrasts():
+    """adaptive α=0.1's conditional score at seed 3 is a lower bound: its contrast is marked † in the
+    table and the findings, with the note; the other contrasts are not."""
+    runs = flat_runs(EFFECTS)
+    runs[study.run_name("adaptive_a0.1", 3)]["conditional_lower_bound"] = True
+    fam = study.contrast_family(runs, "held-out score")
+    assert fam["bounded"] == {"adaptive_a0.1 conditional"}
+    table = study._family_markdown(runs, "held-out score")
+    assert "| adaptive α=0.1 conditional − adaptive α=0.1 † |" in table and study.BOUND_NOTE in table
+    assert "| topk conditional − topk |" in table and table.count("†") == 2  # the row and the note
+    assert study.BOUND_NOTE not in study._family_markdown(flat_runs(EFFECTS), "held-out score")
+
+
+def test_conditional_contrasts_as_paired_t_tests_match_scipy():
+    """The sensitivity analysis: each conditional − static as a paired t-test over the shared seeds,
+    Holm over the three, equals scipy's ttest_rel."""
+    from scipy.stats import ttest_rel
+    from statsmodels.stats.multitest import multipletests
+    runs = flat_runs(EFFECTS)
+    text = "\n".join(study._conditional_paired(runs))
+    seeds = range(8)
+    expected = []
+    for label in study.GATED:
+        cond = [runs[study.run_name(label, s)]["conditional_score"] for s in seeds]
+        static = [runs[study.run_name(label, s)]["held_out_score"] for s in seeds]
+        expected.append((label, ttest_rel(cond, static)))
+    p_holm = multipletests([r.pvalue for _, r in expected], method="holm")[1]
+    for (label, r), ph in zip(expected, p_holm):
+        name = f"{study.display(label)} conditional − {study.display(label)}"
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {r.statistic:.2f} (7) | {r.pvalue:.3g} | {ph:.3g} |" in row
