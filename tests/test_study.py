@@ -181,7 +181,7 @@ def test_conditional_contrasts_as_paired_t_tests_match_scipy():
     from scipy.stats import ttest_rel
     from statsmodels.stats.multitest import multipletests
     runs = flat_runs(EFFECTS)
-    text = "\n".join(study._conditional_paired(runs))
+    text = "\n".join(study._contrast_lines(study.conditional_paired(runs)["contrasts"]))
     seeds = range(8)
     expected = []
     for label in study.GATED:
@@ -193,3 +193,15 @@ def test_conditional_contrasts_as_paired_t_tests_match_scipy():
         name = f"{study.display(label)} conditional − {study.display(label)}"
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {r.statistic:.2f} (7) | {r.pvalue:.3g} | {ph:.3g} |" in row
+
+
+def test_findings_name_the_survivors_of_both_sensitivity_analyses():
+    """Planted: adaptive α=0.1 is +0.5 over every static setting and each conditional row +0.5 over its
+    static one, with noise of ±0.05: the static-only pooling keeps adaptive's two contrasts with an SAE,
+    and the paired tests keep all three conditional ones."""
+    text = study.findings_markdown(flat_runs(EFFECTS))
+    line = next(line for line in text.splitlines() if line.startswith("- **Sensitivity**"))
+    assert ("static rows alone, surviving Holm: adaptive α=0.1 − topk, adaptive α=0.1 − fixed_ortho. "
+            in line)
+    assert line.endswith("surviving Holm: topk conditional − topk, fixed_ortho conditional − fixed_ortho, "
+                         "adaptive α=0.1 conditional − adaptive α=0.1.")
