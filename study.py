@@ -324,8 +324,9 @@ def _exploratory_markdown(runs: dict) -> str:
     if fam := conditional_paired(runs):
         spreads = ", ".join(f"{display(row)} {spread:.3f}" for row, spread in fam["spreads"].items())
         parts += [f"Conditional − static clamp, each as a paired t-test on its own per-seed differences (df "
-                  f"{len(fam['seeds']) - 1}), Holm over these three, seeds {fam['seeds']}: the pre-registered "
-                  f"table pools one residual variance over rows whose sample std over seeds differ ({spreads}).",
+                  f"{len(fam['seeds']) - 1}), Holm over these three, seeds {fam['seeds']}: the "
+                  f"pre-registered table pools one residual variance over rows whose sample std over seeds "
+                  f"differ ({spreads}).",
                   "\n".join(_contrast_lines(fam["contrasts"], fam["bounded"]))]
     return "\n\n".join(parts)
 
@@ -389,8 +390,9 @@ def _census_table(runs: dict) -> str:
 
 
 def results_section(runs: dict) -> str:
-    """The study's part of the generated results block ({manifest name: results.flatten of a finished run}): how far
-    it is, the pre-registered families, and every setting's scores beside the controls."""
+    """The study's part of the generated results block ({manifest name: results.flatten of a finished
+    run}): how far it is, the findings, the pre-registered families, every setting's scores beside the
+    controls, and the exploratory part."""
     if not runs:
         return ""
     done = f"**Study v3**: {len(runs)} of the {len(manifest())} runs of `python study.py --list` finished."
