@@ -33,6 +33,8 @@ BIGBENCH_WIKIPEDIA = "bigbench-wikipedia"
 WIKITEXT = "wikitext"
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_TASK = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/paragraph_segmentation/task.json"
+# the articles file as this code extracts it from the 1.0.0 archive: every committed run read these bytes
+BIGBENCH_WIKIPEDIA_SHA256 = "95e3c491e96ac657424eb87dd1ec02b6174f7e0ded040f1ccac1bd47183db7a2"
 # MMLU subjects SAE-Bench's unlearning eval uses as the retain side, and the biology subjects standing in
 # for WMDP-bio.
 RETAIN_SUBJECTS = ["high_school_us_history", "college_computer_science", "high_school_geography",
@@ -98,8 +100,17 @@ def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
         if not archive.exists():
             print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB source archive) from PyPI for its "
                   f"Wikipedia articles")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                            f"bigbench=={BIGBENCH_VERSION}", "-d", str(download)], check=True)
+            pip = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                  f"bigbench=={BIGBENCH_VERSION}", "-d", str(download)],
+                                 capture_output=True, text=True)
+            if pip.returncode:
+                said = [line for line in pip.stderr.splitlines() if line.startswith("ERROR")] or ["no reason"]
+                raise FileNotFoundError(
+                    f"pip could not download bigbench=={BIGBENCH_VERSION}, whose Wikipedia articles are the "
+                    f"embedded retain corpus ({'; '.join(said)}). Copy {out.name} from the cache of a "
+                    f"machine that has it into {out.parent}/ (its sha256 is checked), or give a corpus of your own as a local "
+                    f".jsonl (a 'text' field per line) or .txt file (documents separated by blank lines); "
+                    f"runs on another corpus are not comparable with the committed ones")
         with tarfile.open(archive, "r:gz") as tar:
             examples = json.load(tar.extractfile(BIGBENCH_TASK))["examples"]
         articles = []
@@ -113,6 +124,10 @@ def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out, "".join(json.dumps({"text": a}) + "\n" for a in articles).encode())
         archive.unlink()
+    if (digest := sha256_file(out)) != BIGBENCH_WIKIPEDIA_SHA256:
+        raise ValueError(f"{out} is not the articles file the committed runs read (sha256 {digest[:16]}…, "
+                         f"expected {BIGBENCH_WIKIPEDIA_SHA256[:16]}…): delete it to extract it again, or "
+                         f"copy the right one in")
     documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     return Corpus(BIGBENCH_WIKIPEDIA,
                   f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, "

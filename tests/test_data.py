@@ -1,6 +1,7 @@
 """Corpora, the document split, context packing and the activation cache."""
 import errno
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -58,6 +59,34 @@ def test_embedded_corpora_are_real_and_large_enough():
         assert meta["n_words"] >= 300_000 and meta["version"] and meta["licence"]
     assert any(d.startswith("Hyperoxaluria: Increased excretion of oxalate") for d in forget.documents)
     assert all(data._english(d) for d in retain.documents[:50])
+
+
+def test_a_failed_corpus_download_says_what_to_do(tmp_path, monkeypatch):
+    """pip refusing bigbench (gone from the registry, no network): an error naming where the articles'
+    file goes and the local-file alternative, not pip's traceback; experiment.py turns it into a
+    one-line --retain_corpus error."""
+    refused = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the "
+                                                     "requirement bigbench==1.0.0 (from versions: 0.0.1)\n")
+    monkeypatch.setattr(data.subprocess, "run", lambda *args, **kwargs: refused)
+    with pytest.raises(FileNotFoundError) as err:
+        data.load_corpus(data.BIGBENCH_WIKIPEDIA, tmp_path)
+    message = str(err.value)
+    assert "from versions: 0.0.1" in message and str(tmp_path / "corpora") in message
+    assert "bigbench-wikipedia-1.0.0.jsonl" in message and ".jsonl" in message and ".txt" in message
+    cfg = experiment.Config(cache_dir=str(tmp_path))
+    with pytest.raises(experiment.ConfigError, match="^--retain_corpus: pip could not download"):
+        experiment.load_corpus_or_explain("retain_corpus", data.BIGBENCH_WIKIPEDIA, cfg)
+
+
+def test_an_articles_file_with_other_bytes_is_refused(tmp_path):
+    """A cached or copied articles file that is not the one the committed runs read: refused, naming
+    both checksums' heads."""
+    out = tmp_path / "corpora" / "bigbench-wikipedia-1.0.0.jsonl"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"text": "The city was founded in 1850 and is the seat of the county."}) + "\n")
+    with pytest.raises(ValueError, match="not the articles file the committed runs read") as err:
+        data.load_corpus(data.BIGBENCH_WIKIPEDIA, tmp_path)
+    assert data.BIGBENCH_WIKIPEDIA_SHA256[:16] in str(err.value)
 
 
 def test_embedded_questions_have_the_known_counts():
