@@ -61,10 +61,16 @@ def _opt(default, help):
     return field(default=default, metadata={"help": help, "training": True})
 
 
-def _setting(default, help, parse=None):
+def _setting(default, help, parse=None, evaluation=False):
     """A field that does not change what training computes: a checkpoint resumes under another value of it.
-    parse: how the CLI reads it, where its type alone does not say (a list)."""
-    return field(default=default, metadata={"help": help, "training": False, "parse": parse})
+    parse: how the CLI reads it, where its type alone does not say (a list); evaluation: it sets what an
+    evaluation measures (--evaluate_only takes the run's own value unless the command line sets it)."""
+    return field(default=default, metadata={"help": help, "training": False, "parse": parse,
+                                            "evaluation": evaluation})
+
+
+def _evaluation(default, help, parse=None):
+    return _setting(default, help, parse, evaluation=True)
 
 
 def number_list(kind):
@@ -87,9 +93,10 @@ class Config:
     overwrite: bool = _setting(False, "start afresh in out_dir: replace a finished run "
                                "(final_info.json) or ignore a checkpoint")
     evaluate_only: bool = _setting(False, "re-evaluate the finished run in out_dir (its saved sae/) "
-                                   "with this code and these evaluation settings: the evaluation "
-                                   "sections of final_info.json are rewritten, the training section "
-                                   "kept; the model and training options are the run's")
+                                   "with this code: the evaluation sections of final_info.json are "
+                                   "rewritten, the training section kept; the model, the training "
+                                   "options and the evaluation settings are the run's, except "
+                                   "evaluation settings given here (not at their default)")
     checkpoint_every: int = _setting(100, "write a training checkpoint (out_dir/checkpoints/last.pt) "
                                      "every this many steps; the same command resumes from it")
     device: str = _setting("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'")
@@ -185,38 +192,38 @@ class Config:
     kappa_patience: int = _opt(3, "early stopping: stop after this many consecutive regroup checks "
                                "with a group's κ above kappa_max")
     # evaluation: after training, none of these changes what training computes
-    core_eval_batches: int = _setting(4, "SAE-Bench core: reconstruction batches (each: model "
-                                      "with/without SAE, with ablation)")
-    core_eval_sparsity_batches: int = _setting(8, "SAE-Bench core: sparsity/variance batches")
-    core_eval_batch_prompts: int = _setting(8, "SAE-Bench core: contexts per batch")
-    absorption: bool = _setting(False, "run SAE-Bench's feature-absorption eval (first-letter probes) "
-                                "on the trained SAE; its probe is cached per model and layer")
-    absorption_words: int = _setting(0, "absorption: vocabulary words for the first-letter probe, "
-                                     "drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
-    unlearning: bool = _setting(True, "run the unlearning evaluation (feature clamping on held-out "
-                                "forget/retain text and questions)")
-    unlearning_retain_thresholds: tuple = _setting((0.001, 0.01), "unlearning sweep (comma-separated): "
-                                                   "drop features firing on more than this share of "
-                                                   "retain tokens", parse=number_list(float))
-    unlearning_n_features: tuple = _setting((10, 20), "unlearning sweep (comma-separated): number of "
-                                            "features clamped", parse=number_list(int))
-    unlearning_multipliers: tuple = _setting((25.0, 50.0, 100.0, 200.0), "unlearning sweep "
-                                             "(comma-separated): clamped features are set to "
-                                             "-multiplier (model units)", parse=number_list(float))
-    unlearning_ce_tolerance: float = _setting(0.02, "unlearning scores: the retain ΔCE (nats/token) at "
-                                              "which forget ΔCE is read (interpolated)")
-    unlearning_forget_group_sweep: bool = _setting(False, "unlearning: for the grouped variants, also "
-                                                   "sweep features restricted to the trained forget "
-                                                   "group (doubles the selection sweep)")
-    unlearning_ce_contexts: int = _setting(24, "unlearning: held-out ΔCE contexts per side for each of "
-                                           "the selection and the report split")
-    unlearning_group_bias_edit: str = _setting("held", "how a clamp treats group biases: 'held' (edit "
-                                               "= (f' − f)·W_dec, the group-bias term kept at the "
-                                               "codes before the clamp: the same edit for every "
-                                               "variant) or 'relu' (group weights recomputed from "
-                                               "relu(f'): clamped features carry no mass)")
-    unlearning_questions_per_subject: int = _setting(25, "multiple-choice questions sampled per "
-                                                     "subject before the answer-order filter")
+    core_eval_batches: int = _evaluation(4, "SAE-Bench core: reconstruction batches (each: model "
+                                         "with/without SAE, with ablation)")
+    core_eval_sparsity_batches: int = _evaluation(8, "SAE-Bench core: sparsity/variance batches")
+    core_eval_batch_prompts: int = _evaluation(8, "SAE-Bench core: contexts per batch")
+    absorption: bool = _evaluation(False, "run SAE-Bench's feature-absorption eval (first-letter probes) "
+                                   "on the trained SAE; its probe is cached per model and layer")
+    absorption_words: int = _evaluation(0, "absorption: vocabulary words for the first-letter probe, "
+                                        "drawn per letter; 0: all (SAE-Bench's default; hours on a CPU)")
+    unlearning: bool = _evaluation(True, "run the unlearning evaluation (feature clamping on held-out "
+                                   "forget/retain text and questions)")
+    unlearning_retain_thresholds: tuple = _evaluation((0.001, 0.01), "unlearning sweep (comma-separated): "
+                                                      "drop features firing on more than this share of "
+                                                      "retain tokens", parse=number_list(float))
+    unlearning_n_features: tuple = _evaluation((10, 20), "unlearning sweep (comma-separated): number of "
+                                               "features clamped", parse=number_list(int))
+    unlearning_multipliers: tuple = _evaluation((25.0, 50.0, 100.0, 200.0), "unlearning sweep "
+                                                "(comma-separated): clamped features are set to "
+                                                "-multiplier (model units)", parse=number_list(float))
+    unlearning_ce_tolerance: float = _evaluation(0.02, "unlearning scores: the retain ΔCE (nats/token) at "
+                                                 "which forget ΔCE is read (interpolated)")
+    unlearning_forget_group_sweep: bool = _evaluation(False, "unlearning: for the grouped variants, also "
+                                                      "sweep features restricted to the trained forget "
+                                                      "group (doubles the selection sweep)")
+    unlearning_ce_contexts: int = _evaluation(24, "unlearning: held-out ΔCE contexts per side for each of "
+                                              "the selection and the report split")
+    unlearning_group_bias_edit: str = _evaluation("held", "how a clamp treats group biases: 'held' (edit "
+                                                  "= (f' − f)·W_dec, the group-bias term kept at the "
+                                                  "codes before the clamp: the same edit for every "
+                                                  "variant) or 'relu' (group weights recomputed from "
+                                                  "relu(f'): clamped features carry no mass)")
+    unlearning_questions_per_subject: int = _evaluation(25, "multiple-choice questions sampled per "
+                                                        "subject before the answer-order filter")
 
 
 def parse_bool(text: str) -> bool:
@@ -437,14 +444,15 @@ def reevaluate(cfg: Config) -> dict:
     """--evaluate_only: evaluate the finished run in out_dir again, on its saved SAE, with this code.
 
     The model and every training option are the run's (from final_info.json; one given on the command
-    line that differs is refused); the evaluation settings are the command line's. The training section
-    and its provenance stay; provenance.evaluation records this evaluation's code, settings and time."""
+    line that differs is refused); so are the evaluation settings, except those the command line sets
+    (evaluation_settings). The training section and its provenance stay; provenance.evaluation records
+    this evaluation's code, settings and time."""
     started = time.time()
     validate(cfg)
     out = Path(cfg.out_dir)
     info = read_finished_run(out)
     training = results.training_section(info)
-    cfg = run_config(cfg, training["config"])
+    cfg = evaluation_settings(run_config(cfg, training["config"]), training["config"])
     lock_out_dir(out)
     set_seed(cfg.seed)
     inputs = load_inputs(cfg, info["provenance"]["model"]["name"], "the run's model")
@@ -495,6 +503,19 @@ def run_config(cli: Config, stored: dict) -> Config:
         run_values[f.name] = value
     device = pick_device(cli.device)
     return dataclasses.replace(cli, device=device, **run_values)
+
+
+def evaluation_settings(cli: Config, stored: dict) -> Config:
+    """cli with each evaluation setting left at its default replaced by the run's recorded value, so that
+    re-evaluating a run measures what its own evaluation measured (an absorption eval it ran is run
+    again) unless the command line says otherwise."""
+    defaults = Config()
+    values = {}
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        if f.metadata.get("evaluation") and f.name in stored and getattr(cli, f.name) == default:
+            values[f.name] = tuple(stored[f.name]) if isinstance(default, tuple) else stored[f.name]
+    return dataclasses.replace(cli, **values)
 
 
 def configure(cfg: Config) -> tuple[Config, str, str]:

@@ -109,7 +109,8 @@ def test_evaluate_only_rewrites_the_evaluations_and_keeps_the_training(finished_
     command = [sys.executable, "experiment.py", f"--out_dir={run_dir}", "--evaluate_only"]
     refused = subprocess.run(command + ["--k=8"], capture_output=True, text=True)
     assert refused.returncode != 0 and "--k: the run" in refused.stderr and "k=16" in refused.stderr
-    log = run(f"--out_dir={run_dir}", "--evaluate_only", *TINY, "--unlearning=false")
+    # no evaluation flag but one: the run's own evaluation settings (its tiny core eval), unlearning off
+    log = run(f"--out_dir={run_dir}", "--evaluate_only", "--unlearning=false")
     assert "re-evaluated" in log and "train SAE" not in log
     after = json.loads((run_dir / "final_info.json").read_text())
     training = next(k for k in before if k.startswith("training results"))
@@ -118,7 +119,9 @@ def test_evaluate_only_rewrites_the_evaluations_and_keeps_the_training(finished_
     assert after["provenance"]["code"] == before["provenance"]["code"]  # the training's code
     evaluation = after["provenance"]["evaluation"]
     assert evaluation["settings"]["unlearning"] is False and "git_commit" in evaluation["code"]
-    assert "unlearning evaluation results" not in after  # this evaluation's settings, not the run's
+    assert "unlearning evaluation results" not in after  # the command line's setting, not the run's
+    assert (evaluation["settings"]["core_eval_batches"], evaluation["settings"]["unlearning_ce_contexts"],
+            evaluation["settings"]["unlearning_retain_thresholds"]) == (1, 6, [0.01])  # the run's
     # the same SAE and core-eval settings: the same numbers
     ev = lambda info: info["core evaluation results"]["metrics"]["reconstruction_quality"]
     assert ev(after)["explained_variance_conventional"] == pytest.approx(
