@@ -126,7 +126,12 @@ def contrast_family(runs: dict, endpoint: str) -> dict:
 def bounded_rows(runs: dict, rows: dict, seeds: list) -> set:
     """The rows ({row: results.flatten score}) with a lower bound among the seeds' scores."""
     return {row for row, metric in rows.items() for s in seeds
-            if runs[run_name(row.split(" ")[0], s)].get(metric.replace("_score", "_lower_bound"))}
+            if runs[run_name(row.split(" ")[0], s)].get(bound_field(metric))}
+
+
+def bound_field(metric: str) -> str:
+    """The results.flatten flag saying a score is a lower bound ("qa_score" → "qa_lower_bound")."""
+    return metric.replace("_score", "_lower_bound")
 
 
 def family_rows(endpoint: str) -> dict:
@@ -404,7 +409,7 @@ def results_section(runs: dict) -> str:
             table.append(f"| {display(label)} | {len(rs)} | "
                          + " | ".join(_cell(rs, *c[:2]) for c in COLUMNS) + " |")
     controls = "; ".join(f"{endpoint}: " + ", ".join(
-        f"{name} {_cell(list(runs.values()), metric, metric.replace('score', 'lower_bound'))}"
+        f"{name} {_cell(list(runs.values()), metric, bound_field(metric))}"
         for name, metric in ENDPOINTS[endpoint][2].items()) for endpoint in ENDPOINTS)
     caption = ("**Every setting beside the controls.** Mean ± sample std over seeds (nats/token; ≥: some "
                "seed's value is a lower bound, counted as its value). The conditional clamp uses the "
