@@ -13,7 +13,8 @@ training_ and unlearning_curves_<group>.png, one series per run) and results.md 
 and prints the grouping and the tables. With --results, also replaces the lines between the RESULTS_START
 and RESULTS_END marker lines of that file with results_block(); with --readme, the lines between the
 HEADLINE_MARKERS of that file with headline_block(): RESULTS.md's tables and the README's headline are
-generated here, never typed.
+generated here, never typed. With no runs named, both default to the files beside plot.py, so
+`python plot.py` regenerates every figure and document from the committed runs.
 """
 import argparse
 import itertools
@@ -362,7 +363,7 @@ def results_markdown(groups: dict, skipped: list) -> str:
         if notes:
             parts += [f"## Group {label}: notes",
                       "\n".join(f"- {note}: {', '.join(names)}" for note, names in notes.items())]
-    parts += ["## RESULTS.md block (`python plot.py --results RESULTS.md` writes it there)",
+    parts += ["## RESULTS.md block (`python plot.py` writes it there)",
               results_block(groups)]
     return "\n\n".join(parts) + "\n"
 
@@ -1015,11 +1016,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-run", action="store_true",
                         help=f"also the figures with one series per run ({', '.join(PER_RUN_FIGURES)})")
     parser.add_argument("--results", help=f"also regenerate the results between the lines {RESULTS_START} and "
-                                         f"{RESULTS_END} of this markdown file")
+                                         f"{RESULTS_END} of this markdown file (default with no runs "
+                                         f"named: RESULTS.md beside plot.py)")
     parser.add_argument("--readme", help=f"also regenerate the headline between the lines "
                                         f"{HEADLINE_MARKERS[0]} and {HEADLINE_MARKERS[1]} of this markdown "
-                                        f"file (its figure linked from --out_dir)")
+                                        f"file, its figure linked from --out_dir (default with no runs "
+                                        f"named: README.md beside plot.py)")
     args = parser.parse_args(argv)
+    if not args.runs:  # the default runs are the study's: the documents that report it follow them
+        args.results = args.results or str(HERE / "RESULTS.md")
+        args.readme = args.readme or str(HERE / "README.md")
     marked = marked_text(args.results, RESULTS_MARKERS)
     marked_readme = marked_text(args.readme, HEADLINE_MARKERS)
     runs, skipped = load_runs(find_run_dirs(args.runs))

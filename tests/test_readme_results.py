@@ -12,7 +12,7 @@ from test_plot import write_run
 
 HERE = Path(plot.__file__).resolve().parent
 RESULTS, README = HERE / "RESULTS.md", HERE / "README.md"
-REGENERATE = "run `python plot.py --results RESULTS.md`"
+REGENERATE = "run `python plot.py`"
 L15, L3 = "smollm2-135m-instruct_L15", "smollm2-135m-instruct_L3"
 
 
@@ -163,6 +163,24 @@ def test_results_option_replaces_only_the_block(root, block, tmp_path):
     assert text.decode()[len(head):-len(after)] == "\n" + block.strip("\n") + "\n\n"
     assert plot.replace_results(text.decode(), block) == text.decode()  # a second run changes nothing
     assert block in (out / "results.md").read_text()
+
+
+def test_plot_with_no_runs_named_regenerates_the_documents_beside_it(monkeypatch, tmp_path):
+    """`python plot.py`: run_0 beside plot.py (a study run would do as well) → RESULTS.md's block and the
+    README's headline beside plot.py are rewritten; with a run named they are left alone."""
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    write_run(tmp_path / "run_0", "topk", held_out=0.5)
+    results = tmp_path / "RESULTS.md"
+    readme = tmp_path / "README.md"
+    results.write_text(f"# R\n{plot.RESULTS_START}\nold 9.99\n{plot.RESULTS_END}\n")
+    readme.write_text(f"# T\n{plot.HEADLINE_MARKERS[0]}\nold 8.88\n{plot.HEADLINE_MARKERS[1]}\n")
+    before = results.read_text(), readme.read_text()
+    plot.main([str(tmp_path / "run_0"), f"--out_dir={tmp_path / 'named'}"])
+    assert (results.read_text(), readme.read_text()) == before
+    plot.main([f"--out_dir={tmp_path / 'plots'}"])
+    runs, _ = plot.load_runs([tmp_path / "run_0"])
+    assert plot.results_block(plot.group_runs(runs)) in results.read_text()
+    assert "old 9.99" not in results.read_text() and "old 8.88" not in readme.read_text()
 
 
 @pytest.mark.parametrize("text", ["# no markers\n", f"{plot.RESULTS_START}\nno end\n",
