@@ -188,9 +188,9 @@ def _dtype_suffix(dtype: torch.dtype) -> str:
     return "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
 
 
-def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionConfig, work_dir: Path,
-              notes: dict) -> AbsorptionEvalOutput:
-    """main.run_eval's steps for one SAE on `model`; fills `notes` as it goes; raises Refused."""
+def _format_sae(sae: SAE, model: HookedTransformer, device: str, notes: dict) -> tuple:
+    """(the SAE as SAE-Bench formats it, in the LLM's dtype, its sae_id, its release name); raises Refused
+    for a hook the eval does not read."""
     meta = sae.cfg.metadata
     sae_release = f"{meta['model_name']}_layer_{meta['hook_layer']}_sae"
     with warnings.catch_warnings(record=True) as caught:  # its decoder-norm check warns
@@ -203,20 +203,35 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
     if hook != f"blocks.{layer}.hook_resid_post":
         raise Refused(f"SAE-Bench's absorption eval reads blocks.{layer}.hook_resid_post; the SAE reads "
                       f"{hook}")
+    return sae, sae_id, sae_release
 
+
+def _words_and_position(model: HookedTransformer, cfg: AbsorptionConfig, notes: dict) -> tuple:
+    """(the words the probes train and test on, the prompt position of the word's first token)."""
     # sorted: the tokenizer's dict order varies between runs
     vocab = sorted(get_alpha_tokens(model.tokenizer))
     words = vocab if cfg.n_words is None or cfg.n_words >= len(vocab) else \
         sample_words(vocab, cfg.n_words, cfg.random_seed)
     notes.update(n_vocab_words=len(vocab), n_words=len(words))
-    template = SAE_BENCH_DEFAULTS.prompt_template
     try:
-        pos = prompt_token_pos(model.tokenizer, words, template, seed=cfg.random_seed)
+        pos = prompt_token_pos(model.tokenizer, words, SAE_BENCH_DEFAULTS.prompt_template,
+                               seed=cfg.random_seed)
     except ValueError as e:
         raise Refused(str(e)) from e
     if pos != SAE_BENCH_DEFAULTS.prompt_token_pos:
         notes["warnings"].append(f"prompt_token_pos is {pos} for this tokenizer (SAE-Bench's default is "
                                  f"{SAE_BENCH_DEFAULTS.prompt_token_pos})")
+    return words, pos
+
+
+def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionConfig, work_dir: Path,
+              notes: dict) -> AbsorptionEvalOutput:
+    """main.run_eval's steps for one SAE on `model`; fills `notes` as it goes; raises Refused."""
+    meta = sae.cfg.metadata
+    sae, sae_id, sae_release = _format_sae(sae, model, device, notes)
+    layer, hook = sae.cfg.hook_layer, sae.cfg.hook_name
+    words, pos = _words_and_position(model, cfg, notes)
+    template = SAE_BENCH_DEFAULTS.prompt_template
     config = AbsorptionEvalConfig(
         model_name=meta["model_name"], random_seed=cfg.random_seed, max_k_value=cfg.max_k_value,
         prompt_token_pos=pos, llm_batch_size=cfg.llm_batch_size,
@@ -268,9 +283,15 @@ def _evaluate(sae: SAE, model: HookedTransformer, device: str, cfg: AbsorptionCo
             **common, experiment_dir=work_dir / "feature_absorption",
             sparse_probing_experiment_dir=work_dir / "k_sparse_probing",
             feature_split_f1_jump_threshold=config.f1_jump_threshold, batch_size=config.llm_batch_size)
+    return _output(raw, probe_f1, config, sae, sae_id, sae_release)
+
+
+def _output(raw, probe_f1: dict, config: AbsorptionEvalConfig, sae: SAE, sae_id: str,
+            sae_release: str) -> AbsorptionEvalOutput:
+    """SAE-Bench's output from the absorption experiment's rows (letters with a good probe only): means and
+    standard deviations over letters; raises Refused where they are undefined."""
     if raw.empty:
         raise Refused("no test word is flagged by its letter's probe: nothing to measure absorption on")
-
     details = [AbsorptionResultDetail(first_letter=row["letter"],
                                       mean_absorption_fraction=row["mean_absorption_fraction"],
                                       full_absorption_rate=row["full_absorption_rate"],
