@@ -101,6 +101,10 @@ def flatten(info: dict) -> dict:
         "held_out_curve": point(scores, "held_out", "report").get("curve"),
         "conditional_curve": conditional.get("curve"),
         "retain_threshold": point(scores, "held_out", "report").get("retain_threshold"),
+        # the clamp multiplier each score is read at (where the report split's retain ΔCE meets the
+        # tolerance; the largest run where the score is a lower bound)
+        "held_out_knob": point(scores, "held_out", "report").get("knob"),
+        "conditional_knob": conditional.get("knob"),
         # every sweep config's point at the tolerance on the selection split, where no choice is made
         # between configs: {"<retain threshold>/<n features>": (score, lower bound)}
         "config_scores": {config_key(c): (c.get("score"), c.get("lower_bound"))

@@ -296,7 +296,8 @@ def _exploratory_markdown(runs: dict) -> str:
     pre-registered: per setting the retain threshold chosen, and every sweep config's point on the
     selection split (where no choice between configs is made); the pre-registered SAE contrasts on the
     score with the static rows' pooled variance alone, and on score − random features (features drawn
-    from the chosen threshold's eligible pool), Holm within each."""
+    from the chosen threshold's eligible pool), Holm within each; later additions: the rare-latent census
+    and the multiplier each score is read at."""
     configs = sorted({c for r in runs.values() for c in r["config_scores"]},
                      key=lambda c: tuple(map(float, c.split("/"))))
     lines = ["| setting | seeds | retain threshold chosen | " + " | ".join(configs) + " |",
@@ -316,7 +317,13 @@ def _exploratory_markdown(runs: dict) -> str:
               "rate split's tokens of a side, how many have a retain rate < 0.001 (the features at that "
               "threshold are chosen from these), and how many training counted dead (no firing in its last "
               "dead_window_tokens); mean ± sample std over seeds.")
-    parts = [head, "\n".join(lines), census, _census_table(runs)]
+    multipliers = ("**The multiplier each score is read at** (exploratory, added after the interim look at "
+                   "seeds 0–6): the clamp's knob where the report split's retain ΔCE meets the tolerance, "
+                   "median [min, max] over seeds. The conditional clamp edits only the tokens its detector "
+                   "gates, so retain text pays for a larger multiplier only through the gate's false "
+                   "positives: the table shows how far each multiplier went, and ρ whether the score "
+                   "follows it.")
+    parts = [head, "\n".join(lines), census, _census_table(runs), multipliers, _knob_table(runs)]
     for metric, what in (("held_out_score", "the held-out score, its variance pooled over the five static "
                                             "rows only (the pre-registered table adds the three conditional "
                                             "rows)"),
@@ -392,6 +399,40 @@ def _census_table(runs: dict) -> str:
             lines.append(f"| {display(label)} | {len(rs)} | "
                          + " | ".join(_cell(rs, field, None, digits=0) for field, _ in CENSUS) + " |")
     return "\n".join(lines)
+
+
+KNOBS = [("held_out_knob", "held_out_score", "held_out_lower_bound", "static"),
+         ("conditional_knob", "conditional_score", "conditional_lower_bound", "conditional")]
+
+
+def _knob_cell(runs: list, knob: str, bound: str) -> str:
+    """median [min, max] over seeds; ≥ when some seed's point is a lower bound (the multiplier too)."""
+    have = [r for r in runs if r[knob] is not None]
+    if not have:
+        return "n/a"
+    values = [r[knob] for r in have]
+    edge = "≥ " if any(r[bound] for r in have) else ""
+    return f"{edge}{np.median(values):.0f} [{min(values):.0f}, {max(values):.0f}]"
+
+
+def _knob_table(runs: dict) -> str:
+    """Per setting, the multiplier each score is read at, static and conditional; then Spearman's ρ between
+    multiplier and score over every run with both (scipy.stats.spearmanr)."""
+    from scipy.stats import spearmanr
+    lines = ["| setting | seeds | " + " | ".join(f"{name} multiplier" for *_, name in KNOBS) + " |",
+             "|---|---|" + "---|" * len(KNOBS)]
+    for label in SETTINGS:
+        if rs := setting_runs(runs, label):
+            lines.append(f"| {display(label)} | {len(rs)} | "
+                         + " | ".join(_knob_cell(rs, knob, bound) for knob, _, bound, _ in KNOBS) + " |")
+    rhos = []
+    for knob, score, _, name in KNOBS:
+        pairs = [(r[knob], r[score]) for r in runs.values()
+                 if r[knob] is not None and r[score] is not None]
+        if len(pairs) > 2 and all(len(set(side)) > 1 for side in zip(*pairs)):  # ρ needs two values a side
+            rhos.append(f"{name} {spearmanr(*zip(*pairs)).statistic:.2f} ({len(pairs)} runs)")
+    return "\n".join(lines) + ("\n\nSpearman's ρ between the multiplier and the score it is read at, over "
+                               "the runs: " + "; ".join(rhos) + "." if rhos else "")
 
 
 def results_section(runs: dict) -> str:

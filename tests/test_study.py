@@ -66,7 +66,8 @@ def flat_runs(effects: dict, seeds=range(8), **extra) -> dict:
                 "leace_score": 0.07, "leace_lower_bound": False, "qa_dom_score": 0.9,
                 "qa_dom_lower_bound": False, "qa_leace_score": 0.05, "qa_leace_lower_bound": True,
                 "silent_forget": 10 * i + 2 * seed, "silent_retain": 5,
-                "retain_below_0.001": 400 + i if seed else None, "dead_latents": 1} | extra
+                "retain_below_0.001": 400 + i if seed else None, "dead_latents": 1,
+                "held_out_knob": 100 * (seed + 1), "conditional_knob": 1000 * (score + 0.5)} | extra
     return runs
 
 
@@ -137,6 +138,25 @@ def test_the_latent_census_is_the_mean_and_std_over_seeds():
     assert row == "| topk | 8 | 7 ± 5 | 5 ± 0 | 400 ± 0 | 1 ± 0 |"
     row = next(line for line in table.splitlines() if line.startswith("| adaptive α=0.1 |"))
     assert row == "| adaptive α=0.1 | 8 | 27 ± 5 | 5 ± 0 | 402 ± 0 | 1 ± 0 |"
+
+
+def test_the_multiplier_table_is_the_median_and_range_over_seeds_and_rho_ranks_it_with_the_score():
+    """Static multiplier 100·(seed + 1): median 450 of 100…800 for every setting; conditional 1000·(score +
+    0.5); a lower bound at some seed marks the cell ≥. Multipliers planted in the score's order give ρ = 1,
+    against it ρ = −1."""
+    runs = flat_runs(EFFECTS)
+    runs[study.run_name("fixed", 3)]["conditional_lower_bound"] = True
+    text = study._exploratory_markdown(runs).split("**The multiplier each score", 1)[1]
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    topk = [0.5 + s / 10 + 0.05 * (-1) ** s for s in range(8)]
+    assert rows["| topk"] == (f"| topk | 8 | 450 [100, 800] | {1000 * (np.median(topk) + 0.5):.0f} "
+                              f"[{1000 * (min(topk) + 0.5):.0f}, {1000 * (max(topk) + 0.5):.0f}] |")
+    assert rows["| fixed_ortho"].endswith("] |") and "| ≥ " in rows["| fixed_ortho"]
+    assert "| ≥ " not in rows["| topk"]
+    for r in runs.values():  # the multiplier planted in the score's order, and against it
+        r["conditional_knob"], r["held_out_knob"] = 1000 * r["conditional_score"], -r["held_out_score"]
+    text = study._exploratory_markdown(runs)
+    assert "the runs: static -1.00 (40 runs); conditional 1.00 (40 runs)." in text
 
 
 def test_findings_name_what_survives_and_the_longer_training_gain():
