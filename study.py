@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 import study_stats
 
@@ -418,7 +419,6 @@ def _knob_cell(runs: list, knob: str, bound: str) -> str:
 def _knob_table(runs: dict) -> str:
     """Per setting, the multiplier each score is read at, static and conditional; then Spearman's ρ between
     multiplier and score over every run with both (scipy.stats.spearmanr)."""
-    from scipy.stats import spearmanr
     lines = ["| setting | seeds | " + " | ".join(f"{name} multiplier" for *_, name in KNOBS) + " |",
              "|---|---|" + "---|" * len(KNOBS)]
     for label in SETTINGS:
