@@ -66,6 +66,7 @@ def flatten(info: dict) -> dict:
     scores = unlearning["eval_result_metrics"]["unlearning"] if unlearning else {}
     absorbed = info.get("absorption evaluation results")
     qa = unlearning["eval_result_metrics"].get("unlearning_question_answer_text") or {} if unlearning else {}
+    report = point(scores, "held_out", "report")  # the static clamp's point on the report split
     conditional, trained = (point(scores, "conditional", g) for g in ("rate_groups", "trained_groups"))
     rates = unlearning["eval_result_details"]["firing_rates"] if unlearning else {"forget": {}, "retain": {}}
     rand, dom, leace = (point(scores, "controls", c)
@@ -98,12 +99,12 @@ def flatten(info: dict) -> dict:
         "conditional_trained_lower_bound": trained.get("lower_bound"),
         # the report split's curves the scores are read on, [{knob, forget_delta_ce, retain_delta_ce}]:
         # None for a run written before they were recorded
-        "held_out_curve": point(scores, "held_out", "report").get("curve"),
+        "held_out_curve": report.get("curve"),
         "conditional_curve": conditional.get("curve"),
-        "retain_threshold": point(scores, "held_out", "report").get("retain_threshold"),
+        "retain_threshold": report.get("retain_threshold"),
         # the clamp multiplier each score is read at (where the report split's retain ΔCE meets the
         # tolerance; the largest run where the score is a lower bound)
-        "held_out_knob": point(scores, "held_out", "report").get("knob"),
+        "held_out_knob": report.get("knob"),
         "conditional_knob": conditional.get("knob"),
         # every sweep config's point at the tolerance on the selection split, where no choice is made
         # between configs: {"<retain threshold>/<n features>": (score, lower bound)}
