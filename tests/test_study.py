@@ -1,11 +1,16 @@
 """study.py: the manifest matches the pre-registered design, and the command makes only what is
 missing, then regenerates the results."""
+import importlib.metadata
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
+import data
 import experiment
+import models
 import study
 
 
@@ -20,10 +25,26 @@ def test_manifest_is_the_design(tmp_path):
         # a run the study has finished holds final_info.json: validate its options elsewhere
         experiment.validate(experiment.dataclasses.replace(cfg, out_dir=str(tmp_path / name)))
     assert experiment.parse_config(runs["runs/lambda0_s3"]).lambda2_max == 0
-    assert experiment.parse_config(runs["runs/long_topk_s1"]).train_tokens == 4 * 400_000
+    assert experiment.parse_config(runs["runs/long_topk_s1"]).train_tokens == 2 * 400_000
     seeds = [experiment.parse_config(args).seed for args in runs.values()]
     assert seeds[:40] == sorted(seeds[:40]) and seeds[40:] == sorted(seeds[40:])  # seed by seed
     assert {name.split("/")[1].rsplit("_s", 1)[0] for name in list(runs)[:40]} == set(study.COMPARED)
+
+
+def test_every_run_of_the_manifest_fits_the_embedded_corpora():
+    """Half of a run's train_tokens come from each corpus's training documents (the defaults' split):
+    the largest budget in the manifest fits both, counted with SmolLM2's own tokenizer."""
+    gguf = Path(importlib.metadata.distribution(models.EMBEDDED_PACKAGE).locate_file(models.EMBEDDED_GGUF))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = experiment.Config()
+    largest = max(experiment.parse_config(args).train_tokens for args in study.manifest().values())
+    n_tokens = {}
+    for spec in (cfg.forget_corpus, cfg.retain_corpus):
+        train = data.split_documents(data.load_corpus(spec).documents, cfg.eval_fraction, cfg.data_seed,
+                                     cfg.val_fraction).train
+        n_tokens[spec] = sum(len(ids) + 1 for ids in tokenizer(train, add_special_tokens=False)["input_ids"])
+    assert min(n_tokens.values()) >= largest // 2, n_tokens
+    assert n_tokens[data.HPO] < largest, n_tokens  # why the longer runs are 2x, not 4x, the default
 
 
 def test_only_unfinished_runs_are_run_then_the_results_regenerated(tmp_path, monkeypatch):
@@ -161,7 +182,7 @@ def test_the_multiplier_table_is_the_median_and_range_over_seeds_and_rho_ranks_i
 
 def test_findings_name_what_survives_and_the_longer_training_gain():
     """Planted: adaptive α=0.1 is 0.5 above the other four settings, so its contrasts with topk and
-    fixed_ortho are listed as surviving, fixed_ortho − topk (0) as not. At 4× tokens long_adaptive −
+    fixed_ortho are listed as surviving, fixed_ortho − topk (0) as not. At 2× tokens long_adaptive −
     long_topk = 1.0 + 0.1·(−1)^seed: 1.1, 0.9, 1.1 over seeds 0–2; at the default length adaptive −
     topk = 0.5 at every seed."""
     from scipy.stats import t as student_t
@@ -176,10 +197,10 @@ def test_findings_name_what_survives_and_the_longer_training_gain():
     assert "Settings by mean: adaptive α=0.1 " in text and "INTERIM" not in text
     half = student_t.ppf(0.975, 2) * np.std([1.1, 0.9, 1.1], ddof=1) / np.sqrt(3)
     mean = np.mean([1.1, 0.9, 1.1])
-    assert (f"default length +0.500 [0.500, 0.500] (val EV 0.780 and 0.780); 4× tokens "
+    assert (f"default length +0.500 [0.500, 0.500] (val EV 0.780 and 0.780); 2× tokens "
             f"+{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]") in text
     partial = {name: run for name, run in runs.items() if not name.startswith("runs/long_adaptive")}
-    assert "3 of the 6 runs at 4× tokens finished; no comparison yet" in study.findings_markdown(partial)
+    assert "3 of the 6 runs at 2× tokens finished; no comparison yet" in study.findings_markdown(partial)
 
 
 def test_a_lower_bound_marks_its_contrasts():
