@@ -889,6 +889,49 @@ def separation_series(log: list, key: str) -> tuple:
             np.array([np.nan if s[key] is None else s[key] for s in seps], dtype=float))
 
 
+def draw_training_panel(ax, runs: list, colors: dict, key: str, scale: str):
+    """One train_log series per run on ax (κ: forget and retain groups as two line styles); losses
+    smoothed over 20 steps; a note where no run logged the series."""
+    drawn = False
+    for run in runs:
+        color = colors[run["name"]]
+        if key == "kappa":
+            for group, ls in (("forget", "-"), ("retain", "--")):
+                steps, values = separation_series(run["log"], f"kappa_{group}")
+                ax.plot(steps, values, color=color, ls=ls, marker="o", ms=4)
+                drawn |= bool(np.isfinite(values).any())
+            continue
+        steps, values = (separation_series(run["log"], key) if key == "cross_abs_cos_mean"
+                         else series(run["log"], key))
+        if key in ("recon", "auxk", "ortho"):
+            values = smooth(values)
+        if scale == "log":
+            values = np.where(values > 0, values, np.nan)
+        # logged every 50 / 100 steps: markers
+        sparse = key in ("val_explained_variance", "cross_abs_cos_mean")
+        ax.plot(steps, values, color=color, lw=1.2, marker="o" if sparse else None, ms=3)
+        drawn |= bool(np.isfinite(values).any())
+    if scale == "log" and drawn:
+        ax.set_yscale("log")
+        plain_ticks(ax.yaxis)
+    if not drawn:
+        ax.text(0.5, 0.5, "not logged by these runs\n(topk has no orthogonality term)", ha="center",
+                va="center", transform=ax.transAxes, color="0.4")
+        ax.set_yticks([])
+
+
+def mark_training_events(axes, runs: list, colors: dict):
+    """Regroup steps (grey, dotted) and each run's early stop (its colour, dash-dot) on every panel."""
+    regroup_steps = sorted({rec["step"] for r in runs for rec in r["log"] if rec.get("regrouped")})
+    for ax in axes.flat:
+        for step in regroup_steps:
+            ax.axvline(step, color="0.6", ls=":", lw=0.8, zorder=0)
+        for run in runs:
+            if run["early_stop_step"] is not None:
+                ax.axvline(run["early_stop_step"], color=colors[run["name"]], ls="-.", lw=1.5)
+        ax.grid(alpha=0.3)
+
+
 def plot_training(runs: list, path: Path, label: str) -> list:
     """Loss terms, λ2(t), dead latents, validation EV, group κ and cross-group |cos| over steps, with
     events."""
@@ -909,42 +952,10 @@ def plot_training(runs: list, path: Path, label: str) -> list:
               ("cross_abs_cos_mean", "cross-group |cos| mean at regroups", "linear")]
     fig, axes = plt.subplots(4, 2, figsize=(13, 15), sharex=True, layout="constrained")
     for ax, (key, ylabel, scale) in zip(axes.flat, panels):
-        drawn = False
-        for run in runs:
-            color = colors[run["name"]]
-            if key == "kappa":
-                for group, ls in (("forget", "-"), ("retain", "--")):
-                    steps, values = separation_series(run["log"], f"kappa_{group}")
-                    ax.plot(steps, values, color=color, ls=ls, marker="o", ms=4)
-                    drawn |= bool(np.isfinite(values).any())
-                continue
-            steps, values = (separation_series(run["log"], key) if key == "cross_abs_cos_mean"
-                             else series(run["log"], key))
-            if key in ("recon", "auxk", "ortho"):
-                values = smooth(values)
-            if scale == "log":
-                values = np.where(values > 0, values, np.nan)
-            # logged every 50 / 100 steps: markers
-            sparse = key in ("val_explained_variance", "cross_abs_cos_mean")
-            ax.plot(steps, values, color=color, lw=1.2, marker="o" if sparse else None, ms=3)
-            drawn |= bool(np.isfinite(values).any())
+        draw_training_panel(ax, runs, colors, key, scale)
         ax.set_ylabel(ylabel)
-        if scale == "log" and drawn:
-            ax.set_yscale("log")
-            plain_ticks(ax.yaxis)
-        if not drawn:
-            ax.text(0.5, 0.5, "not logged by these runs\n(topk has no orthogonality term)", ha="center",
-                    va="center", transform=ax.transAxes, color="0.4")
-            ax.set_yticks([])
-    regroup_steps = sorted({rec["step"] for r in runs for rec in r["log"] if rec.get("regrouped")})
+    mark_training_events(axes, runs, colors)
     batch = {r["batch_size"] for r in runs}
-    for ax in axes.flat:
-        for step in regroup_steps:
-            ax.axvline(step, color="0.6", ls=":", lw=0.8, zorder=0)
-        for run in runs:
-            if run["early_stop_step"] is not None:
-                ax.axvline(run["early_stop_step"], color=colors[run["name"]], ls="-.", lw=1.5)
-        ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel(f"training step (batch of {min(batch):,} tokens)" if len(batch) == 1
                       else "training step")
