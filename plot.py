@@ -13,8 +13,8 @@ training_ and unlearning_curves_<group>.png, one series per run) and results.md 
 and prints the grouping and the tables. With --results, also replaces the lines between the RESULTS_START
 and RESULTS_END marker lines of that file with results_block(); with --readme, the lines between the
 HEADLINE_MARKERS of that file with headline_block(): RESULTS.md's tables and the README's headline are
-generated here, never typed. With no runs named, both default to the files beside plot.py, so
-`python plot.py` regenerates every figure and document from the committed runs.
+generated here, never typed. With no runs named and the default out_dir, both default to the files
+beside plot.py, so `python plot.py` regenerates every figure and document from the committed runs.
 """
 import argparse
 import itertools
@@ -732,6 +732,34 @@ def plot_headline(runs: list, path: Path, label: str) -> list:
                                                                       for p in points}]
 
 
+def draw_sweep_setting(ax, rows: list, setting: str, m: str, color):
+    """One setting's metric m on an α-sweep axis: adaptive settings as mean ± std against α (an open
+    marker where a mean includes a lower bound), others as a reference line with a ±std band."""
+    points = sorted((a["alpha"] or 0.0, *a[m], m in a["lower_bounds"]) for a in rows
+                    if a["setting"] == setting and a[m] is not None)
+    if not points:
+        return
+    n_seeds = sorted({len(a["runs"]) for a in rows if a["setting"] == setting and a[m] is not None})
+    seeds = f"{n_seeds[0]}" if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
+    name = f"{setting} ({'1 seed' if n_seeds == [1] else f'mean ± std over {seeds} seeds'})"
+    if setting.startswith("adaptive"):
+        x, mean, std, bound = zip(*points)
+        line, _, _ = ax.errorbar(x, mean, yerr=[s or 0 for s in std], color=color, marker="o", capsize=3,
+                                 label=name)
+        line.set_markevery([i for i, b in enumerate(bound) if not b])  # filled: not a bound
+        open_points = [(xi, yi) for xi, yi, b in zip(x, mean, bound) if b]
+        if open_points:
+            ax.scatter(*zip(*open_points), facecolors="none", edgecolors=color, zorder=3)
+        return
+    _, mean, std, bound = points[0]
+    ax.axhline(mean, color=color, ls="--" if setting.startswith("topk") else ":", label=name)
+    if bound:
+        ax.annotate("≥", (1, mean), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", color=color)
+    if std:
+        ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+
+
 def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     """Each key metric against α for adaptive_ortho (mean ± std over seeds), other variants as reference
     lines; a mean that includes a lower bound an open marker (a "≥" on a reference line)."""
@@ -751,31 +779,7 @@ def plot_alpha_sweep(runs: list, path: Path, label: str) -> list:
     fig, axes = plt.subplots(nrows, 3, figsize=(15, 3.6 * nrows), squeeze=False, layout="constrained")
     for ax, m in zip(axes.flat, metrics):
         for setting in colors:
-            points = sorted((a["alpha"] or 0.0, *a[m], m in a["lower_bounds"]) for a in rows
-                            if a["setting"] == setting and a[m] is not None)
-            if not points:
-                continue
-            n_seeds = sorted({len(a["runs"]) for a in rows if a["setting"] == setting and a[m] is not None})
-            seeds = f"{n_seeds[0]}" if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
-            name = f"{setting} ({'1 seed' if n_seeds == [1] else f'mean ± std over {seeds} seeds'})"
-            if setting.startswith("adaptive"):
-                x, mean, std, bound = zip(*points)
-                line, _, _ = ax.errorbar(x, mean, yerr=[s or 0 for s in std], color=colors[setting],
-                                         marker="o", capsize=3, label=name)
-                line.set_markevery([i for i, b in enumerate(bound) if not b])  # filled: not a bound
-                open_points = [(xi, yi) for xi, yi, b in zip(x, mean, bound) if b]
-                if open_points:
-                    ax.scatter(*zip(*open_points), facecolors="none", edgecolors=colors[setting],
-                               zorder=3)
-            else:
-                _, mean, std, bound = points[0]
-                ax.axhline(mean, color=colors[setting], ls="--" if setting.startswith("topk") else ":",
-                           label=name)
-                if bound:
-                    ax.annotate("≥", (1, mean), xycoords=("axes fraction", "data"), xytext=(-3, 2),
-                                textcoords="offset points", ha="right", color=colors[setting])
-                if std:
-                    ax.axhspan(mean - std, mean + std, color=colors[setting], alpha=0.12)
+            draw_sweep_setting(ax, rows, setting, m, colors[setting])
         ax.set(xlabel="α (cosine allowed to the matched partner)", ylabel=METRICS[m][1],
                xlim=(min(alphas) - pad, max(alphas) + pad))
         if m in LOG_SCALE:
@@ -1028,13 +1032,15 @@ def main(argv=None) -> dict:
                         help=f"also the figures with one series per run ({', '.join(PER_RUN_FIGURES)})")
     parser.add_argument("--results", help=f"also regenerate the results between the lines {RESULTS_START} and "
                                          f"{RESULTS_END} of this markdown file (default with no runs "
-                                         f"named: RESULTS.md beside plot.py)")
+                                         f"named and the default --out_dir: RESULTS.md beside plot.py)")
     parser.add_argument("--readme", help=f"also regenerate the headline between the lines "
                                         f"{HEADLINE_MARKERS[0]} and {HEADLINE_MARKERS[1]} of this markdown "
                                         f"file, its figure linked from --out_dir (default with no runs "
-                                        f"named: README.md beside plot.py)")
+                                        f"named and the default --out_dir: README.md beside plot.py)")
     args = parser.parse_args(argv)
-    if not args.runs:  # the default runs are the study's: the documents that report it follow them
+    # the default runs into the default folder are the study's: the documents that report it follow them;
+    # figures written elsewhere leave the documents (which link plots/) alone
+    if not args.runs and Path(args.out_dir).resolve() == (HERE / "plots").resolve():
         args.results = args.results or str(HERE / "RESULTS.md")
         args.readme = args.readme or str(HERE / "README.md")
     marked = marked_text(args.results, RESULTS_MARKERS)

@@ -203,7 +203,8 @@ def test_results_option_replaces_only_the_block(root, block, tmp_path):
 
 def test_plot_with_no_runs_named_regenerates_the_documents_beside_it(monkeypatch, tmp_path):
     """`python plot.py`: run_0 beside plot.py (a study run would do as well) → RESULTS.md's block and the
-    README's headline beside plot.py are rewritten; with a run named they are left alone."""
+    README's headline beside plot.py are rewritten; with a run named, or the figures written elsewhere, they
+    are left alone (the README would link the other folder's figure)."""
     monkeypatch.setattr(plot, "HERE", tmp_path)
     write_run(tmp_path / "run_0", "topk", held_out=0.5)
     results = tmp_path / "RESULTS.md"
@@ -212,6 +213,8 @@ def test_plot_with_no_runs_named_regenerates_the_documents_beside_it(monkeypatch
     readme.write_text(f"# T\n{plot.HEADLINE_MARKERS[0]}\nold 8.88\n{plot.HEADLINE_MARKERS[1]}\n")
     before = results.read_text(), readme.read_text()
     plot.main([str(tmp_path / "run_0"), f"--out_dir={tmp_path / 'named'}"])
+    assert (results.read_text(), readme.read_text()) == before
+    plot.main([f"--out_dir={tmp_path / 'elsewhere'}"])
     assert (results.read_text(), readme.read_text()) == before
     plot.main([f"--out_dir={tmp_path / 'plots'}"])
     runs, _ = plot.load_runs([tmp_path / "run_0"])
