@@ -735,11 +735,11 @@ def plot_headline(runs: list, path: Path, label: str) -> list:
 def draw_sweep_setting(ax, rows: list, setting: str, m: str, color):
     """One setting's metric m on an α-sweep axis: adaptive settings as mean ± std against α (an open
     marker where a mean includes a lower bound), others as a reference line with a ±std band."""
-    points = sorted((a["alpha"] or 0.0, *a[m], m in a["lower_bounds"]) for a in rows
-                    if a["setting"] == setting and a[m] is not None)
-    if not points:
+    have = [a for a in rows if a["setting"] == setting and a[m] is not None]
+    if not have:
         return
-    n_seeds = sorted({len(a["runs"]) for a in rows if a["setting"] == setting and a[m] is not None})
+    points = sorted((a["alpha"] or 0.0, *a[m], m in a["lower_bounds"]) for a in have)
+    n_seeds = sorted({len(a["runs"]) for a in have})
     seeds = f"{n_seeds[0]}" if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
     name = f"{setting} ({'1 seed' if n_seeds == [1] else f'mean ± std over {seeds} seeds'})"
     if setting.startswith("adaptive"):
@@ -1040,7 +1040,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     # the default runs into the default folder are the study's: the documents that report it follow them;
     # figures written elsewhere leave the documents (which link plots/) alone
-    if not args.runs and Path(args.out_dir).resolve() == (HERE / "plots").resolve():
+    if not args.runs and Path(args.out_dir).resolve() == Path(parser.get_default("out_dir")).resolve():
         args.results = args.results or str(HERE / "RESULTS.md")
         args.readme = args.readme or str(HERE / "README.md")
     marked = marked_text(args.results, RESULTS_MARKERS)
