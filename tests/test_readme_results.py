@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 import plot
 import study
@@ -85,6 +86,76 @@ def test_the_archived_findings_prose_holds_on_the_archived_runs():
                for r in study.setting_runs(runs, "lambda0")]
     assert abs(np.mean(ev_lost)) < 0.001  # "loses none": a tenth of what the penalised variants lose, at most
     assert "**The pre-registered answer: no.**" in (ARCHIVE / "RESULTS.md").read_text()
+
+
+def study_runs() -> dict:
+    """The re-run's finished runs under runs/, keyed by manifest name."""
+    dirs = [HERE / name for name in study.manifest()]
+    runs, _ = plot.load_runs([d for d in dirs if (d / "final_info.json").is_file()])
+    return {f"{study.RUNS}/{run['dir'].name}": run for run in runs}
+
+
+def surviving(family: dict) -> set:
+    """The (a, b) contrasts of a family that survive Holm."""
+    return {(r["a"], r["b"]) for r in family["contrasts"] if r["significant"]}
+
+
+def setting_mean(runs: dict, label: str, field: str) -> float:
+    return float(np.mean([r[field] for r in study.setting_runs(runs, label)]))
+
+
+def test_the_findings_prose_holds_on_the_study_runs():
+    """RESULTS.md "What the study finds" and the README's Results paragraph state the re-run's
+    pre-registered answer in words: check each claim on its runs."""
+    runs = study_runs()
+    assert all(study.run_name(label, seed) in runs for label in study.COMPARED for seed in study.MAIN_SEEDS)
+    fam = study.contrast_family(runs, "held-out score")
+    rows = {(r["a"], r["b"]): r for r in fam["contrasts"]}
+    assert not surviving(fam) & set(study.CONTRASTS)  # "no orthogonal variant is shown to score above topk"
+    assert {(f"{label} conditional", label) for label in study.GATED} <= surviving(fam)  # topk included
+    assert fam["best"] == "adaptive_a0.1"
+    assert {("adaptive_a0.1", "difference of means"), ("adaptive_a0.1", "LEACE")} <= surviving(fam)
+    means = {label: setting_mean(runs, label, "held_out_score") for label in study.COMPARED}
+    dom, leace = (study.control_value(runs, m) for m in ("dom_score", "leace_score"))
+    assert leace < min(means.values())
+    assert means["lambda0"] < dom < means["topk"]  # "among the SAE settings, between topk and λ2 = 0"
+    spreads = [np.std([r["held_out_score"] for r in study.setting_runs(runs, label)], ddof=1)
+               for label in ("adaptive_a0.1", "fixed")]
+    assert abs(means["adaptive_a0.1"] - means["fixed"]) < 0.1 * min(spreads)  # "far less than its spread"
+    best_dom, best_topk = rows[("adaptive_a0.1", "difference of means")], rows[("adaptive_a0.1", "topk")]
+    assert best_dom["se"] < best_topk["se"] / 2  # its own spread, not the pooled one
+    assert abs(best_dom["estimate"] / best_topk["estimate"] - 1) < 0.2  # "about the same size"
+    static = study.static_family(runs, "held_out_score")  # the static-only indication
+    assert surviving(static) == {("adaptive_a0.1", "topk"), ("fixed", "topk")}
+    paired = study.conditional_paired(runs)  # conditional rows spread several-fold more than static ones
+    assert min(paired["spreads"][f"{label} conditional"] for label in study.GATED) > 2 * max(
+        paired["spreads"][label] for label in study.COMPARED)
+    assert {f"{label} conditional" for label in study.GATED} <= fam["bounded"]  # grid-edge bounds
+    over_random = study.static_family(runs, "over_random_score")
+    assert not surviving(over_random) & {("adaptive_a0.1", "topk"), ("fixed", "topk")}
+    for label in ("fixed", "adaptive_a0.1"):  # how: rare latents, the threshold they allow, random pools
+        assert setting_mean(runs, label, "retain_below_0.001") > 2 * setting_mean(runs, "topk",
+                                                                                   "retain_below_0.001")
+        assert all(r["retain_threshold"] == 0.001 for r in study.setting_runs(runs, label))
+        assert setting_mean(runs, label, "random_score") > setting_mean(runs, "topk", "random_score")
+    static_knobs = [(r["held_out_knob"], r["held_out_score"]) for r in runs.values()
+                    if r["held_out_knob"] is not None]
+    assert spearmanr(*zip(*static_knobs)).statistic > 0.5  # "the score follows the multiplier"
+    for label in study.GATED:  # the gate tells the two sources apart, topk's included
+        assert all(r["conditional_auroc"] > 0.97 for r in study.setting_runs(runs, label))
+    qa = study.contrast_family(runs, "question-answer text (secondary)")
+    assert not surviving(qa) & set(study.CONTRASTS)
+    qa_means = {label: setting_mean(runs, label, "qa_score") for label in study.COMPARED}
+    assert min(qa_means["lambda0"], qa_means["topk"]) > max(qa_means["fixed"], qa_means["adaptive_a0.1"])
+    assert study.control_value(runs, "qa_dom_score") > max(qa_means.values())
+    for label in ("fixed", "adaptive_a0.1", "allpairs"):  # the cost: EV lost against topk; none at λ2 = 0
+        assert all(r["conv_ev_typical"] < runs[study.run_name("topk", r["seed"])]["conv_ev_typical"]
+                   for r in study.setting_runs(runs, label))
+    ev_lost = [runs[study.run_name("topk", r["seed"])]["conv_ev_typical"] - r["conv_ev_typical"]
+               for r in study.setting_runs(runs, "lambda0")]
+    assert abs(np.mean(ev_lost)) < 0.001
+    assert "**The pre-registered answer: no.**" in RESULTS.read_text()
+    assert "**Its pre-registered answer is no**" in README.read_text()
 
 
 def test_readme_stays_short():
