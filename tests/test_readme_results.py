@@ -1,5 +1,6 @@
 """RESULTS.md's tables are plot.py's output from the run folders, never typed; the README stays short;
 results_block and plot.py --results on synthetic runs (test_plot.write_run's fake run folders)."""
+import json
 import math
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def study_runs() -> dict:
     return {f"{study.RUNS}/{run['dir'].name}": run for run in runs}
 
 
+def unlearning_results(run: dict) -> dict:
+    """A run's unlearning results as final_info.json holds them."""
+    info = json.loads((run["dir"] / "final_info.json").read_text())
+    return info["unlearning evaluation results"]["eval_result_metrics"]["unlearning"]
+
+
 def surviving(family: dict) -> set:
     """The (a, b) contrasts of a family that survive Holm."""
     return {(r["a"], r["b"]) for r in family["contrasts"] if r["significant"]}
@@ -127,6 +134,9 @@ def test_the_findings_prose_holds_on_the_study_runs():
     assert abs(means["adaptive_a0.1"] - means["fixed"]) < 0.1 * min(spreads)  # "far less than its spread"
     best_dom, best_topk = rows[("adaptive_a0.1", "difference of means")], rows[("adaptive_a0.1", "topk")]
     assert best_dom["se"] < best_topk["se"] / 2  # its own spread, not the pooled one
+    dom_curve = [unlearning_results(run)["controls"]["difference_of_means"]["curve"] for run in runs.values()]
+    tolerance = unlearning_results(runs[study.run_name("topk", 0)])["ce_tolerance"]
+    assert all(0.9 * tolerance < curve[0]["retain_delta_ce"] < tolerance for curve in dom_curve)  # "starts at"
     assert abs(best_dom["estimate"] / best_topk["estimate"] - 1) < 0.2  # "about the same size"
     static = study.static_family(runs, "held_out_score")  # the static-only indication
     assert surviving(static) == {("adaptive_a0.1", "topk"), ("fixed", "topk")}
