@@ -532,7 +532,8 @@ def replace_results(text: str, block: str, markers: tuple = RESULTS_MARKERS) -> 
 def headline_block(groups: dict, figures: Path, readme: Path) -> str:
     """The README's generated headline: the group holding most of the study's runs (then most runs), its
     headline figure (linked from the README's folder) and the figure's points as a table beside the
-    non-SAE controls, then the study's generated findings (study.headline_section)."""
+    non-SAE controls, then the study's generated findings (study.headline_section) over every group: the
+    longer training's runs form a group of their own."""
     label, runs = max(groups.items(), key=lambda item: (len(study_runs(item[1])), len(item[1])))
     points = compared_points(runs)
     rows = [[p["setting"] + (f" α={p['alpha']:g}" if p["alpha"] is not None else ""), p["score"][2],
@@ -546,7 +547,8 @@ def headline_block(groups: dict, figures: Path, readme: Path) -> str:
     figure = Path(os.path.relpath(figures / f"headline_{label}.png", readme.parent)).as_posix()
     parts = ([f"![held-out score against reconstruction cost]({figure})", markdown_table(header, rows)]
              if points else [f"No headline yet: group {label} has no variant beside a topk run."])
-    return "\n\n".join(part for part in [*parts, study.headline_section(study_runs(runs))] if part) + "\n"
+    every_run = study_runs([run for group in groups.values() for run in group])
+    return "\n\n".join(part for part in [*parts, study.headline_section(every_run)] if part) + "\n"
 
 
 # -----------------------------------------------------------------------------

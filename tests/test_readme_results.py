@@ -368,6 +368,24 @@ def test_readme_headline_holds_the_figures_points_and_the_controls(root, tmp_pat
     assert not lines_starting(text, "| allpairs_ortho")  # no EV with outliers dropped: not a point
 
 
+def test_readme_headline_counts_the_study_runs_of_every_group(tmp_path, monkeypatch):
+    """The headline's figure and table are one group's, its study lines are the whole study's: the longer
+    training's runs (2× tokens) form a group of their own and still count."""
+    monkeypatch.setattr(study, "HERE", tmp_path)
+    write_run(tmp_path / study.run_name("topk", 0), "topk", held_out=0.5, typical_ev=0.8)
+    write_run(tmp_path / study.run_name("fixed", 0), "fixed_ortho", held_out=0.7, typical_ev=0.79)
+    long = write_run(tmp_path / study.run_name("long_topk", 0), "topk", held_out=0.6, typical_ev=0.81)
+    info = json.loads((long / "final_info.json").read_text())
+    info["training results for layer 15"]["config"]["train_tokens"] *= study.LONG_FACTOR
+    (long / "final_info.json").write_text(json.dumps(info))
+    runs, _ = plot.load_runs(sorted(d.parent for d in tmp_path.glob("runs/*/final_info.json")))
+    groups = plot.group_runs(runs)
+    assert len(groups) == 2
+    block = plot.headline_block(groups, tmp_path / "plots", tmp_path / "README.md")
+    assert f"**Study v3**: 3 of the {len(study.manifest())} runs finished." in block
+    assert f"1 of the {2 * len(study.SWEEP_SEEDS)} runs at {study.LONG_FACTOR}× tokens finished" in block
+
+
 def test_readme_headline_says_when_there_is_nothing_to_compare(tmp_path):
     root = tmp_path / "runs"
     write_run(root / "run_0", "topk", held_out=0.5, typical_ev=0.8)
