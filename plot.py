@@ -233,17 +233,24 @@ def penalty_jump(log):
 
 
 def group_runs(runs: list) -> dict:
-    """{label: runs} by comparability key; the label is model_L<layer>, numbered where two groups share it."""
+    """{label: runs} by comparability key. The label is model_L<layer>, after the runs' folder; where groups
+    share it, the one with the most runs keeps it and each other adds the fields its key differs in
+    (..._L15_train-tokens-800000-x-4-epochs)."""
     by_key = {}
     for run in runs:
         by_key.setdefault(tuple(run["key"].items()), []).append(run)
     # the study's runs/ gets a prefix; a folder named on the command line does not
     folder = lambda key: "" if key["folder"] == "." or Path(key["folder"]).is_absolute() \
         else f"{key['folder']}_"
-    bases = [re.sub(r"[^A-Za-z0-9._]+", "-", f"{folder(dict(k))}{dict(k)['model']}_L{dict(k)['layer']}")
-             for k in by_key]
-    return {base if bases.count(base) == 1 else f"{base}-{bases[:i].count(base) + 1}": group
-            for i, (base, group) in enumerate(zip(bases, by_key.values()))}
+    clean = lambda text: re.sub(r"[^A-Za-z0-9._]+", "-", text)
+    keys, sizes = [dict(k) for k in by_key], [len(group) for group in by_key.values()]
+    bases = [clean(f"{folder(key)}{key['model']}_L{key['layer']}") for key in keys]
+    labels = []
+    for key, base in zip(keys, bases):
+        largest = keys[max((j for j, b in enumerate(bases) if b == base), key=lambda j: (sizes[j], -j))]
+        labels.append("_".join([base, *(clean(f"{field} {value}") for field, value in key.items()
+                                        if value != largest[field])]))
+    return dict(zip(labels, by_key.values()))
 
 
 def grouping_report(groups: dict) -> str:

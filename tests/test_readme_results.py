@@ -376,11 +376,13 @@ def test_readme_headline_counts_the_study_runs_of_every_group(tmp_path, monkeypa
     write_run(tmp_path / study.run_name("fixed", 0), "fixed_ortho", held_out=0.7, typical_ev=0.79)
     long = write_run(tmp_path / study.run_name("long_topk", 0), "topk", held_out=0.6, typical_ev=0.81)
     info = json.loads((long / "final_info.json").read_text())
-    info["training results for layer 15"]["config"]["train_tokens"] *= study.LONG_FACTOR
+    tokens = info["training results for layer 15"]["config"]["train_tokens"]
+    info["training results for layer 15"]["config"]["train_tokens"] = tokens * study.LONG_FACTOR
     (long / "final_info.json").write_text(json.dumps(info))
     runs, _ = plot.load_runs(sorted(d.parent for d in tmp_path.glob("runs/*/final_info.json")))
-    groups = plot.group_runs(runs)
-    assert len(groups) == 2
+    groups = plot.group_runs(runs)  # the larger group keeps the name; the other adds how it differs
+    assert {label: len(group) for label, group in groups.items()} == {
+        L15: 2, f"{L15}_train-tokens-{tokens * study.LONG_FACTOR}-x-4-epochs": 1}
     block = plot.headline_block(groups, tmp_path / "plots", tmp_path / "README.md")
     assert f"**Study v3**: 3 of the {len(study.manifest())} runs finished." in block
     assert f"1 of the {2 * len(study.SWEEP_SEEDS)} runs at {study.LONG_FACTOR}× tokens finished" in block
