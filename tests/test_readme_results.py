@@ -68,7 +68,7 @@ def test_the_archived_findings_prose_holds_on_the_archived_runs():
     runs = archived_study_runs()
     assert all(study.run_name(label, seed) in runs for label in study.COMPARED for seed in study.MAIN_SEEDS)
     fam = study.contrast_family(runs, "held-out score")
-    significant = {(r["a"], r["b"]) for r in fam["contrasts"] if r["significant"]}
+    significant = surviving(fam)
     assert not significant & set(study.CONTRASTS)  # "no orthogonal variant scores above topk"
     assert {("fixed conditional", "fixed"), ("adaptive_a0.1 conditional", "adaptive_a0.1")} <= significant
     means = {label: np.mean(list(study.seed_scores(runs, label, "held_out_score").values()))
@@ -76,10 +76,10 @@ def test_the_archived_findings_prose_holds_on_the_archived_runs():
     assert study.control_value(runs, "dom_score") > max(means.values())  # DoM above every SAE
     assert study.control_value(runs, "leace_score") < min(means.values())
     static = study.static_family(runs, "held_out_score")  # the static-only indication
-    assert {(r["a"], r["b"]) for r in static["contrasts"] if r["significant"]} >= {
+    assert surviving(static) >= {
         ("adaptive_a0.1", "topk"), ("fixed", "topk")}
     qa = study.contrast_family(runs, "question-answer text (secondary)")
-    assert not {(r["a"], r["b"]) for r in qa["contrasts"] if r["significant"]} & set(study.CONTRASTS)
+    assert not surviving(qa) & set(study.CONTRASTS)
     for label in ("fixed", "adaptive_a0.1", "allpairs"):  # the cost: EV lost against topk; none at λ2 = 0
         assert all(r["conv_ev_typical"] < runs[study.run_name("topk", r["seed"])]["conv_ev_typical"]
                    for r in study.setting_runs(runs, label))
