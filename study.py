@@ -217,11 +217,12 @@ def _family_markdown(runs: dict, endpoint: str) -> str:
     return "\n".join([head, "", *_contrast_lines(fam["contrasts"], fam["bounded"])])
 
 
-def interval_text(stat: tuple, digits: int, bound: str = "") -> str:
-    """A study_stats.ci95 triple as "mean [low, high]" ("mean" alone with one seed)."""
+def interval_text(stat: tuple, digits: int, bound: str = "", signed: bool = False) -> str:
+    """A study_stats.ci95 triple as "mean [low, high]" ("mean" alone with one seed); signed: "+" on
+    non-negative numbers, as for a difference."""
     mean, half, _ = stat
-    return f"{bound}{mean:.{digits}f}" + ("" if half is None else
-                                          f" [{mean - half:.{digits}f}, {mean + half:.{digits}f}]")
+    fmt = f"{'+' if signed else ''}.{digits}f"
+    return f"{bound}{mean:{fmt}}" + ("" if half is None else f" [{mean - half:{fmt}}, {mean + half:{fmt}}]")
 
 
 def _contrast_text(r: dict, bounded=()) -> str:
@@ -272,8 +273,7 @@ def _long_training_findings(runs: dict) -> str:
         score = lambda label, seed: runs[run_name(label, seed)]["held_out_score"]
         gain = study_stats.ci95([score(a, s) - score(b, s) for s in long_seeds])
         ev = [float(np.mean([runs[run_name(label, s)]["val_ev"] for s in long_seeds])) for label in (a, b)]
-        sign = "+" if gain[0] >= 0 else ""
-        parts.append(f"{length} {interval_text(gain, 3, sign)} (val EV {ev[0]:.3f} and {ev[1]:.3f})")
+        parts.append(f"{length} {interval_text(gain, 3, signed=True)} (val EV {ev[0]:.3f} and {ev[1]:.3f})")
     return (f"- **Longer training** (descriptive; seeds {long_seeds}): adaptive α=0.1 − topk held-out "
             f"score, paired by seed, mean [95% CI]: " + "; ".join(parts) + ".")
 

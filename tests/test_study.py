@@ -197,8 +197,8 @@ def test_findings_name_what_survives_and_the_longer_training_gain():
     assert "Settings by mean: adaptive α=0.1 " in text and "INTERIM" not in text
     half = student_t.ppf(0.975, 2) * np.std([1.1, 0.9, 1.1], ddof=1) / np.sqrt(3)
     mean = np.mean([1.1, 0.9, 1.1])
-    assert (f"default length +0.500 [0.500, 0.500] (val EV 0.780 and 0.780); 2× tokens "
-            f"+{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]") in text
+    assert (f"default length +0.500 [+0.500, +0.500] (val EV 0.780 and 0.780); 2× tokens "
+            f"+{mean:.3f} [{mean - half:+.3f}, {mean + half:+.3f}]") in text
     partial = {name: run for name, run in runs.items() if not name.startswith("runs/long_adaptive")}
     assert "3 of the 6 runs at 2× tokens finished; no comparison yet" in study.findings_markdown(partial)
 
