@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 
 import plot
 import study
+import study_stats
 from test_plot import write_run
 
 HERE = Path(plot.__file__).resolve().parent
@@ -178,6 +179,40 @@ def test_the_findings_prose_holds_on_the_study_runs():
     assert not surviving(old) & set(study.CONTRASTS)
     assert "**The pre-registered answer: not shown.**" in RESULTS.read_text()
     assert "**Its pre-registered test does not show**" in " ".join(README.read_text().split())
+
+
+
+def test_the_descriptive_runs_prose_holds_on_the_study_runs():
+    """RESULTS.md's "Descriptive runs" bullet (α sweep, no group biases, 2× training; seeds 0–2)."""
+    runs = study_runs()
+    assert all(name in runs for name in study.manifest())  # "read once all 61 runs were in"
+    field = lambda label, key: [runs[study.run_name(label, s)][key] for s in study.SWEEP_SEEDS]
+    mean = lambda label, key: float(np.mean(field(label, key)))
+    spread = np.std([r["held_out_score"] for r in study.setting_runs(runs, "adaptive_a0.1")], ddof=1)
+    alphas = ["adaptive_a0", "adaptive_a0.05", "adaptive_a0.1", "adaptive_a0.2", "adaptive_a0.3"]
+    for label in alphas + ["nobias"]:
+        assert abs(mean(label, "held_out_score") - mean("adaptive_a0.1", "held_out_score")) < spread
+        assert mean(label, "held_out_score") > mean("topk", "held_out_score")
+        assert abs(mean(label, "conv_ev_typical") - mean("adaptive_a0.1", "conv_ev_typical")) < 0.001
+    for group in ("kappa_forget", "kappa_retain"):  # "lowers the condition number several-fold"
+        kappas = [mean(label, group) for label in alphas]
+        assert kappas == sorted(kappas, reverse=True) and kappas[0] > 3 * kappas[-1]
+    for label in ("topk", "adaptive_a0.1"):  # val EV rises about equally: the EV cost stays
+        assert mean(f"long_{label}", "val_ev") - mean(label, "val_ev") > 0.03
+    ev_cost = [mean(f"{length}topk", "val_ev") - mean(f"{length}adaptive_a0.1", "val_ev")
+               for length in ("", "long_")]
+    assert ev_cost[0] > 0 and abs(ev_cost[1] - ev_cost[0]) < 0.002
+    gain = {length: np.subtract(field(f"{length}adaptive_a0.1", "held_out_score"),
+                                field(f"{length}topk", "held_out_score")) for length in ("", "long_")}
+    assert all(gain[""] > 0)  # "positive at the default length on these three seeds"
+    center, half, _ = study_stats.ci95(list(gain["long_"]))
+    low, high = center - half, center + half
+    assert low < -1 and high > 1  # "more than a nat below zero to more than a nat above"
+    top = int(np.argmax(np.abs(gain["long_"])))
+    assert abs(gain["long_"][top]) > 3 * np.delete(np.abs(gain["long_"]), top).sum()
+    seed = study.SWEEP_SEEDS[top]
+    held_out = unlearning_results(runs[study.run_name("long_adaptive_a0.1", seed)])["held_out"]
+    assert held_out["report"]["knob"] > 3 * held_out["selection"]["knob"]  # the multiplier ran far
 
 
 def test_readme_stays_short():
