@@ -298,11 +298,11 @@ def findings_markdown(runs: dict) -> str:
 
 def _exploratory_markdown(runs: dict) -> str:
     """What the held-out score is made of; added after interim looks at the first realization (on
-    BIG-bench's articles), so not pre-registered: per setting the retain threshold chosen, and every sweep config's point on the
-    selection split (where no choice between configs is made); the pre-registered SAE contrasts on the
-    score with the static rows' pooled variance alone, and on score − random features (features drawn
-    from the chosen threshold's eligible pool), Holm within each; later additions: the rare-latent census
-    and the multiplier each score is read at."""
+    BIG-bench's articles), so not pre-registered: per setting the retain threshold chosen, and every sweep
+    config's point on the selection split (where no choice between configs is made); the pre-registered
+    SAE contrasts on the score with the static rows' pooled variance alone, and on score − random features
+    (features drawn from the chosen threshold's eligible pool), Holm within each; later additions: the
+    rare-latent census and the multiplier each score is read at."""
     configs = sorted({c for r in runs.values() for c in r["config_scores"]},
                      key=lambda c: tuple(map(float, c.split("/"))))
     lines = ["| setting | seeds | retain threshold chosen | " + " | ".join(configs) + " |",
@@ -315,16 +315,16 @@ def _exploratory_markdown(runs: dict) -> str:
             lines.append(f"| {display(label)} | {len(rs)} | {_thresholds(rs)} | "
                          + " | ".join(_stat([v for v, _ in p], any(b for _, b in p)) for p in points) + " |")
     head = ("**Exploratory (not pre-registered; added after an interim look at the first realization): "
-            "what the score is made of.** Each sweep config (retain threshold / n features) read at the tolerance on the "
-            "selection split, where no choice between configs is made: mean ± sample std over seeds, and how "
+            "what the score is made of.** Each sweep config (retain threshold / n features) read at the "
+            "tolerance on the selection split, where no choice between configs is made: mean ± sample std over seeds, and how "
             "often each retain threshold won the selection.")
     census = ("**Rare latents** (exploratory, as above): how many of the SAE's latents fire on none of the "
               "rate split's tokens of a side, how many have a retain rate < 0.001 (the features at that "
               "threshold are chosen from these), and how many training counted dead (no firing in its last "
               "dead_window_tokens); mean ± sample std over seeds.")
     multipliers = ("**The multiplier each score is read at** (exploratory, added after an interim look "
-                   "at the first realization): the clamp's knob where the report split's retain ΔCE meets the tolerance, "
-                   "median [min, max] over seeds. The conditional clamp edits only the tokens its detector "
+                   "at the first realization): the clamp's knob where the report split's retain ΔCE meets "
+                   "the tolerance, median [min, max] over seeds. The conditional clamp edits only the tokens its detector "
                    "gates, so retain text pays for a larger multiplier only through the gate's false "
                    "positives: the table shows how far each multiplier went, and ρ whether the score "
                    "follows it.")
