@@ -245,11 +245,11 @@ def group_runs(runs: list) -> dict:
     clean = lambda text: re.sub(r"[^A-Za-z0-9._]+", "-", text)
     keys, sizes = [dict(k) for k in by_key], [len(group) for group in by_key.values()]
     bases = [clean(f"{folder(key)}{key['model']}_L{key['layer']}") for key in keys]
-    labels = []
-    for key, base in zip(keys, bases):
-        largest = keys[max((j for j, b in enumerate(bases) if b == base), key=lambda j: (sizes[j], -j))]
-        labels.append("_".join([base, *(clean(f"{field} {value}") for field, value in key.items()
-                                        if value != largest[field])]))
+    largest = {}  # base -> key of its largest group (the first of equals)
+    for key, base, _ in sorted(zip(keys, bases, sizes), key=lambda item: -item[2]):
+        largest.setdefault(base, key)
+    labels = ["_".join([base, *(clean(f"{field} {value}") for field, value in key.items()
+                                if value != largest[base][field])]) for key, base in zip(keys, bases)]
     return dict(zip(labels, by_key.values()))
 
 

@@ -316,18 +316,18 @@ def _exploratory_markdown(runs: dict) -> str:
                          + " | ".join(_stat([v for v, _ in p], any(b for _, b in p)) for p in points) + " |")
     head = ("**Exploratory (not pre-registered; added after an interim look at the first realization): "
             "what the score is made of.** Each sweep config (retain threshold / n features) read at the "
-            "tolerance on the selection split, where no choice between configs is made: mean ± sample std over seeds, and how "
-            "often each retain threshold won the selection.")
+            "tolerance on the selection split, where no choice between configs is made: mean ± sample std "
+            "over seeds, and how often each retain threshold won the selection.")
     census = ("**Rare latents** (exploratory, as above): how many of the SAE's latents fire on none of the "
               "rate split's tokens of a side, how many have a retain rate < 0.001 (the features at that "
               "threshold are chosen from these), and how many training counted dead (no firing in its last "
               "dead_window_tokens); mean ± sample std over seeds.")
     multipliers = ("**The multiplier each score is read at** (exploratory, added after an interim look "
                    "at the first realization): the clamp's knob where the report split's retain ΔCE meets "
-                   "the tolerance, median [min, max] over seeds. The conditional clamp edits only the tokens its detector "
-                   "gates, so retain text pays for a larger multiplier only through the gate's false "
-                   "positives: the table shows how far each multiplier went, and ρ whether the score "
-                   "follows it.")
+                   "the tolerance, median [min, max] over seeds. The conditional clamp edits only the "
+                   "tokens its detector gates, so retain text pays for a larger multiplier only through the "
+                   "gate's false positives: the table shows how far each multiplier went, and ρ whether the "
+                   "score follows it.")
     parts = [head, "\n".join(lines), census, _census_table(runs), multipliers, _knob_table(runs)]
     for metric, what in (("held_out_score", "the held-out score, its variance pooled over the five static "
                                             "rows only (the pre-registered table adds the three conditional "

@@ -181,7 +181,6 @@ def test_the_findings_prose_holds_on_the_study_runs():
     assert "**Its pre-registered test does not show**" in " ".join(README.read_text().split())
 
 
-
 def test_the_descriptive_runs_prose_holds_on_the_study_runs():
     """RESULTS.md's "Descriptive runs" bullet (α sweep, no group biases, 2× training; seeds 0–2)."""
     runs = study_runs()
